@@ -1,0 +1,189 @@
+"""ESM-2 backbone (fair-esm) with MUTarget's heads: per-residue motif tracks and protein classes."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import esm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import NUM_CLASSES, PAD_IDX
+
+ESM_MODELS_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/"
+
+
+class WeightsError(FileNotFoundError):
+    """A pretrained weight file is missing or unreadable."""
+
+
+def _missing_weights(path: Path, name: str) -> WeightsError:
+    return WeightsError(
+        f"ESM-2 weight file not found: {path}\n"
+        f"Provide it in one of two ways (no download is attempted):\n"
+        f"  1. copy {name}.pt (from {ESM_MODELS_URL}{name}.pt) to {path} "
+        f"(the torch hub cache; set TORCH_HOME to move it), and keep encoder.model_name: {name}; or\n"
+        f"  2. set encoder.checkpoint: /path/to/{name}.pt (and remove encoder.model_name).")
+
+
+def load_esm_file(path) -> esm.model.esm2.ESM2:
+    """An ESM-2 model from a fair-esm format file ({'cfg': {'model': ...}, 'model': state_dict})."""
+    path = Path(path)
+    if not path.is_file():
+        raise _missing_weights(path, path.stem)
+    # fair-esm files pickle an argparse Namespace: torch >= 2.6 needs weights_only=False.
+    data = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(data, dict) or "model" not in data or "cfg" not in data:
+        raise WeightsError(f"{path}: not an ESM-2 checkpoint in fair-esm's format (needs 'cfg' and 'model')")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Regression weights not found")
+        model, _ = esm.pretrained.load_model_and_alphabet_core("esm2", data)
+    return model
+
+
+def build_backbone(encoder_cfg, arch: dict | None = None) -> esm.model.esm2.ESM2:
+    """The configured ESM-2. With `arch` (from a checkpoint) only the architecture is built."""
+    if arch is not None:
+        return esm.model.esm2.ESM2(alphabet="ESM-1b", **arch)
+    if encoder_cfg["scratch"] is not None:
+        s = encoder_cfg["scratch"]
+        if s["embed_dim"] % s["attention_heads"]:
+            raise ValueError(f"encoder.scratch.embed_dim ({s['embed_dim']}) must be divisible by "
+                             f"attention_heads ({s['attention_heads']})")
+        return esm.model.esm2.ESM2(num_layers=s["num_layers"], embed_dim=s["embed_dim"],
+                                   attention_heads=s["attention_heads"], alphabet="ESM-1b")
+    if encoder_cfg["checkpoint"] is not None:
+        return load_esm_file(encoder_cfg["checkpoint"])
+    name = encoder_cfg["model_name"]
+    if not name.startswith("esm2_"):
+        raise ValueError(f"encoder.model_name must be an ESM-2 model such as esm2_t33_650M_UR50D, got {name!r}")
+    path = Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
+    if not path.is_file():
+        raise _missing_weights(path, name)
+    return load_esm_file(path)
+
+
+def backbone_arch(backbone) -> dict:
+    return {"num_layers": backbone.num_layers, "embed_dim": backbone.embed_dim,
+            "attention_heads": backbone.attention_heads, "token_dropout": backbone.token_dropout}
+
+
+def stitch_windows(window_repr: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-residue window outputs [W, T, d] (BOS at 0) -> per-protein [B, L, d], overlaps averaged."""
+    W, T, d = window_repr.shape
+    B, L = batch["residue_mask"].shape
+    pos = torch.arange(T - 2, device=window_repr.device)
+    real = pos[None, :] < batch["window_len"][:, None]  # [W, T-2]
+    dest = batch["window_protein"][:, None] * L + batch["window_start"][:, None] + pos[None, :]
+    dest = torch.where(real, dest, torch.full_like(dest, B * L))  # padding goes to a dump row
+    values = window_repr[:, 1:T - 1].reshape(-1, d)
+    total = window_repr.new_zeros(B * L + 1, d).index_add_(0, dest.reshape(-1), values)
+    count = window_repr.new_zeros(B * L + 1).index_add_(0, dest.reshape(-1), real.reshape(-1).to(values.dtype))
+    return (total[:-1] / count[:-1].clamp(min=1).unsqueeze(-1)).view(B, L, d)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x [B, L, d] over positions where mask [B, L] is True -> [B, d]."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class ParallelLinearDecoders(nn.Module):
+    """One small per-residue head per class: [B, L, d] -> motif logits [B, C, L].
+
+    Each head is Linear(d, h) - ReLU - Dropout - Linear(h, 1) (h = 0: a single Linear),
+    evaluated for all classes at once with batched weights.
+    """
+
+    def __init__(self, input_dim: int, num_classes: int, hidden_dim: int = 64, dropout: float = 0.1):
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        if hidden_dim > 0:
+            self.w1 = nn.Parameter(torch.empty(num_classes, input_dim, hidden_dim))
+            self.b1 = nn.Parameter(torch.zeros(num_classes, hidden_dim))
+            self.w2 = nn.Parameter(torch.empty(num_classes, hidden_dim))
+            nn.init.uniform_(self.w1, -input_dim ** -0.5, input_dim ** -0.5)  # nn.Linear's default range
+            nn.init.uniform_(self.w2, -hidden_dim ** -0.5, hidden_dim ** -0.5)
+        else:
+            self.w2 = nn.Parameter(torch.empty(num_classes, input_dim))
+            nn.init.uniform_(self.w2, -input_dim ** -0.5, input_dim ** -0.5)
+        self.b2 = nn.Parameter(torch.zeros(num_classes))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hidden_dim > 0:
+            h = self.dropout(F.relu(torch.einsum("bld,cdh->bclh", x, self.w1) + self.b1[None, :, None, :]))
+            return torch.einsum("bclh,ch->bcl", h, self.w2) + self.b2[None, :, None]
+        return torch.einsum("bld,cd->bcl", x, self.w2) + self.b2[None, :, None]
+
+
+class Encoder(nn.Module):
+    """ESM-2 over windows, stitched per protein, then MUTarget's heads.
+
+    forward(batch) -> {'motif_logits' [B, 8, L], 'class_logits' [B, 8], 'pooled' [B, d]}.
+    Padding, BOS and EOS never enter pooling (residue_mask) or the heads' targets.
+    """
+
+    def __init__(self, config, arch: dict | None = None):
+        super().__init__()
+        enc, dec = config["encoder"], config["decoder"]
+        self.backbone = build_backbone(enc, arch)
+        self.backbone.lm_head = None  # not used: saves memory and checkpoint size
+        self.backbone.contact_head = None
+        self.first_trainable = set_trainable(self.backbone, enc["tune"], enc["trainable_layers"])
+        d = self.backbone.embed_dim
+        self.decoders = ParallelLinearDecoders(d, NUM_CLASSES, dec["hidden_dim"], dec["dropout"])
+        self.class_dropout = nn.Dropout(dec["class_dropout"])
+        self.classifier = nn.Linear(d, NUM_CLASSES)
+
+    def backbone_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [W, T] -> last-layer representations [W, T, d] (after the final layer norm).
+
+        The same computation as fair-esm's ESM2.forward (token-dropout scaling included),
+        without the LM head; frozen leading layers run without autograd.
+        """
+        bb, grad = self.backbone, torch.is_grad_enabled()
+        padding = tokens.eq(PAD_IDX)
+        with torch.set_grad_enabled(grad and self.first_trainable == 0):
+            x = bb.embed_scale * bb.embed_tokens(tokens)
+            if bb.token_dropout:  # fair-esm rescales by the training mask ratio even without masks
+                is_mask = tokens.eq(bb.mask_idx)
+                x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
+                observed = is_mask.sum(-1).to(x.dtype) / (~padding).sum(-1)
+                x = x * (1 - 0.15 * 0.8) / (1 - observed)[:, None, None]
+            x = (x * (~padding).unsqueeze(-1).to(x.dtype)).transpose(0, 1)  # [T, W, d]
+        attn_padding = padding if padding.any() else None
+        for i, layer in enumerate(bb.layers):
+            with torch.set_grad_enabled(grad and i >= self.first_trainable):
+                x, _ = layer(x, self_attn_padding_mask=attn_padding)
+        with torch.set_grad_enabled(grad and self.first_trainable <= bb.num_layers):
+            x = bb.emb_layer_norm_after(x)
+        return x.transpose(0, 1)
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        """Per-residue embeddings of each protein [B, L, d], windows stitched."""
+        return stitch_windows(self.backbone_forward(batch["tokens"]), batch)
+
+    def forward(self, batch: dict) -> dict:
+        residues = self.embed(batch)
+        pooled = masked_mean(residues, batch["residue_mask"])
+        return {"motif_logits": self.decoders(residues),
+                "class_logits": self.classifier(self.class_dropout(pooled)),
+                "pooled": pooled}
+
+
+def set_trainable(backbone, tune: str, k: int) -> int:
+    """Freeze the backbone by `tune`: frozen | last_k (the last k layers and the final layer
+    norm train) | full (everything, token embeddings included). Returns the index of the first
+    trainable layer: 0 for full, num_layers + 1 when nothing trains."""
+    n = backbone.num_layers
+    first = {"frozen": n + 1, "full": 0}.get(tune, n - k if 0 < k <= n else (n + 1 if k <= 0 else 1))
+    for name, param in backbone.named_parameters():
+        if name.startswith("layers."):
+            param.requires_grad = int(name.split(".")[1]) >= first
+        elif name.startswith("emb_layer_norm_after"):
+            param.requires_grad = first <= n
+        else:  # token embeddings
+            param.requires_grad = first == 0
+    return first

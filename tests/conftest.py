@@ -1,0 +1,46 @@
+"""Shared fixtures: the repository on sys.path, the real data folder, a tiny trained run."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+REAL_DATA = ROOT.parent / "shared" / "data" / "mutarget"
+
+
+def tiny_config(tmp_path, **overrides):
+    """A config tree for a seconds-long CPU run on a small synthetic dataset."""
+    tree = {
+        "seed": 0,
+        "run_dir": str(tmp_path / "run"),
+        "device": "cpu",
+        "data": {"root": str(tmp_path / "data"), "max_len": 64, "overlap": 16,
+                 "synthetic": {"generate": True, "n_proteins": 120, "seed": 1}},
+        "encoder": {"scratch": {"num_layers": 1, "embed_dim": 32, "attention_heads": 4}, "tune": "full"},
+        "decoder": {"hidden_dim": 8},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "backbone_lr": 3e-3, "patience": 5},
+    }
+    for key, value in overrides.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def write_config(tmp_path, **overrides) -> Path:
+    import yaml
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, **overrides)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """Run directory of a finished 2-epoch tiny training run (checkpoints, metrics)."""
+    import train
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    assert train.main(["--config", str(write_config(tmp))]) == 0
+    return tmp / "run"

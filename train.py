@@ -1,0 +1,293 @@
+"""Train MUTarget on ESM-2: python train.py --config CONFIG [--set KEY=VALUE ...] [--resume CKPT]."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data import CLASSES, Collate, DataError, EpochShuffleSampler, build_datasets, length_sorted_batches
+from loss import ClassLoss, MotifLoss, class_weights, motif_pos_weights
+from metrics import classification_metrics, format_table, residue_metrics, tune_thresholds
+from model import Encoder, WeightsError, backbone_arch
+from utils import (ConfigError, load_checkpoint, load_config, resolve_config, rng_state, save_checkpoint,
+                   seed_everything, set_rng_state, setup_logging, write_text_atomic, write_yaml)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set train.epochs=3 encoder.tune=frozen")
+    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (its config is used; --set still applies)")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="end the process after epoch N (for time-limited jobs; continue with --resume)")
+    args = p.parse_args(argv)
+    if not args.config and not args.resume:
+        p.error("--config is required (or --resume CHECKPOINT)")
+    return args
+
+
+# --------------------------------------------------------------------------- set-up
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def amp_dtype(amp: str, device: torch.device):
+    """Autocast dtype: bf16 / fp16 on CUDA only (auto = bf16 when supported); None = fp32."""
+    if device.type != "cuda" or amp == "none":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def autocast(device: torch.device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def make_optimizer(model: Encoder, train_cfg) -> torch.optim.AdamW:
+    """AdamW; heads at train.lr, trainable backbone layers at train.backbone_lr; no decay on
+    biases and norms."""
+    groups = defaultdict(list)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            part = "backbone" if name.startswith("backbone.") else "heads"
+            groups[(part, param.ndim > 1 and not name.endswith("b1"))].append(param)
+    lr = {"backbone": train_cfg.backbone_lr, "heads": train_cfg.lr}
+    return torch.optim.AdamW([{"params": ps, "lr": lr[part], "weight_decay": train_cfg.weight_decay if decay else 0.0}
+                              for (part, decay), ps in sorted(groups.items())])
+
+
+def make_scheduler(optimizer, train_cfg, steps_per_epoch: int):
+    """Linear warm-up over train.warmup_epochs, then cosine decay to min_lr_ratio * lr (per step)."""
+    total = max(train_cfg.epochs * steps_per_epoch, 1)
+    warmup = int(round(train_cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return train_cfg.min_lr_ratio + (1 - train_cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------- training
+def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, device, epoch: int) -> dict:
+    """One epoch. Zero grads after every optimiser step, clip after AMP unscale, accumulate
+    `train.accumulate` batches per step. Returns mean losses of the epoch."""
+    model.train()
+    cfg, dtype = config.train, amp_dtype(config.train.amp, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    sums, n_batches = defaultdict(float), len(loader)
+    optimizer.zero_grad(set_to_none=True)
+    for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)):
+        batch = to_device(batch, device)
+        with autocast(device, dtype):
+            out = model(batch)
+        losses = {"class_loss": criteria["class"](out["class_logits"], batch["labels"]),
+                  "motif_loss": criteria["motif"](out["motif_logits"], batch["targets"], batch["target_mask"])}
+        loss = losses["class_loss"] + cfg.motif_weight * losses["motif_loss"]
+        group_start = step - step % cfg.accumulate
+        group_size = min(cfg.accumulate, n_batches - group_start)
+        scaler.scale(loss / group_size).backward()
+        if step + 1 == group_start + group_size:
+            scaler.unscale_(optimizer)
+            if cfg.grad_clip > 0:
+                sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).detach()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums["steps"] += 1
+        sums["loss"] += loss.detach()
+        for k, v in losses.items():
+            sums[k] += v.detach()
+    steps = max(sums.pop("steps", 0), 1)
+    stats = {f"train_{k}": float(v) / n_batches for k, v in sums.items() if k != "grad_norm"}
+    if "grad_norm" in sums:
+        stats["grad_norm"] = float(sums["grad_norm"]) / steps
+    return stats
+
+
+@torch.no_grad()
+def run_inference(model, dataset, batch_size: int, device, amp: str = "none", max_len=1022, overlap=200) -> dict:
+    """Probabilities for every protein of `dataset`, in dataset order: probs [N, 8] and
+    motif_probs (list of [8, L_i]), plus the truth: labels [N, 8], targets, target_masks."""
+    model.eval()
+    loader = DataLoader(dataset, batch_sampler=length_sorted_batches(dataset.lengths, batch_size),
+                        collate_fn=Collate(max_len, overlap), pin_memory=device.type == "cuda")
+    n = len(dataset)
+    probs = np.zeros((n, len(CLASSES)), dtype=np.float32)
+    motif_probs, masks = [None] * n, [None] * n
+    for batch in tqdm(loader, desc=f"eval {dataset.name}", leave=False, disable=None):
+        batch = to_device(batch, device)
+        with autocast(device, amp_dtype(amp, device)):
+            out = model(batch)
+        p = torch.sigmoid(out["class_logits"].float()).cpu().numpy()
+        mp = torch.sigmoid(out["motif_logits"].float()).cpu().numpy()
+        tm = batch["target_mask"].cpu().numpy()
+        for row, (i, length) in enumerate(zip(batch["indices"].tolist(), batch["lengths"].tolist())):
+            probs[i] = p[row]
+            motif_probs[i] = mp[row, :, :length]
+            masks[i] = tm[row, :, :length]
+    return {"probs": probs, "motif_probs": motif_probs, "labels": dataset.labels.astype(np.int64),
+            "targets": [p.targets for p in dataset.proteins], "target_masks": masks}
+
+
+def score(outputs: dict, thresholds=None) -> dict:
+    """Protein-level and residue-level metrics of run_inference outputs."""
+    m = classification_metrics(outputs["labels"], outputs["probs"], thresholds)
+    thr = 0.5 if thresholds is None else np.asarray(thresholds)[None, :]
+    y_pred = (outputs["probs"] >= thr).astype(np.int64)
+    m["residue"] = residue_metrics(outputs["labels"], y_pred, outputs["motif_probs"], outputs["targets"],
+                                   outputs["target_masks"])
+    return m
+
+
+# --------------------------------------------------------------------------- run
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ConfigError, DataError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    resume = load_checkpoint(args.resume) if args.resume else None
+    if resume is not None:
+        config = resolve_config(resume["config"], args.set, where=f"{args.resume} (stored config)")
+    else:
+        config = load_config(args.config, args.set)
+    run_dir = Path(config.run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    log = setup_logging(run_dir)
+    write_yaml(run_dir / "config.yaml", config.to_dict())
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    datasets = build_datasets(config)
+    log.info("data %s fold %d: train %d, valid %d, test %d proteins", config.data.root, config.data.fold,
+             *(len(datasets[k]) for k in ("train", "valid", "test")))
+    model = Encoder(config, arch=resume["arch"] if resume else None).to(device)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("model: ESM-2 %s, tune=%s, %d trainable / %d parameters", backbone_arch(model.backbone),
+             config.encoder.tune, n_train, sum(p.numel() for p in model.parameters()))
+
+    train_set = datasets["train"]
+    criteria = {"class": ClassLoss(class_weights(train_set.class_counts(), config.train.class_weighting)).to(device),
+                "motif": MotifLoss(motif_pos_weights(*train_set.residue_counts(), config.train.max_pos_weight)).to(device)}
+    sampler = EpochShuffleSampler(len(train_set), config.seed)
+    loader = DataLoader(train_set, batch_size=config.train.batch_size, sampler=sampler,
+                        collate_fn=Collate(config.data.max_len, config.data.overlap),
+                        num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
+    optimizer = make_optimizer(model, config.train)
+    scheduler = make_scheduler(optimizer, config.train, math.ceil(len(loader) / config.train.accumulate))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(config.train.amp, device) == torch.float16)
+
+    state = {"epoch": 0, "best_metric": -float("inf"), "best_epoch": None, "bad_epochs": 0}
+    history = []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        state = {k: resume[k] for k in state}
+        set_rng_state(resume["rng"])
+        if (run_dir / "metrics.jsonl").is_file():
+            history = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                       if r["epoch"] < state["epoch"]]
+        log.info("resumed from %s at epoch %d (best val macro-MCC %.4f)", args.resume, state["epoch"], state["best_metric"])
+
+    ckpt_dir = run_dir / "checkpoints"
+    for epoch in range(state["epoch"], config.train.epochs):
+        start = time.time()
+        sampler.set_epoch(epoch)
+        stats = train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, device, epoch)
+        val = score(run_inference(model, datasets["valid"], config.train.eval_batch_size, device, config.train.amp,
+                                  config.data.max_len, config.data.overlap))
+        improved = val["macro_mcc"] > state["best_metric"]
+        state.update(epoch=epoch + 1, bad_epochs=0 if improved else state["bad_epochs"] + 1)
+        if improved:
+            state.update(best_metric=val["macro_mcc"], best_epoch=epoch)
+        record = {"epoch": epoch, "phase": "supervised", **stats, "lr": scheduler.get_last_lr()[0],
+                  "val_macro_f1": val["macro_f1"], "val_macro_mcc": val["macro_mcc"],
+                  "val_macro_site_accuracy": val["residue"]["macro_site_accuracy"],
+                  "val_macro_iou": val["residue"]["macro_iou"], "best": improved, "time_s": time.time() - start}
+        history.append(record)
+        write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
+                      "rng": rng_state(), "config": config.to_dict(), "arch": backbone_arch(model.backbone),
+                      "classes": CLASSES}
+        save_checkpoint(checkpoint, ckpt_dir / "last.pt")
+        if improved:
+            shutil.copyfile(ckpt_dir / "last.pt", ckpt_dir / ".best.pt.tmp")
+            (ckpt_dir / ".best.pt.tmp").replace(ckpt_dir / "best.pt")
+        log.info("epoch %d: loss %.4f (class %.4f, motif %.4f) val macro-F1 %.4f macro-MCC %.4f%s (%.1fs)",
+                 epoch, stats["train_loss"], stats["train_class_loss"], stats["train_motif_loss"],
+                 val["macro_f1"], val["macro_mcc"], " *" if improved else "", record["time_s"])
+        if args.stop_after is not None and epoch + 1 >= args.stop_after and epoch + 1 < config.train.epochs:
+            log.info("stopping after epoch %d as asked; continue with --resume %s", epoch, ckpt_dir / "last.pt")
+            return 0
+        if state["bad_epochs"] >= config.train.patience:
+            log.info("early stop: no val macro-MCC gain for %d epochs", config.train.patience)
+            break
+
+    final_test(model, datasets, config, device, ckpt_dir, state, log)
+    return 0
+
+
+def final_test(model, datasets, config, device, ckpt_dir: Path, state: dict, log) -> dict:
+    """Evaluate the best checkpoint on test at 0.5 and at MCC-optimal thresholds tuned on valid."""
+    best_path = ckpt_dir / "best.pt" if (ckpt_dir / "best.pt").is_file() else ckpt_dir / "last.pt"
+    best = load_checkpoint(best_path) if best_path.is_file() else None
+    if best is not None:
+        model.load_state_dict(best["model"])
+    else:
+        log.warning("no checkpoint was written (0 epochs?): evaluating the current model")
+    infer = dict(batch_size=config.train.eval_batch_size, device=device, amp=config.train.amp,
+                 max_len=config.data.max_len, overlap=config.data.overlap)
+    valid = run_inference(model, datasets["valid"], **infer)
+    thresholds = tune_thresholds(valid["labels"], valid["probs"])
+    test = run_inference(model, datasets["test"], **infer)
+    result = score(test)
+    tuned = score(test, thresholds)
+    result.update({"best_epoch": state["best_epoch"], "checkpoint": str(best_path) if best else None,
+                   "thresholds": dict(zip(CLASSES, map(float, thresholds))),
+                   "tuned": {k: tuned[k] for k in ("macro_f1", "macro_mcc", "per_class", "subset_accuracy", "jaccard")},
+                   "valid": {k: score(valid)[k] for k in ("macro_f1", "macro_mcc")}})
+    write_text_atomic(Path(config.run_dir) / "test_metrics.json", json.dumps(result, indent=2))
+    if best is not None:
+        best["thresholds"] = result["thresholds"]
+        save_checkpoint(best, best_path)
+    log.info("test (best epoch %s):\n%s", state["best_epoch"], format_table(result))
+    log.info("test with valid-tuned thresholds: macro-F1 %.4f macro-MCC %.4f", tuned["macro_f1"], tuned["macro_mcc"])
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

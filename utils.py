@@ -1,0 +1,258 @@
+"""Config loading and validation, seeding, logging, atomic checkpoint save / load."""
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+# Every valid key with its default. A key whose default is None takes the type in NULLABLE.
+DEFAULTS = {
+    "seed": 0,
+    "run_dir": "runs/default",
+    "device": "auto",
+    "data": {
+        "root": "../shared/data/mutarget",
+        "fold": 0,
+        "max_len": 1022,
+        "overlap": 200,
+        "num_workers": 0,
+        "synthetic": {"generate": False, "n_proteins": 800, "seed": 0},
+    },
+    "encoder": {
+        "model_name": None,
+        "checkpoint": None,
+        "scratch": None,
+        "tune": "last_k",
+        "trainable_layers": 2,
+    },
+    "decoder": {"hidden_dim": 64, "dropout": 0.1, "class_dropout": 0.1},
+    "train": {
+        "epochs": 20,
+        "batch_size": 16,
+        "eval_batch_size": 32,
+        "lr": 5.0e-4,
+        "backbone_lr": 5.0e-5,
+        "weight_decay": 0.01,
+        "warmup_epochs": 1.0,
+        "min_lr_ratio": 0.0,
+        "grad_clip": 1.0,
+        "accumulate": 1,
+        "amp": "auto",
+        "patience": 5,
+        "class_weighting": "inverse_count",
+        "motif_weight": 1.0,
+        "max_pos_weight": 100.0,
+    },
+}
+SCRATCH_DEFAULTS = {"num_layers": 2, "embed_dim": 64, "attention_heads": 4}
+NULLABLE = {"encoder.model_name": str, "encoder.checkpoint": str, "encoder.scratch": dict}
+CHOICES = {
+    "encoder.tune": ("frozen", "last_k", "full"),
+    "train.amp": ("auto", "bf16", "fp16", "none"),
+    "train.class_weighting": ("inverse_count", "none"),
+}
+POSITIVE = {"data.max_len", "train.epochs", "train.batch_size", "train.eval_batch_size", "train.accumulate"}
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: unknown key, wrong type or value."""
+
+
+class Config(dict):
+    """A dict with attribute access (config.train.lr == config['train']['lr'])."""
+
+    def __getattr__(self, name):
+        try:
+            value = self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+        return Config(value) if isinstance(value, dict) and not isinstance(value, Config) else value
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(dict(self))
+
+
+def _all_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in tree.items():
+        keys.append(prefix + k)
+        if isinstance(v, dict):
+            keys.extend(_all_keys(v, prefix + k + "."))
+    return keys
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    valid = _all_keys(DEFAULTS) + ["encoder.scratch." + k for k in SCRATCH_DEFAULTS]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{where}: unknown config key '{key}'{hint}")
+
+
+def _check_value(key: str, value, default, where: str):
+    """Validate one leaf value against its default's type; returns the (coerced) value."""
+    expected = NULLABLE.get(key, type(default))
+    if value is None and (key in NULLABLE):
+        return None
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{where}: '{key}' must be {expected.__name__}, got {type(value).__name__} ({value!r})")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{where}: '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    if key in POSITIVE and value < 1:
+        raise ConfigError(f"{where}: '{key}' must be >= 1, got {value!r}")
+    return value
+
+
+def _merge(base: dict, override: dict, defaults: dict, prefix: str, where: str) -> None:
+    for key, value in override.items():
+        full = prefix + str(key)
+        if key not in defaults:
+            raise _unknown_key(full, where)
+        default = defaults[key]
+        if full == "encoder.scratch" and value is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: 'encoder.scratch' must be a mapping with keys "
+                                  f"{', '.join(SCRATCH_DEFAULTS)}, got {value!r}")
+            base[key] = dict(base[key] or SCRATCH_DEFAULTS)
+            _merge(base[key], value, SCRATCH_DEFAULTS, full + ".", where)
+        elif isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{full}' is a block of keys, got {value!r}")
+            _merge(base[key], value, default, full + ".", where)
+        else:
+            base[key] = _check_value(full, value, default, where)
+
+
+def parse_override(text: str) -> dict:
+    """'train.lr=1e-4' -> {'train': {'lr': 0.0001}} (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):  # YAML reads 1e-4 as a string; accept it as a number
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    tree: dict = {}
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def resolve_config(tree: dict, overrides=None, where: str = "config") -> Config:
+    """Defaults <- tree <- overrides, validated."""
+    config = copy.deepcopy(DEFAULTS)
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys at top level")
+    _merge(config, tree, DEFAULTS, "", where)
+    for text in overrides or []:
+        _merge(config, parse_override(text), DEFAULTS, "", f"--set {text}")
+    sources = [k for k in ("model_name", "checkpoint", "scratch") if config["encoder"][k] is not None]
+    if len(sources) != 1:
+        raise ConfigError(f"{where}: set exactly one of encoder.model_name, encoder.checkpoint, "
+                          f"encoder.scratch (got {', '.join(sources) or 'none'})")
+    if config["data"]["overlap"] >= config["data"]["max_len"] or config["data"]["overlap"] < 0:
+        raise ConfigError(f"{where}: data.overlap must be in [0, data.max_len)")
+    return Config(config)
+
+
+def load_config(path, overrides=None) -> Config:
+    """Read a YAML config and apply `--set` style overrides ('a.b=value'); validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({err})") from None
+    return resolve_config(tree, overrides, str(path))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def setup_logging(run_dir=None) -> logging.Logger:
+    log = logging.getLogger("mutarget")
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    log.addHandler(stream)
+    if run_dir is not None:
+        file = logging.FileHandler(Path(run_dir) / "train.log")
+        file.setFormatter(fmt)
+        log.addHandler(file)
+    log.propagate = False
+    return log
+
+
+def _atomic(path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """torch.save to a temporary file in the same folder, then rename (never half-written)."""
+    _atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path) -> dict:
+    """Load a checkpoint written by save_checkpoint (it holds RNG states and the config)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def write_text_atomic(path, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as handle:
+            handle.write(text)
+    _atomic(path, write)
+
+
+def write_yaml(path, tree: dict) -> None:
+    write_text_atomic(path, yaml.safe_dump(tree, sort_keys=False))
