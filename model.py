@@ -145,7 +145,7 @@ class Encoder(nn.Module):
         """
         bb, grad = self.backbone, torch.is_grad_enabled()
         padding = tokens.eq(PAD_IDX)
-        with torch.set_grad_enabled(grad and self.first_trainable == 0):
+        with torch.set_grad_enabled(grad and bb.embed_tokens.weight.requires_grad):
             x = bb.embed_scale * bb.embed_tokens(tokens)
             if bb.token_dropout:  # fair-esm rescales by the training mask ratio even without masks
                 is_mask = tokens.eq(bb.mask_idx)
@@ -157,7 +157,7 @@ class Encoder(nn.Module):
         for i, layer in enumerate(bb.layers):
             with torch.set_grad_enabled(grad and i >= self.first_trainable):
                 x, _ = layer(x, self_attn_padding_mask=attn_padding)
-        with torch.set_grad_enabled(grad and self.first_trainable <= bb.num_layers):
+        with torch.set_grad_enabled(grad and self.first_trainable < bb.num_layers):
             x = bb.emb_layer_norm_after(x)
         return x.transpose(0, 1)
 
@@ -176,14 +176,14 @@ class Encoder(nn.Module):
 def set_trainable(backbone, tune: str, k: int) -> int:
     """Freeze the backbone by `tune`: frozen | last_k (the last k layers and the final layer
     norm train) | full (everything, token embeddings included). Returns the index of the first
-    trainable layer: 0 for full, num_layers + 1 when nothing trains."""
+    trainable layer (num_layers when none is)."""
     n = backbone.num_layers
-    first = {"frozen": n + 1, "full": 0}.get(tune, n - k if 0 < k <= n else (n + 1 if k <= 0 else 1))
+    first = {"frozen": n, "full": 0}.get(tune, n - min(max(k, 0), n))
     for name, param in backbone.named_parameters():
         if name.startswith("layers."):
             param.requires_grad = int(name.split(".")[1]) >= first
         elif name.startswith("emb_layer_norm_after"):
-            param.requires_grad = first <= n
+            param.requires_grad = first < n
         else:  # token embeddings
-            param.requires_grad = first == 0
+            param.requires_grad = tune == "full"
     return first

@@ -179,20 +179,21 @@ def run(args) -> int:
         config = resolve_config(resume["config"], args.set, where=f"{args.resume} (stored config)")
     else:
         config = load_config(args.config, args.set)
-    run_dir = Path(config.run_dir)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    log = setup_logging(run_dir)
-    write_yaml(run_dir / "config.yaml", config.to_dict())
+    log = setup_logging()
     seed_everything(config.seed)
     device = resolve_device(config.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
+    # Data and weights are checked before anything is written to the run directory.
     datasets = build_datasets(config)
+    model = Encoder(config, arch=resume["arch"] if resume else None).to(device)
+    run_dir = Path(config.run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    log = setup_logging(run_dir)
+    write_yaml(run_dir / "config.yaml", config.to_dict())
     log.info("data %s fold %d: train %d, valid %d, test %d proteins", config.data.root, config.data.fold,
              *(len(datasets[k]) for k in ("train", "valid", "test")))
-    model = Encoder(config, arch=resume["arch"] if resume else None).to(device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model: ESM-2 %s, tune=%s, %d trainable / %d parameters", backbone_arch(model.backbone),
              config.encoder.tune, n_train, sum(p.numel() for p in model.parameters()))

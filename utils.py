@@ -90,9 +90,21 @@ def _all_keys(tree: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+ALIASES = {"learning_rate": "lr", "n_epochs": "epochs", "layers": "num_layers", "n_layers": "num_layers",
+           "hidden_size": "hidden_dim", "heads": "attention_heads", "clip": "grad_clip", "lr_backbone": "backbone_lr"}
+
+
 def _unknown_key(key: str, where: str) -> ConfigError:
+    """Error naming the nearest valid key: a known alias, else the closest name in the same
+    block, else the closest full key."""
     valid = _all_keys(DEFAULTS) + ["encoder.scratch." + k for k in SCRATCH_DEFAULTS]
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    block, _, leaf = key.rpartition(".")
+    siblings = [v for v in valid if v.rpartition(".")[0] == block]
+    alias = f"{block}.{ALIASES[leaf]}".lstrip(".") if leaf in ALIASES else None
+    close = ([alias] if alias in valid else
+             [f"{block}.{m}".lstrip(".") for m in difflib.get_close_matches(
+                 leaf, [s.rpartition(".")[2] for s in siblings], n=1, cutoff=0.6)]
+             or difflib.get_close_matches(key, valid, n=1, cutoff=0.5))
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"{where}: unknown config key '{key}'{hint}")
 

@@ -32,6 +32,7 @@ def tiny_config(tmp_path, **overrides):
 
 def write_config(tmp_path, **overrides) -> Path:
     import yaml
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(tiny_config(tmp_path, **overrides)))
     return path

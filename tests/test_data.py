@@ -1,0 +1,261 @@
+"""Targets, windows, folds, datasets and bad input of data.py."""
+import numpy as np
+import pytest
+import torch
+from conftest import REAL_DATA
+
+import data
+from data import CLASS_INDEX as C
+from data import DataError
+
+
+def protein(motif, length=100, seq=None):
+    return data.make_protein("P1", seq or "A" * length, motif, "test.csv: line 2, entry 'P1'")
+
+
+def ones(p, name):
+    return np.flatnonzero(p.targets[C[name]]).tolist()
+
+
+# ---------------------------------------------------------------- target rules (0-based positions)
+def test_site_classes_mark_last_residue_of_peptide():
+    for name in ("SIGNAL", "Mitochondrion", "chloroplast"):
+        p = protein(f"1-25:{name}")
+        assert p.labels.tolist() == [int(c == name) for c in data.CLASSES]
+        assert ones(p, name) == [24]
+        assert p.targets.sum() == 1 and p.masked == ()
+
+
+def test_er_marks_first_residue_of_motif():
+    p = protein("1-20:SIGNAL|97-100:ER")
+    assert ones(p, "ER") == [96] and ones(p, "SIGNAL") == [19]
+    assert p.labels[C["ER"]] == p.labels[C["SIGNAL"]] == 1 and p.labels.sum() == 2
+
+
+def test_peroxisome_pts1_first_residue_pts2_last_residue():
+    assert ones(protein("98-100:Peroxisome"), "Peroxisome") == [97]   # PTS1 (C-terminal)
+    assert ones(protein("1-9:Peroxisome"), "Peroxisome") == [8]       # PTS2 (starts at 1)
+    assert ones(protein("15-23:Peroxisome"), "Peroxisome") == [14]    # not at 1: first residue
+
+
+def test_nls_nes_segments_cover_every_residue():
+    p = protein("4-11:Nucleus|59-67:Nucleus_export|30-33:Nucleus")
+    assert ones(p, "Nucleus") == list(range(3, 11)) + list(range(29, 33))
+    assert ones(p, "Nucleus_export") == list(range(58, 67))
+    assert p.labels.sum() == 2
+
+
+def test_thylakoid_implies_chloroplast_site_before_it():
+    p = protein("33-77:Thylakoid")
+    assert ones(p, "Thylakoid") == [76]
+    assert ones(p, "chloroplast") == [31]  # residue 32 (1-based): just before the thylakoid peptide
+    assert p.labels[C["chloroplast"]] == 1 and p.masked == ()
+
+
+def test_thylakoid_from_residue_one_masks_chloroplast_track():
+    p = protein("1-105:Thylakoid", length=200)
+    assert p.labels[C["chloroplast"]] == 1 and p.labels[C["Thylakoid"]] == 1
+    assert ones(p, "chloroplast") == [] and p.masked == (C["chloroplast"],)
+    item = data.LocalizationDataset([p])[0]
+    assert item["track_mask"].tolist() == [c != "chloroplast" for c in data.CLASSES]
+
+
+def test_thylakoid_from_one_with_explicit_chloroplast_is_known():
+    p = protein("1-60:Thylakoid|1-30:chloroplast")
+    assert p.masked == () and ones(p, "chloroplast") == [29]
+
+
+def test_dual_is_mitochondrion_and_chloroplast_at_presequence_end():
+    p = protein("1-85:dual", length=300)
+    assert p.labels.sum() == 2
+    assert ones(p, "Mitochondrion") == [84] and ones(p, "chloroplast") == [84]
+
+
+def test_empty_motif_is_other():
+    p = protein("")
+    assert p.labels.sum() == 0 and p.targets.sum() == 0
+
+
+def test_sequence_cleaning():
+    assert data.clean_sequence("mkt lw\n*", "x") == "MKTLW"
+    assert data.clean_sequence("MKBZUX", "x") == "MKBZUX"
+    with pytest.raises(DataError, match=r"record 'Q1'.*invalid residue.*'J'.*position 3"):
+        data.clean_sequence("MKJ", "f.fa: record 'Q1'")
+    with pytest.raises(DataError, match="empty sequence"):
+        data.clean_sequence("*", "f.fa: record 'Q1'")
+
+
+# ---------------------------------------------------------------- windows and stitching
+@pytest.mark.parametrize("length", [1, 50, 1022, 1023, 1500, 2500, 5400])
+def test_windows_cover_every_residue_with_overlap(length):
+    starts = data.window_starts(length, 1022, 200)
+    ends = [min(s + 1022, length) for s in starts]
+    assert starts[0] == 0 and ends[-1] == length
+    covered = np.zeros(length, int)
+    for s, e in zip(starts, ends):
+        covered[s:e] += 1
+    assert covered.min() >= 1
+    for (s1, e1), s2 in zip(zip(starts, ends), starts[1:]):
+        assert e1 - s2 >= 200  # consecutive windows share at least the overlap
+        assert e1 - s1 == 1022
+
+
+def test_stitch_average_is_mean_over_windows():
+    length, W = 10, 6
+    starts = data.window_starts(length, W, 2)  # [0, 4]
+    values = np.stack([np.arange(s, s + W, dtype=float) * 0 + k for k, s in enumerate(starts)])
+    out = data.stitch_average(values, starts, length)
+    expected = [0, 0, 0, 0, 0.5, 0.5, 1, 1, 1, 1]
+    assert out.tolist() == expected
+
+
+def test_collate_windows_and_masks():
+    proteins = [protein("1-5:SIGNAL", length=30), protein("", length=7)]
+    proteins[1].entry = "P2"
+    ds = data.LocalizationDataset(proteins)
+    batch = data.Collate(max_len=12, overlap=4)([ds[0], ds[1]])
+    # protein 0: windows start 0, 8, 16, 18; protein 1: one window
+    assert batch["window_protein"].tolist() == [0, 0, 0, 0, 1]
+    assert batch["window_start"].tolist() == [0, 8, 16, 18, 0]
+    assert batch["tokens"].shape == (5, 14)  # longest window 12 + BOS + EOS, not 1024
+    t = batch["tokens"][4]
+    assert t[0] == data.BOS_IDX and t[8] == data.EOS_IDX and (t[9:] == data.PAD_IDX).all()
+    assert batch["residue_mask"].sum(1).tolist() == [30, 7]
+    assert batch["target_mask"][1, :, 7:].sum() == 0 and batch["target_mask"][1, :, :7].all()
+    assert batch["targets"][0, C["SIGNAL"]].nonzero().flatten().tolist() == [4]
+
+
+def test_epoch_sampler_depends_on_seed_and_epoch_only():
+    a, b = data.EpochShuffleSampler(50, 3), data.EpochShuffleSampler(50, 3)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    torch.manual_seed(123)
+    assert list(a) == list(b) and sorted(a) == list(range(50))
+    b.set_epoch(3)
+    assert list(a) != list(b)
+
+
+# ---------------------------------------------------------------- real data
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="shared MUTarget data not present")
+def test_real_data_counts_and_folds():
+    proteins, partitions = data.load_proteins(REAL_DATA)
+    assert len(proteins) == 5283 + 17
+    labels = np.stack([p.labels for p in proteins])
+    counts = dict(zip(data.CLASSES, labels.sum(0).tolist()))
+    # facts doc: SIGNAL 3226, Nucleus 635, ER 146, NES 125, Peroxisome 62, Thylakoid 46;
+    # Mitochondrion 793 + 17 dual; chloroplast 348 + 17 dual + Thylakoid-only proteins.
+    assert counts["SIGNAL"] == 3226 and counts["Nucleus"] == 635 and counts["ER"] == 146
+    assert counts["Nucleus_export"] == 125 and counts["Peroxisome"] == 62 and counts["Thylakoid"] == 46
+    assert counts["Mitochondrion"] == 793 + 17
+    thylakoid_only = sum(1 for p in proteins if p.labels[C["Thylakoid"]]
+                         and not any(a[0] == "chloroplast" for a in p.annotations))
+    assert counts["chloroplast"] == 348 + 17 + thylakoid_only
+    assert labels.sum(1).min() >= 1  # every training protein has a signal
+    for fold in range(5):
+        split = data.fold_indices(partitions, fold)
+        sets = [set(split[k].tolist()) for k in ("train", "valid", "test")]
+        assert sum(map(len, sets)) == len(proteins) and not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+        assert set(partitions[split["valid"]]) == {fold} and set(partitions[split["test"]]) == {(fold + 1) % 5}
+    for p in proteins:  # every residue target lies inside its sequence and on a labelled class
+        assert p.targets.shape == (8, len(p.sequence))
+        assert ((p.targets.sum(1) > 0) <= p.labels.astype(bool)).all()
+
+
+def test_upstream_checkout_layout(tmp_path):
+    data.make_synthetic_dataset(tmp_path / "flat", 40, 0)
+    base = tmp_path / "checkout" / "data" / "parsed_EC7_v2"
+    (base / "split" / "type").mkdir(parents=True)
+    (base / "fasta" / "type").mkdir(parents=True)
+    (base / "SYNTHETIC_uniprot.csv").write_text((tmp_path / "flat" / "SYNTHETIC_uniprot.csv").read_text())
+    (base / "split" / "type" / "partition.csv").write_text((tmp_path / "flat" / "partition.csv").read_text())
+    (base / "fasta" / "type" / "dual.fasta").write_text((tmp_path / "flat" / "dual.fasta").read_text())
+    flat = data.load_proteins(tmp_path / "flat")
+    for root in (tmp_path / "checkout" / "data", tmp_path / "checkout"):
+        nested = data.load_proteins(root)
+        assert [p.entry for p in nested[0]] == [p.entry for p in flat[0]]
+        assert (nested[1] == flat[1]).all()
+
+
+def test_synthetic_data_is_deterministic_and_covers_every_class(tmp_path):
+    data.make_synthetic_dataset(tmp_path / "a", 300, 7)
+    data.make_synthetic_dataset(tmp_path / "b", 300, 7)
+    for name in ("SYNTHETIC_uniprot.csv", "partition.csv", "dual.fasta"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    proteins, partitions = data.load_proteins(tmp_path / "a")
+    labels = np.stack([p.labels for p in proteins])
+    assert (labels.sum(0) >= 10).all() and (labels.sum(1) == 0).sum() >= 10
+    assert sorted(set(partitions.tolist())) == [0, 1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- bad input
+def write_dataset(root, rows, partition=None, header="Entry,MOTIF,LOCATION,Sequence"):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "X_uniprot.csv").write_text(header + "\n" + "".join(r + "\n" for r in rows))
+    entries = partition if partition is not None else [r.split(",")[0] for r in rows]
+    (root / "partition.csv").write_text("entry,type,group,partition\n" +
+                                        "".join(f"{e},SIGNAL,{i},{i % 5}\n" for i, e in enumerate(entries)))
+    return root
+
+
+GOOD = "P1,1-5:SIGNAL,x,MKTAYIAKQR"
+
+
+@pytest.mark.parametrize("rows,pattern", [
+    ([GOOD, "P2,1-5SIGNAL,x,MKTAYIAKQR"], r"line 3, entry 'P2'.*'1-5SIGNAL' does not parse"),
+    ([GOOD, "P2,3-40:SIGNAL,x,MKTAYIAKQR"], r"entry 'P2'.*outside the sequence \(length 10\)"),
+    ([GOOD, "P2,1-5:Golgi,x,MKTAYIAKQR"], r"entry 'P2'.*unknown label 'Golgi'"),
+    ([GOOD, "P1,1-5:SIGNAL,x,MKTAYIAKQR"], r"line 3, entry 'P1'.*duplicate entry"),
+    ([GOOD, "P2,,x,"], r"entry 'P2'.*empty sequence"),
+    ([GOOD, "P2,1-5:SIGNAL,x,MKTJYIAKQR"], r"entry 'P2'.*invalid residue.*'J'"),
+])
+def test_bad_csv_records(tmp_path, rows, pattern):
+    root = write_dataset(tmp_path / "d", rows)
+    with pytest.raises(DataError, match=pattern) as err:
+        data.load_proteins(root)
+    assert "X_uniprot.csv" in str(err.value)
+
+
+def test_missing_column(tmp_path):
+    root = write_dataset(tmp_path / "d", ["P1,1-5:SIGNAL,MKTAYIAKQR"], header="Entry,MOTIF,Seq")
+    with pytest.raises(DataError, match=r"X_uniprot.csv: missing column\(s\) Sequence"):
+        data.load_proteins(root)
+
+
+def test_malformed_csv(tmp_path):
+    root = write_dataset(tmp_path / "d", [GOOD])
+    (root / "X_uniprot.csv").write_bytes(b'Entry,MOTIF,LOCATION,Sequence\n"P1,1-5:SIGNAL,x,MKT\n')
+    with pytest.raises(DataError, match="X_uniprot.csv: not a readable CSV"):
+        data.load_proteins(root)
+
+
+def test_entry_missing_from_partition(tmp_path):
+    root = write_dataset(tmp_path / "d", [GOOD, "P2,1-5:SIGNAL,x,MKTAYIAKQR"], partition=["P1"])
+    with pytest.raises(DataError, match=r"partition.csv: 1 entry of the data missing from the partition file: 'P2'"):
+        data.load_proteins(root)
+
+
+def test_missing_data_files(tmp_path):
+    with pytest.raises(DataError, match="is not a folder"):
+        data.load_proteins(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no \*_uniprot.csv"):
+        data.load_proteins(tmp_path / "empty")
+    root = write_dataset(tmp_path / "d", [GOOD])
+    (root / "partition.csv").unlink()
+    with pytest.raises(DataError, match="no partition.csv"):
+        data.load_proteins(root)
+
+
+def test_fasta_parsing(tmp_path):
+    path = tmp_path / "in.fa"
+    path.write_text(">A desc text\nmkt\n\nayi*\n>B 1-3:dual\nMKTAY\n")
+    assert data.read_fasta(path) == [("A", "desc text", "mktayi*"), ("B", "1-3:dual", "MKTAY")]
+    proteins = data.read_fasta_proteins(path)
+    assert proteins[0].sequence == "MKTAYI" and proteins[0].labels.sum() == 0
+    assert proteins[1].labels[C["Mitochondrion"]] == 1 and proteins[1].labels[C["chloroplast"]] == 1
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match=r"in.fa: no FASTA records"):
+        data.read_fasta(path)
+    path.write_text("MKT\n>A\nMKT\n")
+    with pytest.raises(DataError, match="before the first '>' header"):
+        data.read_fasta(path)

@@ -1,0 +1,148 @@
+"""Backbone loading, tuning modes, window stitching and heads of model.py; config validation."""
+from argparse import Namespace
+
+import esm
+import pytest
+import torch
+
+import data
+import model
+import utils
+from utils import ConfigError
+
+
+def make_config(**encoder):
+    tree = {"encoder": {"scratch": {"num_layers": 2, "embed_dim": 32, "attention_heads": 4}, "tune": "full"}}
+    tree["encoder"].update(encoder)
+    return utils.resolve_config(tree)
+
+
+def batch_of(lengths, max_len=20, overlap=6, seed=0):
+    rng = torch.Generator().manual_seed(seed)
+    proteins = []
+    for i, n in enumerate(lengths):
+        seq = "".join(data.RESIDUES[j] for j in torch.randint(0, 20, (n,), generator=rng).tolist())
+        proteins.append(data.make_protein(f"P{i}", seq, "", "t"))
+    ds = data.LocalizationDataset(proteins)
+    return data.Collate(max_len, overlap)([ds[i] for i in range(len(ds))])
+
+
+def test_backbone_forward_equals_fair_esm():
+    torch.manual_seed(0)
+    m = model.Encoder(make_config()).eval()
+    reference = esm.model.esm2.ESM2(2, 32, 4, alphabet="ESM-1b").eval()
+    reference.load_state_dict(m.backbone.state_dict(), strict=False)  # lm/contact heads dropped in ours
+    tokens = batch_of([5, 18, 11], max_len=30)["tokens"]
+    with torch.no_grad():
+        ours = m.backbone_forward(tokens)
+        theirs = reference(tokens, repr_layers=[2])["representations"][2]
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_stitching_long_protein_equals_average_of_window_outputs():
+    torch.manual_seed(0)
+    m = model.Encoder(make_config()).eval()
+    batch = batch_of([47, 9], max_len=20, overlap=6)
+    with torch.no_grad():
+        windows = m.backbone_forward(batch["tokens"]).numpy()
+        stitched = m.embed(batch).numpy()
+    w0 = (batch["window_protein"] == 0).nonzero().flatten().tolist()
+    starts = batch["window_start"][w0].tolist()
+    expected = data.stitch_average(windows[w0, 1:21], starts, 47)  # residues without BOS/EOS
+    assert abs(stitched[0, :47] - expected).max() < 1e-5
+    w1 = (batch["window_protein"] == 1).nonzero().flatten().item()
+    assert abs(stitched[1, :9] - windows[w1, 1:10]).max() < 1e-6
+    assert (stitched[1, 9:] == 0).all()
+
+
+def test_padding_never_changes_outputs():
+    """A protein's outputs are the same alone or batched with a longer one (mask works)."""
+    torch.manual_seed(0)
+    m = model.Encoder(make_config()).eval()
+    both = batch_of([12, 19], max_len=64)
+    alone = batch_of([12], max_len=64)
+    with torch.no_grad():
+        a, b = m(both), m(alone)
+    assert torch.allclose(a["class_logits"][0], b["class_logits"][0], atol=1e-5)
+    assert torch.allclose(a["motif_logits"][0, :, :12], b["motif_logits"][0], atol=1e-5)
+    assert a["motif_logits"].shape == (2, 8, 19) and a["class_logits"].shape == (2, 8)
+
+
+@pytest.mark.parametrize("tune,k,trainable_layers,norm,embed", [
+    ("frozen", 2, [], False, False), ("last_k", 1, [1], True, False), ("last_k", 2, [0, 1], True, False),
+    ("full", 2, [0, 1], True, True)])
+def test_tuning_modes(tune, k, trainable_layers, norm, embed):
+    torch.manual_seed(0)
+    m = model.Encoder(make_config(tune=tune, trainable_layers=k))
+    bb = m.backbone
+    assert [i for i, layer in enumerate(bb.layers) if all(p.requires_grad for p in layer.parameters())] == trainable_layers
+    assert all(p.requires_grad == norm for p in bb.emb_layer_norm_after.parameters())
+    assert bb.embed_tokens.weight.requires_grad == embed
+    out = m(batch_of([10, 14]))
+    (out["class_logits"].sum() + out["motif_logits"].sum()).backward()
+    for name, p in m.named_parameters():  # gradients reach exactly the trainable parameters
+        assert (p.grad is not None and p.grad.abs().sum() > 0) == p.requires_grad, name
+
+
+def test_load_fair_esm_format_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    source = esm.model.esm2.ESM2(2, 32, 4, alphabet="ESM-1b")
+    state = {"encoder." + k: v for k, v in source.state_dict().items() if not k.startswith("contact_head.regression")}
+    cfg = Namespace(encoder_layers=2, encoder_embed_dim=32, encoder_attention_heads=4, token_dropout=True)
+    path = tmp_path / "esm2_tiny.pt"
+    torch.save({"cfg": {"model": cfg}, "model": state}, path)
+    m = model.Encoder(make_config(scratch=None, checkpoint=str(path))).eval()
+    tokens = batch_of([8, 15])["tokens"]
+    with torch.no_grad():
+        assert torch.allclose(m.backbone_forward(tokens),
+                              source.eval()(tokens, repr_layers=[2])["representations"][2], atol=1e-6)
+
+
+def test_missing_weight_files_fail_with_both_remedies(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    with pytest.raises(model.WeightsError) as err:
+        model.Encoder(make_config(scratch=None, model_name="esm2_t33_650M_UR50D"))
+    msg = str(err.value)
+    assert str(tmp_path / "hub" / "hub" / "checkpoints" / "esm2_t33_650M_UR50D.pt") in msg
+    assert "encoder.checkpoint" in msg and "TORCH_HOME" in msg
+    with pytest.raises(model.WeightsError, match=r"not found: .*missing\.pt"):
+        model.Encoder(make_config(scratch=None, checkpoint=str(tmp_path / "missing.pt")))
+
+
+def test_parallel_decoders_equal_separate_heads():
+    torch.manual_seed(0)
+    heads = model.ParallelLinearDecoders(16, 8, hidden_dim=5, dropout=0.0)
+    x = torch.randn(3, 7, 16)
+    out = heads(x)
+    for c in range(8):
+        h = torch.relu(x @ heads.w1[c] + heads.b1[c])
+        assert torch.allclose(out[:, c], h @ heads.w2[c] + heads.b2[c], atol=1e-5)
+
+
+# ---------------------------------------------------------------- config
+def test_config_unknown_key_suggests_nearest(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.learning_rate'.*did you mean 'train.lr'"):
+        utils.resolve_config({"encoder": {"scratch": {}}, "train": {"learning_rate": 1}})
+    with pytest.raises(ConfigError, match=r"--set trian.epochs=3: unknown config key 'trian'; did you mean 'train'"):
+        utils.resolve_config({"encoder": {"scratch": {}}}, ["trian.epochs=3"])
+    with pytest.raises(ConfigError, match=r"'train.batchsize'; did you mean 'train.batch_size'"):
+        utils.resolve_config({"encoder": {"scratch": {}}}, ["train.batchsize=8"])
+    with pytest.raises(ConfigError, match=r"'encoder.scratch.layers'.*did you mean 'encoder.scratch.num_layers'"):
+        utils.resolve_config({"encoder": {"scratch": {"layers": 2}}})
+
+
+def test_config_types_and_choices(tmp_path):
+    with pytest.raises(ConfigError, match=r"'train.epochs' must be int, got str"):
+        utils.resolve_config({"encoder": {"scratch": {}}, "train": {"epochs": "ten"}})
+    with pytest.raises(ConfigError, match=r"'train.amp' must be one of auto, bf16, fp16, none"):
+        utils.resolve_config({"encoder": {"scratch": {}}}, ["train.amp=fp8"])
+    with pytest.raises(ConfigError, match="set exactly one of encoder.model_name"):
+        utils.resolve_config({"encoder": {"scratch": {}, "model_name": "esm2_t6_8M_UR50D"}})
+    cfg = utils.resolve_config({"encoder": {"scratch": {"num_layers": 3}}}, ["train.lr=1e-4", "train.epochs=3"])
+    assert cfg.train.lr == 1e-4 and cfg.train.epochs == 3 and cfg.encoder.scratch == {
+        "num_layers": 3, "embed_dim": 64, "attention_heads": 4}
+    assert isinstance(utils.resolve_config({"encoder": {"scratch": {}}}, ["train.lr=1"]).train.lr, float)
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        utils.load_config(path)

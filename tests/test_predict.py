@@ -1,0 +1,193 @@
+"""predict.py on the tiny training run: FASTA / CSV input, ensembles, outputs and errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import predict
+from metrics import classification_metrics
+
+CLASSES = data.CLASSES
+RNG = np.random.default_rng(3)
+
+
+def random_seq(n):
+    return "".join(RNG.choice(list("ACDEFGHIKLMNPQRSTVWY"), size=n))
+
+
+SEQS = {"P1": random_seq(40), "P2": random_seq(150), "P3": random_seq(9)}  # P2 spans several 64-residue windows
+
+
+@pytest.fixture
+def ckpt(tiny_run):
+    return tiny_run / "checkpoints"
+
+
+def write_fasta(path):
+    """Multi-line records, a blank line, lowercase and a trailing '*'."""
+    s1, s2, s3 = SEQS["P1"], SEQS["P2"], SEQS["P3"]
+    path.write_text(f">P1 first protein\n{s1[:25]}\n{s1[25:]}\n\n>P2\n{s2[:60].lower()}\n{s2[60:]}*\n>P3\n{s3}\n")
+    return path
+
+
+def run(capsys, *argv):
+    code = predict.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def probs_of(records):
+    return np.array([[r["probabilities"][c] for c in CLASSES] for r in records])
+
+
+def test_fasta_json_and_tsv(tmp_path, ckpt, capsys):
+    out, tsv = tmp_path / "out.json", tmp_path / "out.tsv"
+    code, err = run(capsys, "--checkpoint", ckpt / "best.pt", "--fasta", write_fasta(tmp_path / "in.fa"),
+                    "--out", out, "--tsv", tsv, "--device", "cpu", "--batch-size", 2)
+    assert code == 0, err
+    records = load(out)
+    assert [r["id"] for r in records] == list(SEQS)
+    assert [r["length"] for r in records] == [len(s) for s in SEQS.values()]
+    for r in records:
+        assert list(r["probabilities"]) == CLASSES
+        assert all(0.0 <= p <= 1.0 for p in r["probabilities"].values())
+        assert r["predicted"] == [c for c in CLASSES if r["probabilities"][c] >= 0.5]
+        assert set(r["sites"]) == {c for c in r["predicted"] if c in data.SITE_CLASSES}
+        assert all(1 <= pos <= r["length"] for pos in r["sites"].values())
+        assert set(r["segments"]) == {c for c in r["predicted"] if c in data.SEGMENT_CLASSES}
+        for runs in r["segments"].values():
+            assert all(1 <= s <= e <= r["length"] for s, e in runs)
+    lines = tsv.read_text().splitlines()
+    header = lines[0].split("\t")
+    assert header[:3] == ["id", "length", "predicted"]
+    assert header[3:11] == [f"prob_{c}" for c in CLASSES]
+    assert header[11:] == [f"site_{c}" for c in data.SITE_CLASSES]
+    assert len(lines) == 1 + len(SEQS)
+    for line, r in zip(lines[1:], records):
+        cells = line.split("\t")
+        assert len(cells) == len(header)
+        assert cells[:3] == [r["id"], str(r["length"]), ",".join(r["predicted"])]
+
+
+def test_segments_runs():
+    mask = np.array([0, 1, 1, 0, 1, 0, 0, 1], bool)
+    assert predict.segments(mask) == [[2, 3], [5, 5], [8, 8]]
+    assert predict.segments(np.zeros(4, bool)) == []
+
+
+def test_ensemble_is_mean(tmp_path, ckpt, capsys):
+    fasta = write_fasta(tmp_path / "in.fa")
+    best, last = ckpt / "best.pt", ckpt / "last.pt"
+    a, b = torch.load(best, weights_only=False), torch.load(last, weights_only=False)
+    if all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]):  # same epoch: make them differ
+        b["model"]["classifier.bias"] += 1.0
+        b["model"]["decoders.b2"] -= 1.0
+        last = tmp_path / "last_shifted.pt"
+        torch.save(b, last)
+
+    def predict_with(name, *paths):
+        out = tmp_path / f"{name}.json"
+        code, err = run(capsys, "--checkpoint", *paths, "--fasta", fasta, "--out", out, "--device", "cpu")
+        assert code == 0, err
+        return probs_of(load(out))
+
+    p_best, p_last = predict_with("best", best), predict_with("last", last)
+    assert not np.allclose(p_best, p_last)
+    np.testing.assert_array_equal(predict_with("twice", best, best), p_best)
+    np.testing.assert_allclose(predict_with("both", best, last), (p_best + p_last) / 2, atol=1.1e-4)
+
+    # motif tracks are averaged too
+    ds = data.LocalizationDataset([data.make_protein(k, s, "", k) for k, s in SEQS.items()])
+    cpu = torch.device("cpu")
+    single = [predict.ensemble([p], ds, cpu, 2, False)[0] for p in (best, last)]
+    both, thr = predict.ensemble([best, last], ds, cpu, 2, False)
+    np.testing.assert_array_equal(thr, 0.5)
+    for i in range(len(ds)):
+        np.testing.assert_allclose(both["motif_probs"][i],
+                                   (single[0]["motif_probs"][i] + single[1]["motif_probs"][i]) / 2, atol=1e-6)
+
+
+def test_tuned_thresholds(tmp_path, ckpt, capsys):
+    out = tmp_path / "out.json"
+    code, err = run(capsys, "--checkpoint", ckpt / "best.pt", "--fasta", write_fasta(tmp_path / "in.fa"),
+                    "--out", out, "--device", "cpu", "--tuned-thresholds")
+    assert code == 0, err
+    stored = torch.load(ckpt / "best.pt", weights_only=False)["thresholds"]
+    for r in load(out):
+        assert r["predicted"] == [c for c in CLASSES if r["probabilities"][c] >= round(stored[c], 4)]
+
+
+def test_csv_metrics(tmp_path, ckpt, capsys):
+    rows = [("Q1", "1-20:SIGNAL", random_seq(80), ["SIGNAL"]),
+            ("Q2", "", random_seq(60), []),
+            ("Q3", "1-30:Mitochondrion", random_seq(120), ["Mitochondrion"]),
+            ("Q4", "50-56:Nucleus", random_seq(90), ["Nucleus"]),
+            ("Q5", "1-25:SIGNAL|70-73:ER", random_seq(73), ["ER", "SIGNAL"])]
+    csv = tmp_path / "labelled.csv"
+    csv.write_text(",Entry,MOTIF,Sequence\n" + "".join(f"{i},{e},{m},{s}\n" for i, (e, m, s, _) in enumerate(rows)))
+    out, metrics_path = tmp_path / "out.json", tmp_path / "metrics.json"
+    code, err = run(capsys, "--checkpoint", ckpt / "best.pt", "--csv", csv, "--out", out,
+                    "--metrics", metrics_path, "--device", "cpu")
+    assert code == 0, err
+    records, metrics = load(out), load(metrics_path)
+    assert [r["id"] for r in records] == [r[0] for r in rows]
+    assert {"macro_f1", "macro_mcc", "residue"} <= set(metrics)
+    assert list(metrics["per_class"]) == CLASSES
+    y_true = np.array([[int(c in labels) for c in CLASSES] for *_, labels in rows])
+    expected = classification_metrics(y_true, probs_of(records))
+    for key in ("macro_f1", "macro_mcc", "macro_precision", "macro_recall", "subset_accuracy", "jaccard"):
+        assert metrics[key] == pytest.approx(expected[key]), key
+    for c in CLASSES:
+        for key in ("f1", "mcc", "support"):
+            assert metrics["per_class"][c][key] == pytest.approx(expected["per_class"][c][key]), (c, key)
+
+
+def check_failure(capsys, tmp_path, argv, *needles):
+    out = tmp_path / "out.json"
+    code, err = run(capsys, *argv, "--out", out, "--tsv", tmp_path / "out.tsv", "--device", "cpu")
+    assert code == 2
+    assert err.startswith("error: ")
+    for needle in needles:
+        assert needle in err
+    assert not out.exists() and not (tmp_path / "out.tsv").exists()
+    assert not list(tmp_path.glob(".out.*"))  # no temporary files left either
+
+
+def test_fasta_without_records(tmp_path, ckpt, capsys):
+    fasta = tmp_path / "empty.fa"
+    fasta.write_text("\n\n")
+    check_failure(capsys, tmp_path, ["--checkpoint", ckpt / "best.pt", "--fasta", fasta], str(fasta), "no FASTA records")
+
+
+def test_invalid_residue(tmp_path, ckpt, capsys):
+    fasta = tmp_path / "bad.fa"
+    fasta.write_text(f">ok\n{SEQS['P1']}\n>broken_rec\nMKLVJAA\n")
+    check_failure(capsys, tmp_path, ["--checkpoint", ckpt / "best.pt", "--fasta", fasta], str(fasta), "broken_rec", "'J'")
+
+
+def test_missing_checkpoint(tmp_path, ckpt, capsys):
+    missing = tmp_path / "nope.pt"
+    check_failure(capsys, tmp_path, ["--checkpoint", ckpt / "best.pt", missing, "--fasta", write_fasta(tmp_path / "in.fa")],
+                  str(missing))
+
+
+def test_tuned_thresholds_missing(tmp_path, ckpt, capsys):
+    state = torch.load(ckpt / "best.pt", weights_only=False)
+    state.pop("thresholds", None)
+    bare = tmp_path / "bare.pt"
+    torch.save(state, bare)
+    check_failure(capsys, tmp_path, ["--checkpoint", ckpt / "best.pt", bare, "--fasta", write_fasta(tmp_path / "in.fa"),
+                                     "--tuned-thresholds"], str(bare), "threshold")
+
+
+def test_classes_mismatch(tmp_path, ckpt, capsys):
+    state = torch.load(ckpt / "best.pt", weights_only=False)
+    state["classes"] = list(reversed(CLASSES))
+    odd = tmp_path / "odd.pt"
+    torch.save(state, odd)
+    check_failure(capsys, tmp_path, ["--checkpoint", odd, "--fasta", write_fasta(tmp_path / "in.fa")], str(odd), "classes")

@@ -1,0 +1,120 @@
+"""End-to-end training: run directory contents, model selection, exact resume, losses, bad input."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_config
+
+import loss
+import train
+import utils
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_writes_everything(tiny_run):
+    records = read_metrics(tiny_run)
+    assert [r["epoch"] for r in records] == [0, 1]
+    for r in records:
+        assert r["phase"] == "supervised"
+        for key in ("train_loss", "train_class_loss", "train_motif_loss", "val_macro_f1", "val_macro_mcc", "lr"):
+            assert math.isfinite(r[key]), key
+        assert r["train_loss"] == pytest.approx(r["train_class_loss"] + r["train_motif_loss"], rel=1e-5)
+    config = utils.load_config(tiny_run / "config.yaml")  # the resolved config is itself a valid config
+    assert config.train.epochs == 2 and config.train.lr == 3e-3
+    test = json.loads((tiny_run / "test_metrics.json").read_text())
+    assert set(test["per_class"]) == set(train.CLASSES)
+    for key in ("macro_f1", "macro_mcc", "residue", "thresholds", "tuned", "best_epoch"):
+        assert key in test
+    ckpt = utils.load_checkpoint(tiny_run / "checkpoints" / "last.pt")
+    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "rng", "best_metric", "config", "arch"):
+        assert key in ckpt
+    assert ckpt["epoch"] == 2
+    best = utils.load_checkpoint(tiny_run / "checkpoints" / "best.pt")
+    mccs = [r["val_macro_mcc"] for r in records]
+    assert best["best_epoch"] == int(np.argmax(mccs)) and best["best_metric"] == max(mccs)  # selected on val MCC
+    assert set(best["thresholds"]) == set(train.CLASSES)
+    assert not list((tiny_run / "checkpoints").glob("*.tmp"))
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    full = write_config(tmp_path / "a", **{"train.epochs": 3, "decoder.dropout": 0.2})
+    part = write_config(tmp_path / "b", **{"train.epochs": 3, "decoder.dropout": 0.2})
+    assert train.main(["--config", str(full)]) == 0
+    assert train.main(["--config", str(part), "--stop-after", "1"]) == 0
+    run_b = tmp_path / "b" / "run"
+    assert [r["epoch"] for r in read_metrics(run_b)] == [0] and not (run_b / "test_metrics.json").exists()
+    assert train.main(["--resume", str(run_b / "checkpoints" / "last.pt")]) == 0
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]  # noqa: E731
+    assert strip(read_metrics(run_b)) == strip(read_metrics(tmp_path / "a" / "run"))
+    a = json.loads((tmp_path / "a" / "run" / "test_metrics.json").read_text())
+    b = json.loads((run_b / "test_metrics.json").read_text())
+    a.pop("checkpoint"), b.pop("checkpoint")
+    assert a == b
+
+
+def test_scheduler_warmup_then_cosine():
+    cfg = utils.resolve_config({"encoder": {"scratch": {}}, "train": {"epochs": 4, "warmup_epochs": 1.0,
+                                                                      "lr": 1.0, "min_lr_ratio": 0.1}})
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = train.make_scheduler(opt, cfg.train, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    expected = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 30)) for s in range(10, 40)]
+    assert lrs[10:] == pytest.approx(expected)
+
+
+def test_class_loss_hand_worked():
+    weights = loss.class_weights([10, 40, 0], "inverse_count")
+    # 1/10 and 1/40, rescaled to mean 1 over present classes: 1.6 and 0.4; absent class 1
+    assert weights.tolist() == pytest.approx([1.6, 0.4, 1.0])
+    logits, labels = torch.tensor([[0.0, 2.0, -1.0]]), torch.tensor([[1.0, 0.0, 0.0]])
+    bce = [math.log(2), math.log(1 + math.exp(2)), math.log(1 + math.exp(-1))]
+    expected = (1.6 * bce[0] + 0.4 * bce[1] + 1.0 * bce[2]) / 3
+    assert float(loss.ClassLoss(weights)(logits, labels)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_motif_loss_hand_worked():
+    pos_weight = loss.motif_pos_weights([1, 0], [9, 10], max_weight=5.0)
+    assert pos_weight.tolist() == [5.0, 1.0]  # 9/1 capped at 5; a class without positives: 1
+    logits = torch.tensor([[[0.0, 1.0, 3.0], [0.0, 0.0, 0.0]]])  # [B=1, C=2, L=3]
+    targets = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    mask = torch.tensor([[[True, True, False], [True, True, True]]])  # last residue of track 0 unscored
+    sp = lambda x: math.log(1 + math.exp(x))  # noqa: E731  BCE(z, 1) = sp(-z), BCE(z, 0) = sp(z)
+    expected = (5.0 * sp(0.0) + sp(1.0) + 3 * sp(0.0)) / 5
+    assert float(loss.MotifLoss(pos_weight)(logits, targets, mask)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_bad_data_exits_nonzero_without_run_dir(tmp_path, capsys):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "X_uniprot.csv").write_text("Entry,MOTIF,LOCATION,Sequence\nP1,1-5:SIGNAL,x,MKTAYIAKQR\n"
+                                        "P2,1-5:SIGNAL,x,MKTA#IAKQR\n")
+    (root / "partition.csv").write_text("entry,type,group,partition\nP1,SIGNAL,0,0\nP2,SIGNAL,1,1\n")
+    config = write_config(tmp_path, **{"data.synthetic.generate": False})
+    assert train.main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "X_uniprot.csv: line 3, entry 'P2': invalid residue" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_and_missing_weights_exit_nonzero(tmp_path, capsys, monkeypatch):
+    config = write_config(tmp_path, **{"train.epohcs": 2})
+    assert train.main(["--config", str(config)]) == 2
+    assert "unknown config key 'train.epohcs'; did you mean 'train.epochs'?" in capsys.readouterr().err
+    config = write_config(tmp_path)
+    assert train.main(["--config", str(config), "--set", "train.batch_size=big"]) == 2
+    assert "'train.batch_size' must be int" in capsys.readouterr().err
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    assert train.main(["--config", str(config), "--set", "encoder.scratch=null",
+                       "encoder.model_name=esm2_t6_8M_UR50D"]) == 2
+    assert "esm2_t6_8M_UR50D.pt" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
