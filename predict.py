@@ -62,8 +62,8 @@ def read_proteins(args) -> list[data.Protein]:
             for ident, _, raw in data.read_fasta(Path(args.fasta))]
 
 
-def load_model(path, device, need_thresholds: bool):
-    """(model in eval mode, stored config, thresholds [8] or None) of one checkpoint."""
+def read_checkpoint(path, need_thresholds: bool):
+    """(checkpoint dict, stored config, thresholds [8] or None), checked against this code."""
     try:
         ckpt = load_checkpoint(path)
     except FileNotFoundError:
@@ -82,20 +82,26 @@ def load_model(path, device, need_thresholds: bool):
             raise PredictError(f"{path}: no tuned thresholds stored (only best.pt of a finished run has "
                                f"them); drop --tuned-thresholds")
         thresholds = np.array([stored[c] for c in CLASSES], dtype=np.float64)
-    config = resolve_config(ckpt["config"], where=f"{path} (stored config)")
+    return ckpt, resolve_config(ckpt["config"], where=f"{path} (stored config)"), thresholds
+
+
+def load_model(path, ckpt, config, device) -> Encoder:
     model = Encoder(config, arch=ckpt["arch"])
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
         raise PredictError(f"{path}: weights do not match the stored architecture ({err})") from None
-    return model.to(device).eval(), config, thresholds
+    return model.to(device).eval()
 
 
 def ensemble(paths, dataset, device, batch_size: int, tuned: bool):
     """run_inference outputs averaged over checkpoints, and the thresholds [8]."""
-    total, thresholds = None, []
+    thresholds = [read_checkpoint(path, tuned)[2] for path in paths]  # fail before any inference
+    total = None
     for path in paths:
-        model, config, thr = load_model(path, device, tuned)
+        ckpt, config, _ = read_checkpoint(path, tuned)
+        model = load_model(path, ckpt, config, device)
+        del ckpt
         out = run_inference(model, dataset, batch_size, device, "none", config.data.max_len, config.data.overlap)
         del model
         probs = out["probs"].astype(np.float64)
@@ -105,7 +111,6 @@ def ensemble(paths, dataset, device, batch_size: int, tuned: bool):
         else:
             total["probs"] += probs
             total["motif_probs"] = [a + b for a, b in zip(total["motif_probs"], motifs)]
-        thresholds.append(thr)
     n = len(paths)
     total["probs"] /= n
     total["motif_probs"] = [m / n for m in total["motif_probs"]]
@@ -140,10 +145,7 @@ def tsv_table(records) -> str:
 
 def predict(args) -> dict:
     """All output texts by path; nothing is written here."""
-    try:
-        device = resolve_device(args.device)
-    except RuntimeError as err:
-        raise ConfigError(f"--device {args.device!r}: {err}") from None
+    device = resolve_device(args.device)
     proteins = read_proteins(args)
     dataset = data.LocalizationDataset(proteins, "predict")
     out, thresholds = ensemble(args.checkpoint, dataset, device, args.batch_size, args.tuned_thresholds)

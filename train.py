@@ -44,7 +44,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} requested but CUDA is not available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
 
 
 def amp_dtype(amp: str, device: torch.device):
@@ -168,7 +171,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (ConfigError, DataError, WeightsError) as err:
+    except (ConfigError, DataError, WeightsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -274,13 +277,14 @@ def final_test(model, datasets, config, device, ckpt_dir: Path, state: dict, log
                  max_len=config.data.max_len, overlap=config.data.overlap)
     valid = run_inference(model, datasets["valid"], **infer)
     thresholds = tune_thresholds(valid["labels"], valid["probs"])
+    valid_scores = score(valid)
     test = run_inference(model, datasets["test"], **infer)
     result = score(test)
     tuned = score(test, thresholds)
     result.update({"best_epoch": state["best_epoch"], "checkpoint": str(best_path) if best else None,
                    "thresholds": dict(zip(CLASSES, map(float, thresholds))),
                    "tuned": {k: tuned[k] for k in ("macro_f1", "macro_mcc", "per_class", "subset_accuracy", "jaccard")},
-                   "valid": {k: score(valid)[k] for k in ("macro_f1", "macro_mcc")}})
+                   "valid": {k: valid_scores[k] for k in ("macro_f1", "macro_mcc")}})
     write_text_atomic(Path(config.run_dir) / "test_metrics.json", json.dumps(result, indent=2))
     if best is not None:
         best["thresholds"] = result["thresholds"]
