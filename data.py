@@ -328,6 +328,7 @@ class LocalizationDataset(Dataset):
         self.tokens = [tokenize(p.sequence) for p in proteins]
         self.labels = np.stack([p.labels for p in proteins]) if proteins else np.zeros((0, NUM_CLASSES), np.uint8)
         self.lengths = np.array([len(p.sequence) for p in proteins], dtype=np.int64)
+        self.sampler = None  # ContrastSampler when SupCon is on (training split only)
 
     def __len__(self):
         return len(self.proteins)
@@ -336,8 +337,27 @@ class LocalizationDataset(Dataset):
         p = self.proteins[index]
         track_mask = np.ones(NUM_CLASSES, dtype=bool)
         track_mask[list(p.masked)] = False
-        return {"index": index, "entry": p.entry, "tokens": self.tokens[index], "labels": p.labels,
+        item = {"index": index, "entry": p.entry, "tokens": self.tokens[index], "labels": p.labels,
                 "targets": p.targets, "track_mask": track_mask}
+        if self.sampler is not None and self.sampler.active:
+            item["pos_neg"] = self.sampler.sample(index)
+            item["pos_neg"]["tokens"] = {i: self.tokens[i] for i in item["pos_neg"]["pos"] + item["pos_neg"]["neg"]}
+        return item
+
+    # SupCon: positives and negatives of an anchor (training split only; see ContrastSampler)
+    def enable_supcon(self, n_pos: int, n_neg: int, hard_neg: bool = False, distance_map=None, seed: int = 0):
+        self.sampler = ContrastSampler(self.labels, n_pos, n_neg, hard_neg, distance_map, seed)
+
+    def set_epoch(self, epoch: int, contrastive: bool) -> None:
+        """Sampling depends on (seed, epoch, anchor); `contrastive` turns pos_neg items on or off."""
+        if self.sampler is not None:
+            self.sampler.epoch, self.sampler.active = epoch, contrastive
+
+    def get_pos_samples(self, anchor_idx: int) -> list[int]:
+        return self.sampler.sample(anchor_idx)["pos"]
+
+    def get_neg_samples(self, anchor_idx: int) -> list[int]:
+        return self.sampler.sample(anchor_idx)["neg"]
 
     def class_counts(self) -> np.ndarray:
         return self.labels.sum(0).astype(np.int64)
@@ -357,9 +377,13 @@ class Collate:
     """Batch of proteins -> windows for the backbone plus protein-level tensors.
 
     Returns tokens [W, T] (BOS + residues + EOS, padded to the longest window of the batch),
-    window_protein / window_start / window_len [W], residue_mask [B, L], labels [B, 8],
-    targets [B, 8, L] and target_mask [B, 8, L] (real residues of known tracks), lengths [B],
-    indices [B], entries (list).
+    window_protein / window_start / window_len [W], residue_mask [M, L], labels [B, 8],
+    targets [B, 8, L] and target_mask [B, 8, L] (real residues of known tracks), lengths [M],
+    indices [M], entries (list of B). M = B for plain batches.
+
+    SupCon (items with 'pos_neg'): the B anchors come first, then every other distinct
+    protein the anchors sampled, once each (M proteins in all); group_index [B, 1 + P + N]
+    gives, per anchor, the rows of the anchor, its positives and its negatives.
     """
 
     def __init__(self, max_len: int = 1022, overlap: int = 200):
@@ -368,11 +392,22 @@ class Collate:
         self.max_len, self.overlap = max_len, overlap
 
     def __call__(self, items):
-        lengths = [len(it["tokens"]) for it in items]
+        indices = [it["index"] for it in items]
+        sequences = [it["tokens"] for it in items]
+        extended = "pos_neg" in items[0]
+        if extended:
+            row = {idx: r for r, idx in enumerate(indices)}
+            for it in items:
+                for idx, toks in it["pos_neg"]["tokens"].items():
+                    if idx not in row:
+                        row[idx] = len(indices)
+                        indices.append(idx)
+                        sequences.append(toks)
+        lengths = [len(toks) for toks in sequences]
         windows = []  # (protein, start, token slice)
-        for b, it in enumerate(items):
+        for b, toks in enumerate(sequences):
             for s in window_starts(lengths[b], self.max_len, self.overlap):
-                windows.append((b, s, it["tokens"][s:s + self.max_len]))
+                windows.append((b, s, toks[s:s + self.max_len]))
         width = max(len(w[2]) for w in windows) + 2
         tokens = torch.full((len(windows), width), PAD_IDX, dtype=torch.long)
         for w, (_, _, toks) in enumerate(windows):
@@ -385,7 +420,7 @@ class Collate:
         for b, it in enumerate(items):
             targets[b, :, :lengths[b]] = torch.from_numpy(it["targets"].astype(np.float32))
         track_mask = torch.from_numpy(np.stack([it["track_mask"] for it in items]))
-        return {
+        batch = {
             "tokens": tokens,
             "window_protein": torch.tensor([w[0] for w in windows]),
             "window_start": torch.tensor([w[1] for w in windows]),
@@ -393,11 +428,16 @@ class Collate:
             "residue_mask": residue_mask,
             "labels": torch.from_numpy(np.stack([it["labels"] for it in items]).astype(np.float32)),
             "targets": targets,
-            "target_mask": residue_mask[:, None, :] & track_mask[:, :, None],
+            "target_mask": residue_mask[:len(items), None, :] & track_mask[:, :, None],
             "lengths": torch.tensor(lengths),
-            "indices": torch.tensor([it["index"] for it in items]),
+            "indices": torch.tensor(indices),
             "entries": [it["entry"] for it in items],
         }
+        if extended:
+            batch["group_index"] = torch.tensor([[row[i] for i in [it["index"]] + it["pos_neg"]["pos"] + it["pos_neg"]["neg"]]
+                                                 for it in items])
+            batch["fallback"] = torch.tensor([[it["pos_neg"][k] for k in FALLBACKS] for it in items]).sum(0)
+        return batch
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
@@ -421,6 +461,124 @@ def length_sorted_batches(lengths, batch_size: int) -> list[list[int]]:
     """Evaluation batches of similar lengths (less padding); order is restored by indices."""
     order = np.argsort(lengths, kind="stable")
     return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+OTHER = NUM_CLASSES  # sampling treats "no class" as a class of its own
+FALLBACKS = ("fallback_pos", "fallback_hard", "fallback_neg")
+
+
+def sample_distinct(rng: np.random.Generator, n: int, k: int) -> list[int]:
+    """k distinct integers from range(n) in O(k) (Floyd's algorithm); requires k <= n."""
+    chosen: dict[int, None] = {}
+    for j in range(n - k, n):
+        t = int(rng.integers(0, j + 1))
+        chosen[j if t in chosen else t] = None
+    return list(chosen)
+
+
+def draw(rng: np.random.Generator, candidates: np.ndarray, k: int, exclude: int = -1) -> list[int]:
+    """k members of `candidates` other than `exclude`: distinct when enough exist, else every
+    one of them plus random repeats; [] when there is none."""
+    n = len(candidates)
+    picked = [int(candidates[i]) for i in sample_distinct(rng, n, min(k + 1, n))]
+    picked = [i for i in picked if i != exclude][:k]  # fewer than k only if all n were drawn
+    if not picked:
+        return []
+    return picked + [picked[i] for i in rng.integers(0, len(picked), size=k - len(picked))]
+
+
+class ContrastSampler:
+    """Positives and negatives per anchor, from class -> proteins indices built once.
+
+    Positive: shares at least one class with the anchor ("Other" counts as a class), never the
+    anchor itself, except when the anchor is the only protein of its classes (then the anchor
+    fills the slots; fallback_pos). Negative: shares no class with the anchor. Hard negatives
+    (hard_neg): per class of the anchor the nearest other class in the distance map, the
+    anchor's own classes removed; drawn from proteins of those template classes that share no
+    class with the anchor; empty template or no such protein: ordinary negatives
+    (fallback_hard). No negative at all: the anchor fills the slots (fallback_neg; its
+    similarity with itself is constant, so it adds no gradient). Cost O(n_pos + n_neg) per
+    anchor after a one-off candidate list per distinct label set.
+    """
+
+    def __init__(self, labels: np.ndarray, n_pos: int, n_neg: int, hard_neg: bool = False,
+                 distance_map: dict | None = None, seed: int = 0):
+        self.labels = labels.astype(bool)
+        self.n_pos, self.n_neg, self.hard_neg, self.seed = n_pos, n_neg, hard_neg, seed
+        self.epoch, self.active = 0, True
+        membership = np.concatenate([self.labels, ~self.labels.any(1, keepdims=True)], axis=1)  # [N, 9]
+        self.membership = membership
+        self.members = [np.flatnonzero(membership[:, c]) for c in range(NUM_CLASSES + 1)]
+        self.distances = distance_matrix(distance_map) if distance_map is not None else None
+        if hard_neg and self.distances is None:
+            raise ValueError("hard_neg needs a class distance map")
+        self._cache: dict[tuple, tuple] = {}
+
+    def classes_of(self, index: int) -> tuple[int, ...]:
+        return tuple(np.flatnonzero(self.membership[index]).tolist())
+
+    def template(self, classes: tuple[int, ...]) -> list[int]:
+        """Nearest other class of each anchor class, minus the anchor's classes."""
+        nearest = set()
+        for c in classes:
+            d = self.distances[c].copy()
+            d[c] = np.inf
+            if np.isfinite(d).any():
+                nearest.add(int(np.argmin(d)))
+        return sorted(nearest - set(classes))
+
+    def candidates(self, classes: tuple[int, ...]):
+        """(positive, negative, hard negative) candidate index arrays of a label set (cached)."""
+        if classes not in self._cache:
+            shares = self.membership[:, list(classes)].any(1)
+            hard = np.zeros(0, dtype=np.int64)
+            if self.hard_neg:
+                in_template = self.membership[:, self.template(classes)].any(1)
+                hard = np.flatnonzero(in_template & ~shares)
+            self._cache[classes] = (np.flatnonzero(shares), np.flatnonzero(~shares), hard)
+        return self._cache[classes]
+
+    def sample(self, index: int) -> dict:
+        """{'pos': [n_pos indices], 'neg': [n_neg indices], 'fallback_pos' / '_hard' / '_neg': 0|1}."""
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        positives, negatives, hard = self.candidates(self.classes_of(index))
+        pos = draw(rng, positives, self.n_pos, exclude=index)
+        out = {"fallback_pos": int(not pos), "fallback_hard": 0, "fallback_neg": 0}
+        neg = draw(rng, hard, self.n_neg) if self.hard_neg else []
+        if self.hard_neg and not neg:
+            out["fallback_hard"] = 1
+        if not neg:
+            neg = draw(rng, negatives, self.n_neg)
+        if not neg:
+            out["fallback_neg"] = 1
+        out["pos"] = pos or [index] * self.n_pos
+        out["neg"] = neg or [index] * self.n_neg
+        return out
+
+
+def distance_matrix(distance_map: dict) -> np.ndarray:
+    """{class: {class: distance}} (JSON of build_distance_map) -> [9, 9] (Other last); missing = inf."""
+    names = CLASSES + ["Other"]
+    unknown = sorted(set(distance_map) - set(names))
+    if unknown:
+        raise DataError(f"distance map: unknown class(es) {', '.join(unknown)}; known: {', '.join(names)}")
+    d = np.full((len(names), len(names)), np.inf)
+    for a, row in distance_map.items():
+        for b, value in row.items():
+            if b in names and value is not None:
+                d[names.index(a), names.index(b)] = float(value)
+    return d
+
+
+def class_distance_map(embeddings: np.ndarray, labels: np.ndarray) -> dict:
+    """Euclidean distances between class centroids of embeddings [N, d] (a multi-label protein
+    counts for each of its classes; "Other" for none) -> {class: {class: distance}}."""
+    names = CLASSES + ["Other"]
+    membership = np.concatenate([labels.astype(bool), ~labels.astype(bool).any(1, keepdims=True)], axis=1)
+    present = [c for c in range(len(names)) if membership[:, c].any()]
+    centroids = {c: embeddings[membership[:, c]].mean(0) for c in present}
+    return {names[a]: {names[b]: float(np.linalg.norm(centroids[a] - centroids[b])) for b in present}
+            for a in present}
 
 
 def build_datasets(config) -> dict[str, LocalizationDataset]:

@@ -66,3 +66,19 @@ class MotifLoss(nn.Module):
                                                  pos_weight=self.pos_weight[None, :, None])
         mask = mask.to(bce.dtype)
         return (bce * mask).sum() / mask.sum().clamp(min=1)
+
+
+def SupConHardLoss(model_emb: torch.Tensor, temp: float, n_pos: int) -> torch.Tensor:
+    """CLEAN's supervised contrastive loss with hard negatives.
+
+    model_emb [B, 1 + P + N, d]: slot 0 the anchor, then P = n_pos positives, then N negatives.
+    With u = normalize(z) and s_j = <u_0, u_j> / temp (j = 1..P+N, the anchor's self-similarity
+    excluded, positives in the denominator):
+        loss = -mean_B (1/P) sum_p [ s_p - log sum_j exp(s_j) ]
+    computed in fp32 with a stable log-sum-exp. About log(P + N) for uninformative embeddings,
+    tending to log(P) for perfectly separated ones.
+    """
+    z = F.normalize(model_emb.float(), dim=-1)
+    sims = torch.einsum("bd,bkd->bk", z[:, 0], z[:, 1:]) / temp  # [B, P + N]
+    log_prob = sims - torch.logsumexp(sims, dim=1, keepdim=True)
+    return -log_prob[:, :n_pos].mean()

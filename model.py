@@ -118,10 +118,31 @@ class ParallelLinearDecoders(nn.Module):
         return torch.einsum("bld,cd->bcl", x, self.w2) + self.b2[None, :, None]
 
 
+class LayerNormNet(nn.Module):
+    """CLEAN's projection head: [*, d] -> [*, out_dim].
+
+    Linear(d, h) - LayerNorm - Dropout - ReLU - Linear(h, h) - LayerNorm - Dropout - ReLU - Linear(h, out).
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int = 512, out_dim: int = 128, drop_out: float = 0.1):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(input_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.Dropout(drop_out), nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.Dropout(drop_out), nn.ReLU(),
+            nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class Encoder(nn.Module):
     """ESM-2 over windows, stitched per protein, then MUTarget's heads.
 
-    forward(batch) -> {'motif_logits' [B, 8, L], 'class_logits' [B, 8], 'pooled' [B, d]}.
+    forward(batch, heads=True, contrastive=False) ->
+      'pooled' [M, d] always;
+      heads: 'motif_logits' [B, 8, L], 'class_logits' [B, 8] (the B anchors = the batch's first rows);
+      contrastive: 'projection' [B, 1 + P + N, out_dim], rows gathered by batch['group_index'].
+    SupCon warm start runs heads=False, contrastive=True: the heads are not run at all.
     Padding, BOS and EOS never enter pooling (residue_mask) or the heads' targets.
     """
 
@@ -136,6 +157,9 @@ class Encoder(nn.Module):
         self.decoders = ParallelLinearDecoders(d, NUM_CLASSES, dec["hidden_dim"], dec["dropout"])
         self.class_dropout = nn.Dropout(dec["class_dropout"])
         self.classifier = nn.Linear(d, NUM_CLASSES)
+        sc = config.get("supcon") or {}
+        self.projection = (LayerNormNet(d, sc["hidden_dim"], sc["out_dim"], sc["drop_out"])
+                           if sc.get("apply") else None)
 
     def backbone_forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [W, T] -> last-layer representations [W, T, d] (after the final layer norm).
@@ -165,12 +189,17 @@ class Encoder(nn.Module):
         """Per-residue embeddings of each protein [B, L, d], windows stitched."""
         return stitch_windows(self.backbone_forward(batch["tokens"]), batch)
 
-    def forward(self, batch: dict) -> dict:
+    def forward(self, batch: dict, heads: bool = True, contrastive: bool = False) -> dict:
         residues = self.embed(batch)
         pooled = masked_mean(residues, batch["residue_mask"])
-        return {"motif_logits": self.decoders(residues),
-                "class_logits": self.classifier(self.class_dropout(pooled)),
-                "pooled": pooled}
+        out = {"pooled": pooled}
+        if heads:
+            n_anchors = batch["labels"].shape[0]
+            out["motif_logits"] = self.decoders(residues[:n_anchors])
+            out["class_logits"] = self.classifier(self.class_dropout(pooled[:n_anchors]))
+        if contrastive:
+            out["projection"] = self.projection(pooled)[batch["group_index"]]
+        return out
 
 
 def set_trainable(backbone, tune: str, k: int) -> int:

@@ -16,8 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import CLASSES, Collate, DataError, EpochShuffleSampler, build_datasets, length_sorted_batches
-from loss import ClassLoss, MotifLoss, class_weights, motif_pos_weights
+from data import (CLASSES, FALLBACKS, Collate, DataError, EpochShuffleSampler, build_datasets, class_distance_map,
+                  length_sorted_batches)
+from loss import ClassLoss, MotifLoss, SupConHardLoss, class_weights, motif_pos_weights
 from metrics import classification_metrics, format_table, residue_metrics, tune_thresholds
 from model import Encoder, WeightsError, backbone_arch
 from utils import (ConfigError, load_checkpoint, load_config, resolve_config, rng_state, save_checkpoint,
@@ -94,21 +95,46 @@ def make_scheduler(optimizer, train_cfg, steps_per_epoch: int):
 
 
 # --------------------------------------------------------------------------- training
+def phase_of(config, epoch: int) -> str:
+    """'warm_start' (SupCon only), 'joint' (supervised + SupCon) or 'supervised'."""
+    sc = config.supcon
+    if sc.apply and epoch < sc.warm_start:
+        return "warm_start"
+    return "joint" if sc.apply and sc.apply_supcon_loss else "supervised"
+
+
 def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, device, epoch: int) -> dict:
     """One epoch. Zero grads after every optimiser step, clip after AMP unscale, accumulate
-    `train.accumulate` batches per step. Returns mean losses of the epoch."""
+    `train.accumulate` batches per step. Returns mean losses of the epoch.
+
+    SupCon: a batch holding 'group_index' was extended with each anchor's positives and
+    negatives (decided per batch, before the forward pass); it adds weight * SupConHardLoss.
+    In warm start only that term is computed and the heads are not run.
+    """
     model.train()
     cfg, dtype = config.train, amp_dtype(config.train.amp, device)
+    heads = phase_of(config, epoch) != "warm_start"
     trainable = [p for p in model.parameters() if p.requires_grad]
-    sums, n_batches = defaultdict(float), len(loader)
+    sums, fallbacks, n_batches = defaultdict(float), defaultdict(int), len(loader)
     optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)):
         batch = to_device(batch, device)
+        extended = "group_index" in batch
         with autocast(device, dtype):
-            out = model(batch)
-        losses = {"class_loss": criteria["class"](out["class_logits"], batch["labels"]),
-                  "motif_loss": criteria["motif"](out["motif_logits"], batch["targets"], batch["target_mask"])}
-        loss = losses["class_loss"] + cfg.motif_weight * losses["motif_loss"]
+            out = model(batch, heads=heads, contrastive=extended)
+        losses = {}
+        if heads:
+            losses["class_loss"] = criteria["class"](out["class_logits"], batch["labels"])
+            losses["motif_loss"] = criteria["motif"](out["motif_logits"], batch["targets"], batch["target_mask"])
+        if extended:
+            losses["supcon_loss"] = SupConHardLoss(out["projection"], config.supcon.temperature, config.supcon.n_pos)
+            cos_pos, cos_neg = anchor_cosines(out["projection"].detach(), config.supcon.n_pos)
+            sums["cos_anchor_pos"] += cos_pos
+            sums["cos_anchor_neg"] += cos_neg
+            for name, count in zip(FALLBACKS, batch["fallback"].tolist()):
+                fallbacks["supcon_" + name] += count
+        loss = (losses.get("class_loss", 0) + cfg.motif_weight * losses.get("motif_loss", 0)
+                + config.supcon.weight * losses.get("supcon_loss", 0))
         group_start = step - step % cfg.accumulate
         group_size = min(cfg.accumulate, n_batches - group_start)
         scaler.scale(loss / group_size).backward()
@@ -128,18 +154,27 @@ def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, de
     stats = {f"train_{k}": float(v) / n_batches for k, v in sums.items() if k != "grad_norm"}
     if "grad_norm" in sums:
         stats["grad_norm"] = float(sums["grad_norm"]) / steps
-    return stats
+    return {**stats, **fallbacks}
+
+
+def anchor_cosines(projection: torch.Tensor, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cosine similarity of anchors with their positives and with their negatives."""
+    z = torch.nn.functional.normalize(projection.float(), dim=-1)
+    cos = torch.einsum("bd,bkd->bk", z[:, 0], z[:, 1:])
+    return cos[:, :n_pos].mean(), cos[:, n_pos:].mean()
 
 
 @torch.no_grad()
 def run_inference(model, dataset, batch_size: int, device, amp: str = "none", max_len=1022, overlap=200) -> dict:
-    """Probabilities for every protein of `dataset`, in dataset order: probs [N, 8] and
-    motif_probs (list of [8, L_i]), plus the truth: labels [N, 8], targets, target_masks."""
+    """Probabilities for every protein of `dataset`, in dataset order: probs [N, 8],
+    motif_probs (list of [8, L_i]) and pooled embeddings [N, d], plus the truth: labels [N, 8],
+    targets, target_masks."""
     model.eval()
     loader = DataLoader(dataset, batch_sampler=length_sorted_batches(dataset.lengths, batch_size),
                         collate_fn=Collate(max_len, overlap), pin_memory=device.type == "cuda")
     n = len(dataset)
     probs = np.zeros((n, len(CLASSES)), dtype=np.float32)
+    pooled = np.zeros((n, model.backbone.embed_dim), dtype=np.float32)
     motif_probs, masks = [None] * n, [None] * n
     for batch in tqdm(loader, desc=f"eval {dataset.name}", leave=False, disable=None):
         batch = to_device(batch, device)
@@ -148,11 +183,12 @@ def run_inference(model, dataset, batch_size: int, device, amp: str = "none", ma
         p = torch.sigmoid(out["class_logits"].float()).cpu().numpy()
         mp = torch.sigmoid(out["motif_logits"].float()).cpu().numpy()
         tm = batch["target_mask"].cpu().numpy()
+        pooled[batch["indices"].cpu().numpy()] = out["pooled"].float().cpu().numpy()
         for row, (i, length) in enumerate(zip(batch["indices"].tolist(), batch["lengths"].tolist())):
             probs[i] = p[row]
             motif_probs[i] = mp[row, :, :length]
             masks[i] = tm[row, :, :length]
-    return {"probs": probs, "motif_probs": motif_probs, "labels": dataset.labels.astype(np.int64),
+    return {"probs": probs, "motif_probs": motif_probs, "pooled": pooled, "labels": dataset.labels.astype(np.int64),
             "targets": [p.targets for p in dataset.proteins], "target_masks": masks}
 
 
@@ -191,10 +227,16 @@ def run(args) -> int:
     # Data and weights are checked before anything is written to the run directory.
     datasets = build_datasets(config)
     model = Encoder(config, arch=resume["arch"] if resume else None).to(device)
+    distance_map = setup_supcon(config, model, datasets["train"], device, log, resume)
     run_dir = Path(config.run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     log = setup_logging(run_dir)
     write_yaml(run_dir / "config.yaml", config.to_dict())
+    if distance_map is not None:
+        write_text_atomic(run_dir / "distance_map.json", json.dumps(distance_map, indent=1))
+    if config.supcon.apply and config.encoder.tune == "frozen":
+        log.warning("SupCon is on but the backbone is frozen: the contrastive loss can only train the "
+                    "projection head, which no prediction uses (set encoder.tune: last_k or full)")
     log.info("data %s fold %d: train %d, valid %d, test %d proteins", config.data.root, config.data.fold,
              *(len(datasets[k]) for k in ("train", "valid", "test")))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -228,16 +270,18 @@ def run(args) -> int:
 
     ckpt_dir = run_dir / "checkpoints"
     for epoch in range(state["epoch"], config.train.epochs):
-        start = time.time()
+        start, phase = time.time(), phase_of(config, epoch)
         sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch, contrastive=phase != "supervised")
         stats = train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, device, epoch)
         val = score(run_inference(model, datasets["valid"], config.train.eval_batch_size, device, config.train.amp,
                                   config.data.max_len, config.data.overlap))
-        improved = val["macro_mcc"] > state["best_metric"]
-        state.update(epoch=epoch + 1, bad_epochs=0 if improved else state["bad_epochs"] + 1)
+        selectable = phase != "warm_start"  # model selection starts after the warm start
+        improved = selectable and val["macro_mcc"] > state["best_metric"]
+        state.update(epoch=epoch + 1, bad_epochs=0 if improved else state["bad_epochs"] + selectable)
         if improved:
             state.update(best_metric=val["macro_mcc"], best_epoch=epoch)
-        record = {"epoch": epoch, "phase": "supervised", **stats, "lr": scheduler.get_last_lr()[0],
+        record = {"epoch": epoch, "phase": phase, **stats, "lr": scheduler.get_last_lr()[0],
                   "val_macro_f1": val["macro_f1"], "val_macro_mcc": val["macro_mcc"],
                   "val_macro_site_accuracy": val["residue"]["macro_site_accuracy"],
                   "val_macro_iou": val["residue"]["macro_iou"], "best": improved, "time_s": time.time() - start}
@@ -246,14 +290,14 @@ def run(args) -> int:
         checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
                       "rng": rng_state(), "config": config.to_dict(), "arch": backbone_arch(model.backbone),
-                      "classes": CLASSES}
+                      "classes": CLASSES, "distance_map": distance_map}
         save_checkpoint(checkpoint, ckpt_dir / "last.pt")
         if improved:
             shutil.copyfile(ckpt_dir / "last.pt", ckpt_dir / ".best.pt.tmp")
             (ckpt_dir / ".best.pt.tmp").replace(ckpt_dir / "best.pt")
-        log.info("epoch %d: loss %.4f (class %.4f, motif %.4f) val macro-F1 %.4f macro-MCC %.4f%s (%.1fs)",
-                 epoch, stats["train_loss"], stats["train_class_loss"], stats["train_motif_loss"],
-                 val["macro_f1"], val["macro_mcc"], " *" if improved else "", record["time_s"])
+        losses = ", ".join(f"{k[6:]} {v:.4f}" for k, v in stats.items() if k.endswith("_loss") and k != "train_loss")
+        log.info("epoch %d (%s): loss %.4f (%s) val macro-F1 %.4f macro-MCC %.4f%s (%.1fs)", epoch, phase,
+                 stats["train_loss"], losses, val["macro_f1"], val["macro_mcc"], " *" if improved else "", record["time_s"])
         if args.stop_after is not None and epoch + 1 >= args.stop_after and epoch + 1 < config.train.epochs:
             log.info("stopping after epoch %d as asked; continue with --resume %s", epoch, ckpt_dir / "last.pt")
             return 0
@@ -263,6 +307,30 @@ def run(args) -> int:
 
     final_test(model, datasets, config, device, ckpt_dir, state, log)
     return 0
+
+
+def setup_supcon(config, model, train_set, device, log, resume=None):
+    """Turn on positive / negative sampling for the training split; returns the class distance
+    map used for hard negatives (read from supcon.distance_map, or built from the initial model's
+    pooled embeddings of the training split), or None."""
+    sc = config.supcon
+    if not sc.apply:
+        return None
+    distance_map = None
+    if sc.hard_neg and resume is not None and resume.get("distance_map") is not None:
+        distance_map = resume["distance_map"]
+    elif sc.hard_neg and sc.distance_map is not None:
+        try:
+            distance_map = json.loads(Path(sc.distance_map).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise DataError(f"{sc.distance_map}: cannot read the class distance map ({err})") from None
+    elif sc.hard_neg:
+        log.info("supcon.distance_map not set: building it from the initial model's pooled embeddings")
+        out = run_inference(model, train_set, config.train.eval_batch_size, device, config.train.amp,
+                            config.data.max_len, config.data.overlap)
+        distance_map = class_distance_map(out["pooled"], train_set.labels)
+    train_set.enable_supcon(sc.n_pos, sc.n_neg, sc.hard_neg, distance_map, config.seed)
+    return distance_map
 
 
 def final_test(model, datasets, config, device, ckpt_dir: Path, state: dict, log) -> dict:

@@ -52,15 +52,30 @@ DEFAULTS = {
         "motif_weight": 1.0,
         "max_pos_weight": 100.0,
     },
+    "supcon": {
+        "apply": False,
+        "n_pos": 2,
+        "n_neg": 4,
+        "temperature": 0.1,
+        "hard_neg": False,
+        "weight": 1.0,
+        "warm_start": 0,
+        "apply_supcon_loss": True,
+        "distance_map": None,
+        "hidden_dim": 512,
+        "out_dim": 128,
+        "drop_out": 0.1,
+    },
 }
 SCRATCH_DEFAULTS = {"num_layers": 2, "embed_dim": 64, "attention_heads": 4}
-NULLABLE = {"encoder.model_name": str, "encoder.checkpoint": str, "encoder.scratch": dict}
+NULLABLE = {"encoder.model_name": str, "encoder.checkpoint": str, "encoder.scratch": dict, "supcon.distance_map": str}
 CHOICES = {
     "encoder.tune": ("frozen", "last_k", "full"),
     "train.amp": ("auto", "bf16", "fp16", "none"),
     "train.class_weighting": ("inverse_count", "none"),
 }
-POSITIVE = {"data.max_len", "train.epochs", "train.batch_size", "train.eval_batch_size", "train.accumulate"}
+POSITIVE = {"data.max_len", "train.epochs", "train.batch_size", "train.eval_batch_size", "train.accumulate",
+            "supcon.n_pos", "supcon.n_neg", "supcon.hidden_dim", "supcon.out_dim"}
 
 
 class ConfigError(ValueError):
@@ -178,6 +193,8 @@ def resolve_config(tree: dict, overrides=None, where: str = "config") -> Config:
     if len(sources) != 1:
         raise ConfigError(f"{where}: set exactly one of encoder.model_name, encoder.checkpoint, "
                           f"encoder.scratch (got {', '.join(sources) or 'none'})")
+    if config["supcon"]["temperature"] <= 0:
+        raise ConfigError(f"{where}: supcon.temperature must be > 0")
     if config["data"]["overlap"] >= config["data"]["max_len"] or config["data"]["overlap"] < 0:
         raise ConfigError(f"{where}: data.overlap must be in [0, data.max_len)")
     return Config(config)

@@ -1,0 +1,69 @@
+"""Class distance map for SupCon hard negatives.
+
+python scripts/build_distance_map.py --config CONFIG --out distance_map.json [--checkpoint CKPT] [--set KEY=VALUE ...]
+
+Euclidean distances between class centroids ("Other" included when the split has such proteins)
+of the training split's embeddings: the configured backbone's pooled embeddings, or, with
+--checkpoint, a trained model's projection-head outputs (its pooled embeddings if it has no
+projection head). Written as JSON {class: {class: distance}}, the format supcon.distance_map reads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data import DataError, build_datasets, class_distance_map  # noqa: E402
+from model import Encoder, WeightsError  # noqa: E402
+from train import resolve_device, run_inference  # noqa: E402
+from utils import (ConfigError, load_checkpoint, load_config, resolve_config, seed_everything,  # noqa: E402
+                   write_text_atomic)
+
+
+def build_map(config, checkpoint=None, device="auto") -> dict:
+    device = resolve_device(device)
+    seed_everything(config.seed)  # a scratch backbone is initialised as train.py would
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint)
+        model = Encoder(resolve_config(ckpt["config"]), arch=ckpt["arch"])
+        model.load_state_dict(ckpt["model"])
+    else:
+        model = Encoder(config)
+    model.to(device).eval()
+    train_set = build_datasets(config)["train"]
+    pooled = run_inference(model, train_set, config.train.eval_batch_size, device, config.train.amp,
+                           config.data.max_len, config.data.overlap)["pooled"]
+    if checkpoint is not None and model.projection is not None:
+        with torch.no_grad():
+            pooled = model.projection(torch.from_numpy(pooled).to(device)).float().cpu().numpy()
+    return class_distance_map(pooled, train_set.labels)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="config whose data (training split of data.fold) to embed")
+    p.add_argument("--out", required=True, help="output JSON")
+    p.add_argument("--checkpoint", help="trained model (train.py checkpoint); default: the configured backbone")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    try:
+        config = load_config(args.config, args.set)
+        distances = build_map(config, args.checkpoint, args.device)
+    except (ConfigError, DataError, WeightsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    write_text_atomic(args.out, json.dumps(distances, indent=1) + "\n")
+    nearest = {a: min((d, b) for b, d in row.items() if b != a)[1] for a, row in distances.items() if len(row) > 1}
+    print(f"wrote {args.out}: {len(distances)} classes; nearest other class: "
+          + ", ".join(f"{a}->{b}" for a, b in nearest.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

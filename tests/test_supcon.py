@@ -1,0 +1,226 @@
+"""SupCon: positive / negative sampling, extended batches, SupConHardLoss, warm start, distance map."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REAL_DATA, ROOT, write_config
+
+import data
+import loss
+import model
+import train
+import utils
+
+NAMES = data.CLASSES + ["Other"]
+
+
+def membership(labels):
+    labels = labels.astype(bool)
+    return np.concatenate([labels, ~labels.any(1, keepdims=True)], axis=1)
+
+
+@pytest.fixture(scope="module")
+def real_train():
+    if not REAL_DATA.is_dir():
+        pytest.skip("shared MUTarget data not present")
+    proteins, partitions = data.load_proteins(REAL_DATA)
+    split = data.fold_indices(partitions, 0)
+    return data.LocalizationDataset([proteins[i] for i in split["train"]], "train")
+
+
+def test_sampling_invariants_on_real_data(real_train):
+    ds, n_pos, n_neg = real_train, 3, 7
+    ds.enable_supcon(n_pos, n_neg, seed=5)
+    member = membership(ds.labels)
+    for anchor in range(len(ds)):
+        s = ds.sampler.sample(anchor)
+        assert len(s["pos"]) == n_pos and len(s["neg"]) == n_neg
+        assert all((member[p] & member[anchor]).any() for p in s["pos"])
+        assert not any((member[n] & member[anchor]).any() for n in s["neg"])
+        if not s["fallback_pos"]:
+            assert anchor not in s["pos"]
+    assert ds.get_pos_samples(10) == ds.sampler.sample(10)["pos"]  # same (seed, epoch, anchor) -> same draw
+    assert ds.get_neg_samples(10) == ds.sampler.sample(10)["neg"]
+    ds.sampler = None
+
+
+def test_samples_change_with_epoch_and_cover_candidates(real_train):
+    ds = real_train
+    ds.enable_supcon(2, 4, seed=0)
+    first = [ds.sampler.sample(i)["neg"] for i in range(50)]
+    ds.set_epoch(1, contrastive=True)
+    assert first != [ds.sampler.sample(i)["neg"] for i in range(50)]
+    # distinct when enough candidates: no repeated positive among the 2 for a SIGNAL anchor
+    signal = next(i for i in range(len(ds)) if ds.labels[i].tolist() == [int(c == "SIGNAL") for c in data.CLASSES])
+    assert len(set(ds.sampler.sample(signal)["pos"])) == 2
+    ds.sampler = None
+
+
+def test_hard_negatives_come_from_template_classes(real_train):
+    ds = real_train
+    rng = np.random.default_rng(0)
+    centre = rng.normal(size=(9, 8)) * 5  # class centres; embeddings near the centres of their classes
+    emb = membership(ds.labels).astype(float) @ centre + rng.normal(size=(len(ds), 8))
+    dmap = data.class_distance_map(emb, ds.labels)
+    ds.enable_supcon(2, 5, hard_neg=True, distance_map=dmap, seed=1)
+    member = membership(ds.labels)
+    D = data.distance_matrix(dmap)
+    n_hard = 0
+    for anchor in range(0, len(ds), 3):
+        s = ds.sampler.sample(anchor)
+        own = set(np.flatnonzero(member[anchor]).tolist())
+        # template by hand: nearest other class of each own class, own classes removed
+        template = {int(np.argmin(np.where(np.arange(9) == c, np.inf, D[c]))) for c in own} - own
+        assert not any((member[n] & member[anchor]).any() for n in s["neg"])
+        if s["fallback_hard"]:
+            eligible = [i for i in range(len(ds)) if member[i, list(template)].any() and not (member[i] & member[anchor]).any()] \
+                if template else []
+            assert eligible == []
+        else:
+            n_hard += 1
+            assert all(member[n, list(template)].any() for n in s["neg"])
+    assert n_hard > 100
+    ds.sampler = None
+
+
+def test_singleton_class_and_no_negative_anchors():
+    labels = np.zeros((4, 8), np.uint8)
+    labels[0, data.CLASS_INDEX["Thylakoid"]] = 1  # the only Thylakoid protein
+    labels[:, data.CLASS_INDEX["SIGNAL"]] = 1     # everyone shares SIGNAL: no negative exists
+    sampler = data.ContrastSampler(labels, n_pos=3, n_neg=2)
+    s = sampler.sample(0)  # positives: proteins sharing SIGNAL exist
+    assert s["fallback_pos"] == 0 and sorted(set(s["pos"])) <= [1, 2, 3] and len(s["pos"]) == 3
+    assert s["neg"] == [0, 0] and s["fallback_neg"] == 1  # no negative: the anchor fills the slots
+    only = np.zeros((3, 8), np.uint8)
+    only[0, data.CLASS_INDEX["ER"]] = 1
+    only[1:, data.CLASS_INDEX["Nucleus"]] = 1
+    s = data.ContrastSampler(only, n_pos=2, n_neg=3).sample(0)
+    assert s["pos"] == [0, 0] and s["fallback_pos"] == 1
+    assert len(s["neg"]) == 3 and set(s["neg"]) <= {1, 2} and s["fallback_neg"] == 0
+
+
+def test_extended_batch_layout(tmp_path):
+    data.make_synthetic_dataset(tmp_path, 150, 3)
+    proteins, partitions = data.load_proteins(tmp_path)
+    ds = data.LocalizationDataset([proteins[i] for i in data.fold_indices(partitions, 0)["train"]], "train")
+    ds.enable_supcon(2, 3, seed=2)
+    items = [ds[i] for i in (5, 1, 7, 30)]
+    batch = data.Collate(max_len=40, overlap=10)(items)
+    rows = batch["indices"].tolist()
+    assert len(rows) == len(set(rows)) and rows[:4] == [5, 1, 7, 30]  # anchors first, each protein once
+    assert batch["group_index"].shape == (4, 6) and batch["labels"].shape[0] == 4
+    for b, it in enumerate(items):
+        slots = [rows[r] for r in batch["group_index"][b].tolist()]
+        sample = ds.sampler.sample(it["index"])
+        assert slots == [it["index"]] + sample["pos"] + sample["neg"]  # this row's own samples, in order
+    for r, idx in enumerate(rows):  # every row's tokens are that protein's residues
+        windows = (batch["window_protein"] == r).nonzero().flatten().tolist()
+        first = batch["tokens"][windows[0], 1:1 + batch["window_len"][windows[0]]]
+        assert first.tolist() == ds.tokens[idx][:40].tolist()
+
+
+def test_supcon_hard_loss_hand_worked_and_loop():
+    z = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])  # anchor, 1 positive, 1 negative
+    # s_p = 1/0.5 = 2, s_n = 0: loss = -(2 - log(e^2 + e^0)) = log(1 + e^-2)
+    assert float(loss.SupConHardLoss(z, 0.5, 1)) == pytest.approx(math.log(1 + math.exp(-2)), rel=1e-6)
+
+    torch.manual_seed(0)
+    emb, tau, P = torch.randn(5, 1 + 3 + 4, 16), 0.1, 3
+    total = 0.0
+    for b in range(5):
+        u = [[x / math.sqrt(sum(y * y for y in v)) for x in v] for v in emb[b].tolist()]
+        s = [sum(a * c for a, c in zip(u[0], u[j])) / tau for j in range(1, 8)]
+        denom = sum(math.exp(x) for x in s)
+        total += sum(-(s[p] - math.log(denom)) for p in range(P)) / P
+    assert float(loss.SupConHardLoss(emb, tau, P)) == pytest.approx(total / 5, rel=1e-5)
+
+
+def test_supcon_hard_loss_limits_and_gradients():
+    P, N = 3, 5
+    anchor = torch.randn(4, 1, 8)
+    same = anchor.expand(4, 1 + P + N, 8).clone()
+    assert float(loss.SupConHardLoss(same, 0.1, P)) == pytest.approx(math.log(P + N), rel=1e-5)  # uninformative
+    separated = torch.cat([anchor.expand(4, 1 + P, 8), -anchor.expand(4, N, 8)], dim=1)
+    assert float(loss.SupConHardLoss(separated, 0.05, P)) == pytest.approx(math.log(P), abs=1e-6)
+    for scale in (1e-3, 1.0, 1e3):
+        z = (torch.randn(4, 1 + P + N, 8) * scale).requires_grad_()
+        loss.SupConHardLoss(z, 0.05, P).backward()
+        assert torch.isfinite(z.grad).all()
+    z16 = torch.randn(4, 1 + P + N, 8).half()
+    assert torch.isfinite(loss.SupConHardLoss(z16, 0.01, P))
+
+
+def test_warm_start_gives_heads_no_gradient(tmp_path):
+    config = utils.load_config(write_config(tmp_path, **{"supcon.apply": True, "supcon.warm_start": 1,
+                                                         "supcon.hidden_dim": 16, "supcon.out_dim": 8}))
+    datasets = data.build_datasets(config)
+    torch.manual_seed(0)
+    m = model.Encoder(config)
+    train_set = datasets["train"]
+    train_set.enable_supcon(config.supcon.n_pos, config.supcon.n_neg, seed=0)
+    train_set.set_epoch(0, contrastive=True)
+    batch = data.Collate(64, 16)([train_set[i] for i in range(6)])
+    assert train.phase_of(config, 0) == "warm_start" and train.phase_of(config, 1) == "joint"
+    out = m(batch, heads=False, contrastive=True)
+    assert set(out) == {"pooled", "projection"} and out["projection"].shape == (6, 1 + 2 + 4, 8)
+    loss.SupConHardLoss(out["projection"], 0.1, 2).backward()
+    for name, p in m.named_parameters():
+        if name.startswith(("decoders.", "classifier.")):
+            assert p.grad is None, name
+    assert m.projection.net[0].weight.grad.abs().sum() > 0
+    assert m.backbone.layers[0].fc1.weight.grad.abs().sum() > 0  # the contrastive term reaches the backbone
+
+
+def test_supcon_run_phases(tmp_path):
+    config = write_config(tmp_path, **{"train.epochs": 3, "supcon.apply": True, "supcon.warm_start": 2,
+                                       "supcon.hard_neg": True, "supcon.hidden_dim": 16, "supcon.out_dim": 8})
+    assert train.main(["--config", str(config)]) == 0
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in records] == ["warm_start", "warm_start", "joint"]
+    for r in records[:2]:
+        assert "train_supcon_loss" in r and "train_class_loss" not in r and "train_motif_loss" not in r
+        assert not r["best"]  # model selection starts after warm start
+    assert {"train_supcon_loss", "train_class_loss", "train_motif_loss", "train_cos_anchor_pos",
+            "train_cos_anchor_neg", "supcon_fallback_pos", "supcon_fallback_hard", "supcon_fallback_neg"} <= set(records[2])
+    assert records[2]["best"]
+    dmap = json.loads((tmp_path / "run" / "distance_map.json").read_text())
+    assert set(dmap) <= set(NAMES) and len(dmap) >= 8
+
+
+def test_frozen_backbone_warns(tmp_path, caplog):
+    config = write_config(tmp_path, **{"train.epochs": 1, "supcon.apply": True, "encoder.tune": "frozen",
+                                       "supcon.hidden_dim": 16, "supcon.out_dim": 8})
+    assert train.main(["--config", str(config)]) == 0
+    assert "backbone is frozen" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_distance_map_script(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_distance_map
+    config = write_config(tmp_path)
+    out = tmp_path / "dm.json"
+    assert build_distance_map.main(["--config", str(config), "--out", str(out)]) == 0
+    dmap = json.loads(out.read_text())
+    assert set(dmap) == set(NAMES)  # the synthetic data has every class and unlabelled proteins
+    for a in dmap:
+        assert dmap[a][a] == 0.0
+        for b in dmap:
+            assert dmap[a][b] == pytest.approx(dmap[b][a]) and dmap[a][b] >= 0
+    cfg = utils.load_config(config)
+    assert build_distance_map.build_map(cfg) == dmap  # seeded: the same initial model, the same map
+
+
+def test_class_distance_map_hand_worked():
+    emb = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [3.0, 4.0]])
+    labels = np.zeros((4, 8), np.uint8)
+    labels[0, data.CLASS_INDEX["SIGNAL"]] = labels[1, data.CLASS_INDEX["SIGNAL"]] = 1  # centroid (1, 0)
+    labels[1, data.CLASS_INDEX["ER"]] = labels[2, data.CLASS_INDEX["ER"]] = 1          # centroid (1, 2)
+    dmap = data.class_distance_map(emb, labels)                                       # Other: (3, 4)
+    assert set(dmap) == {"SIGNAL", "ER", "Other"}
+    assert dmap["SIGNAL"]["ER"] == pytest.approx(2.0)
+    assert dmap["SIGNAL"]["Other"] == pytest.approx(math.hypot(2, 4))
+    assert dmap["ER"]["Other"] == pytest.approx(math.hypot(2, 2))
