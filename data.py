@@ -382,14 +382,15 @@ class Collate:
     indices [M], entries (list of B). M = B for plain batches.
 
     SupCon (items with 'pos_neg'): the B anchors come first, then every other distinct
-    protein the anchors sampled, once each (M proteins in all); group_index [B, 1 + P + N]
-    gives, per anchor, the rows of the anchor, its positives and its negatives.
+    protein the anchors sampled, once each (M proteins in all; dedup=False gives every slot a
+    row of its own); group_index [B, 1 + P + N] gives, per anchor, the rows of the anchor, its
+    positives and its negatives.
     """
 
-    def __init__(self, max_len: int = 1022, overlap: int = 200):
+    def __init__(self, max_len: int = 1022, overlap: int = 200, dedup: bool = True):
         if not 0 <= overlap < max_len:
             raise ValueError(f"window overlap {overlap} must be in [0, max_len={max_len})")
-        self.max_len, self.overlap = max_len, overlap
+        self.max_len, self.overlap, self.dedup = max_len, overlap, dedup
 
     def __call__(self, items):
         indices = [it["index"] for it in items]
@@ -397,12 +398,16 @@ class Collate:
         extended = "pos_neg" in items[0]
         if extended:
             row = {idx: r for r, idx in enumerate(indices)}
+            groups = []
             for it in items:
-                for idx, toks in it["pos_neg"]["tokens"].items():
-                    if idx not in row:
+                group = [row[it["index"]]]
+                for idx in it["pos_neg"]["pos"] + it["pos_neg"]["neg"]:
+                    if idx not in row or not self.dedup:  # dedup=False: every slot its own row
                         row[idx] = len(indices)
                         indices.append(idx)
-                        sequences.append(toks)
+                        sequences.append(it["pos_neg"]["tokens"][idx])
+                    group.append(row[idx])
+                groups.append(group)
         lengths = [len(toks) for toks in sequences]
         windows = []  # (protein, start, token slice)
         for b, toks in enumerate(sequences):
@@ -434,8 +439,7 @@ class Collate:
             "entries": [it["entry"] for it in items],
         }
         if extended:
-            batch["group_index"] = torch.tensor([[row[i] for i in [it["index"]] + it["pos_neg"]["pos"] + it["pos_neg"]["neg"]]
-                                                 for it in items])
+            batch["group_index"] = torch.tensor(groups)
             batch["fallback"] = torch.tensor([[it["pos_neg"][k] for k in FALLBACKS] for it in items]).sum(0)
         return batch
 
@@ -455,6 +459,38 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return self.n
+
+
+class LengthBucketSampler(torch.utils.data.Sampler):
+    """Batches of similar length, reshuffled every epoch; every sample once per epoch.
+
+    Each epoch: a permutation depending on (seed, epoch) is cut into pools of
+    `pool_batches * batch_size` proteins; each pool is sorted by length and cut into batches;
+    the batches of all pools are shuffled. Yields lists of indices (a batch_sampler).
+    """
+
+    def __init__(self, lengths, batch_size: int, seed: int, pool_batches: int = 64):
+        self.lengths, self.batch_size, self.seed = np.asarray(lengths), batch_size, seed
+        self.pool = batch_size * pool_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        perm = torch.randperm(len(self.lengths), generator=g).numpy()
+        batches = []
+        for start in range(0, len(perm), self.pool):
+            pool = perm[start:start + self.pool]
+            pool = pool[np.argsort(self.lengths[pool], kind="stable")]
+            batches += [pool[i:i + self.batch_size].tolist() for i in range(0, len(pool), self.batch_size)]
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return iter([batches[i] for i in order])
+
+    def __len__(self):
+        n, pool, size = len(self.lengths), self.pool, self.batch_size
+        return sum(-(-min(pool, n - start) // size) for start in range(0, n, pool))
 
 
 def length_sorted_batches(lengths, batch_size: int) -> list[list[int]]:

@@ -153,6 +153,7 @@ class Encoder(nn.Module):
         self.backbone.lm_head = None  # not used: saves memory and checkpoint size
         self.backbone.contact_head = None
         self.first_trainable = set_trainable(self.backbone, enc["tune"], enc["trainable_layers"])
+        self.chunk_tokens = enc["chunk_tokens"]
         d = self.backbone.embed_dim
         self.decoders = ParallelLinearDecoders(d, NUM_CLASSES, dec["hidden_dim"], dec["dropout"])
         self.class_dropout = nn.Dropout(dec["class_dropout"])
@@ -161,12 +162,36 @@ class Encoder(nn.Module):
         self.projection = (LayerNormNet(d, sc["hidden_dim"], sc["out_dim"], sc["drop_out"])
                            if sc.get("apply") else None)
 
-    def backbone_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def backbone_forward(self, tokens: torch.Tensor, window_len: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [W, T] -> last-layer representations [W, T, d] (after the final layer norm).
 
-        The same computation as fair-esm's ESM2.forward (token-dropout scaling included),
-        without the LM head; frozen leading layers run without autograd.
+        With window_len [W] and encoder.chunk_tokens > 0 the windows run longest first in chunks
+        of at most chunk_tokens tokens, each chunk padded only to its own longest window: less
+        padding and bounded memory, the same outputs at every real position (positions past a
+        window's EOS hold arbitrary values, as padding does in a single call).
         """
+        if self.chunk_tokens <= 0 or window_len is None:
+            return self._backbone(tokens)
+        widths = (window_len + 2).tolist()
+        order = sorted(range(len(widths)), key=lambda w: -widths[w])
+        chunks, current = [], []
+        for w in order:  # descending widths: the chunk's first window is its widest
+            if current and (len(current) + 1) * widths[current[0]] > self.chunk_tokens:
+                chunks.append(current)
+                current = []
+            current.append(w)
+        chunks.append(current)
+        if len(chunks) == 1 and widths[order[0]] == tokens.shape[1]:
+            return self._backbone(tokens)
+        parts = [self._backbone(tokens[idx, :widths[idx[0]]]) for idx in chunks]
+        out = parts[0].new_zeros(tokens.shape[0], tokens.shape[1], parts[0].shape[-1])
+        for idx, part in zip(chunks, parts):
+            out[idx, :part.shape[1]] = part
+        return out
+
+    def _backbone(self, tokens: torch.Tensor) -> torch.Tensor:
+        """fair-esm's ESM2.forward (token-dropout scaling included) without the LM head;
+        frozen leading layers run without autograd. tokens [W, T] -> [W, T, d]."""
         bb, grad = self.backbone, torch.is_grad_enabled()
         padding = tokens.eq(PAD_IDX)
         with torch.set_grad_enabled(grad and bb.embed_tokens.weight.requires_grad):
@@ -176,18 +201,17 @@ class Encoder(nn.Module):
                 x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
                 observed = is_mask.sum(-1).to(x.dtype) / (~padding).sum(-1)
                 x = x * (1 - 0.15 * 0.8) / (1 - observed)[:, None, None]
-            x = (x * (~padding).unsqueeze(-1).to(x.dtype)).transpose(0, 1)  # [T, W, d]
-        attn_padding = padding if padding.any() else None
+            x = x * (~padding).unsqueeze(-1).to(x.dtype)  # [W, T, d]
+        keep = (~padding)[:, None, None, :] if padding.any() else None  # attend to real tokens only
         for i, layer in enumerate(bb.layers):
             with torch.set_grad_enabled(grad and i >= self.first_trainable):
-                x, _ = layer(x, self_attn_padding_mask=attn_padding)
+                x = transformer_layer(layer, x, keep)
         with torch.set_grad_enabled(grad and self.first_trainable < bb.num_layers):
-            x = bb.emb_layer_norm_after(x)
-        return x.transpose(0, 1)
+            return bb.emb_layer_norm_after(x)
 
     def embed(self, batch: dict) -> torch.Tensor:
         """Per-residue embeddings of each protein [B, L, d], windows stitched."""
-        return stitch_windows(self.backbone_forward(batch["tokens"]), batch)
+        return stitch_windows(self.backbone_forward(batch["tokens"], batch["window_len"]), batch)
 
     def forward(self, batch: dict, heads: bool = True, contrastive: bool = False) -> dict:
         residues = self.embed(batch)
@@ -200,6 +224,26 @@ class Encoder(nn.Module):
         if contrastive:
             out["projection"] = self.projection(pooled)[batch["group_index"]]
         return out
+
+
+def transformer_layer(layer, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """One fair-esm TransformerLayer (pre-LayerNorm, rotary self-attention, GELU feed-forward) on
+    x [B, T, d], with PyTorch's fused scaled_dot_product_attention instead of fair-esm's explicit
+    [B*H, T, T] attention matrix; keep [B, 1, 1, T] marks real tokens. Same weights, same result."""
+    attn = layer.self_attn
+    B, T, d = x.shape
+    heads = attn.num_heads
+
+    def split(t):  # [B, T, d] -> [B, H, T, d / H]
+        return t.view(B, T, heads, d // heads).transpose(1, 2)
+
+    h = layer.self_attn_layer_norm(x)
+    q, k, v = split(attn.q_proj(h) * attn.scaling), split(attn.k_proj(h)), split(attn.v_proj(h))
+    if attn.rot_emb is not None:
+        q, k = attn.rot_emb(q, k)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1.0)  # q is pre-scaled
+    x = x + attn.out_proj(o.transpose(1, 2).reshape(B, T, d))
+    return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
 
 
 def set_trainable(backbone, tune: str, k: int) -> int:

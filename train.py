@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import (CLASSES, FALLBACKS, Collate, DataError, EpochShuffleSampler, build_datasets, class_distance_map,
-                  length_sorted_batches)
+from data import (CLASSES, FALLBACKS, Collate, DataError, EpochShuffleSampler, LengthBucketSampler, build_datasets,
+                  class_distance_map, length_sorted_batches)
 from loss import ClassLoss, MotifLoss, SupConHardLoss, class_weights, motif_pos_weights
 from metrics import classification_metrics, format_table, residue_metrics, tune_thresholds
 from model import Encoder, WeightsError, backbone_arch
@@ -246,9 +246,13 @@ def run(args) -> int:
     train_set = datasets["train"]
     criteria = {"class": ClassLoss(class_weights(train_set.class_counts(), config.train.class_weighting)).to(device),
                 "motif": MotifLoss(motif_pos_weights(*train_set.residue_counts(), config.train.max_pos_weight)).to(device)}
-    sampler = EpochShuffleSampler(len(train_set), config.seed)
-    loader = DataLoader(train_set, batch_size=config.train.batch_size, sampler=sampler,
-                        collate_fn=Collate(config.data.max_len, config.data.overlap),
+    if config.train.length_buckets:
+        sampler = LengthBucketSampler(train_set.lengths, config.train.batch_size, config.seed)
+        batching = {"batch_sampler": sampler}
+    else:
+        sampler = EpochShuffleSampler(len(train_set), config.seed)
+        batching = {"batch_size": config.train.batch_size, "sampler": sampler}
+    loader = DataLoader(train_set, **batching, collate_fn=Collate(config.data.max_len, config.data.overlap),
                         num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
     optimizer = make_optimizer(model, config.train)
     scheduler = make_scheduler(optimizer, config.train, math.ceil(len(loader) / config.train.accumulate))

@@ -135,6 +135,35 @@ def test_epoch_sampler_depends_on_seed_and_epoch_only():
     assert list(a) != list(b)
 
 
+def window_padding(batches, lengths, max_len=1022, overlap=200):
+    """Share of padding among the window tokens (BOS/EOS included) the backbone would see."""
+    total = padding = 0
+    for batch in batches:
+        widths = [min(max_len, lengths[i] - s) + 2 for i in batch for s in data.window_starts(lengths[i], max_len, overlap)]
+        total += max(widths) * len(widths)
+        padding += max(widths) * len(widths) - sum(widths)
+    return padding / total
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="shared MUTarget data not present")
+def test_length_buckets_bound_padding_and_cover_every_sample():
+    proteins, partitions = data.load_proteins(REAL_DATA)
+    lengths = np.array([len(p.sequence) for p in proteins])[data.fold_indices(partitions, 0)["train"]]
+    sampler = data.LengthBucketSampler(lengths, batch_size=16, seed=0)
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # each sample once
+        assert max(map(len, batches)) == 16
+        assert window_padding(batches, lengths) <= 0.10
+        epochs.append(batches)
+    assert epochs[0] != epochs[1]  # reshuffled across epochs
+    random_batches = [list(range(i, min(i + 16, len(lengths)))) for i in range(0, len(lengths), 16)]
+    assert window_padding(random_batches, lengths) > 0.3  # what bucketing saves on this data
+
+
 # ---------------------------------------------------------------- real data
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="shared MUTarget data not present")
 def test_real_data_counts_and_folds():

@@ -224,3 +224,32 @@ def test_class_distance_map_hand_worked():
     assert dmap["SIGNAL"]["ER"] == pytest.approx(2.0)
     assert dmap["SIGNAL"]["Other"] == pytest.approx(math.hypot(2, 4))
     assert dmap["ER"]["Other"] == pytest.approx(math.hypot(2, 2))
+
+
+def test_deduplicated_batch_equals_plain_batch(tmp_path):
+    """Each distinct protein through the backbone once: same losses and gradients as one row per slot."""
+    config = utils.load_config(write_config(tmp_path, **{
+        "supcon.apply": True, "supcon.n_pos": 3, "supcon.n_neg": 5, "supcon.hidden_dim": 16, "supcon.out_dim": 8,
+        "supcon.drop_out": 0.0, "decoder.dropout": 0.0, "decoder.class_dropout": 0.0}))
+    train_set = data.build_datasets(config)["train"]
+    train_set.enable_supcon(3, 5, seed=0)
+    items = [train_set[i] for i in range(10)]
+    torch.manual_seed(0)
+    m = model.Encoder(config)
+    pos_weight = loss.motif_pos_weights(*train_set.residue_counts())
+    criteria = (loss.ClassLoss(loss.class_weights(train_set.class_counts())), loss.MotifLoss(pos_weight))
+    results = []
+    for dedup in (True, False):
+        batch = data.Collate(64, 16, dedup=dedup)(items)
+        m.zero_grad()
+        out = m(batch, heads=True, contrastive=True)
+        total = (criteria[0](out["class_logits"], batch["labels"])
+                 + criteria[1](out["motif_logits"], batch["targets"], batch["target_mask"])
+                 + loss.SupConHardLoss(out["projection"], 0.1, 3))
+        total.backward()
+        results.append((len(batch["indices"]), float(total.detach()), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (rows_dedup, loss_dedup, grads_dedup), (rows_plain, loss_plain, grads_plain) = results
+    assert rows_plain == 10 * (1 + 3 + 5) and rows_dedup < rows_plain  # duplicates existed and were removed
+    assert loss_dedup == pytest.approx(loss_plain, rel=1e-6)
+    for name, g in grads_dedup.items():
+        assert torch.allclose(g, grads_plain[name], rtol=1e-4, atol=1e-6), name  # summation order only
