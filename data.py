@@ -341,7 +341,9 @@ class LocalizationDataset(Dataset):
                 "targets": p.targets, "track_mask": track_mask}
         if self.sampler is not None and self.sampler.active:
             item["pos_neg"] = self.sampler.sample(index)
-            item["pos_neg"]["tokens"] = {i: self.tokens[i] for i in item["pos_neg"]["pos"] + item["pos_neg"]["neg"]}
+            samples = item["pos_neg"]["pos"] + item["pos_neg"]["neg"]
+            item["pos_neg"]["tokens"] = {i: self.tokens[i] for i in samples}
+            item["pos_neg"]["entries"] = {i: self.proteins[i].entry for i in samples}
         return item
 
     # SupCon: positives and negatives of an anchor (training split only; see ContrastSampler)
@@ -377,7 +379,8 @@ class Collate:
     """Batch of proteins -> windows for the backbone plus protein-level tensors.
 
     Returns tokens [W, T] (BOS + residues + EOS, padded to the longest window of the batch),
-    window_protein / window_start / window_len [W], residue_mask [M, L], labels [B, 8],
+    window_protein / window_start / window_len [W], window_keys [(entry, start)] * W,
+    residue_mask [M, L], labels [B, 8],
     targets [B, 8, L] and target_mask [B, 8, L] (real residues of known tracks), lengths [M],
     indices [M], entries (list of B). M = B for plain batches.
 
@@ -395,6 +398,7 @@ class Collate:
     def __call__(self, items):
         indices = [it["index"] for it in items]
         sequences = [it["tokens"] for it in items]
+        entries = [it["entry"] for it in items]
         extended = "pos_neg" in items[0]
         if extended:
             row = {idx: r for r, idx in enumerate(indices)}
@@ -406,6 +410,7 @@ class Collate:
                         row[idx] = len(indices)
                         indices.append(idx)
                         sequences.append(it["pos_neg"]["tokens"][idx])
+                        entries.append(it["pos_neg"]["entries"][idx])
                     group.append(row[idx])
                 groups.append(group)
         lengths = [len(toks) for toks in sequences]
@@ -430,13 +435,14 @@ class Collate:
             "window_protein": torch.tensor([w[0] for w in windows]),
             "window_start": torch.tensor([w[1] for w in windows]),
             "window_len": torch.tensor([len(w[2]) for w in windows]),
+            "window_keys": [(entries[w[0]], w[1]) for w in windows],  # identify windows across batches
             "residue_mask": residue_mask,
             "labels": torch.from_numpy(np.stack([it["labels"] for it in items]).astype(np.float32)),
             "targets": targets,
             "target_mask": residue_mask[:len(items), None, :] & track_mask[:, :, None],
             "lengths": torch.tensor(lengths),
             "indices": torch.tensor(indices),
-            "entries": [it["entry"] for it in items],
+            "entries": entries[:len(items)],
         }
         if extended:
             batch["group_index"] = torch.tensor(groups)

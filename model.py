@@ -5,6 +5,7 @@ import warnings
 from pathlib import Path
 
 import esm
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -154,6 +155,7 @@ class Encoder(nn.Module):
         self.backbone.contact_head = None
         self.first_trainable = set_trainable(self.backbone, enc["tune"], enc["trainable_layers"])
         self.chunk_tokens = enc["chunk_tokens"]
+        self.cache = None  # FrozenCache, attached by the trainer when encoder.cache_frozen
         d = self.backbone.embed_dim
         self.decoders = ParallelLinearDecoders(d, NUM_CLASSES, dec["hidden_dim"], dec["dropout"])
         self.class_dropout = nn.Dropout(dec["class_dropout"])
@@ -162,16 +164,18 @@ class Encoder(nn.Module):
         self.projection = (LayerNormNet(d, sc["hidden_dim"], sc["out_dim"], sc["drop_out"])
                            if sc.get("apply") else None)
 
-    def backbone_forward(self, tokens: torch.Tensor, window_len: torch.Tensor | None = None) -> torch.Tensor:
+    def backbone_forward(self, tokens: torch.Tensor, window_len: torch.Tensor | None = None,
+                         window_keys: list | None = None) -> torch.Tensor:
         """tokens [W, T] -> last-layer representations [W, T, d] (after the final layer norm).
 
         With window_len [W] and encoder.chunk_tokens > 0 the windows run longest first in chunks
         of at most chunk_tokens tokens, each chunk padded only to its own longest window: less
         padding and bounded memory, the same outputs at every real position (positions past a
-        window's EOS hold arbitrary values, as padding does in a single call).
+        window's EOS hold arbitrary values, as padding does in a single call). With a frozen-layer
+        cache and window_keys [(entry, start)] the frozen layers run once per window, ever.
         """
         if self.chunk_tokens <= 0 or window_len is None:
-            return self._backbone(tokens)
+            return self._backbone(tokens, window_keys)
         widths = (window_len + 2).tolist()
         order = sorted(range(len(widths)), key=lambda w: -widths[w])
         chunks, current = [], []
@@ -182,36 +186,53 @@ class Encoder(nn.Module):
             current.append(w)
         chunks.append(current)
         if len(chunks) == 1 and widths[order[0]] == tokens.shape[1]:
-            return self._backbone(tokens)
-        parts = [self._backbone(tokens[idx, :widths[idx[0]]]) for idx in chunks]
+            return self._backbone(tokens, window_keys)
+        parts = [self._backbone(tokens[idx, :widths[idx[0]]], window_keys and [window_keys[w] for w in idx])
+                 for idx in chunks]
         out = parts[0].new_zeros(tokens.shape[0], tokens.shape[1], parts[0].shape[-1])
         for idx, part in zip(chunks, parts):
             out[idx, :part.shape[1]] = part
         return out
 
-    def _backbone(self, tokens: torch.Tensor) -> torch.Tensor:
-        """fair-esm's ESM2.forward (token-dropout scaling included) without the LM head;
-        frozen leading layers run without autograd. tokens [W, T] -> [W, T, d]."""
-        bb, grad = self.backbone, torch.is_grad_enabled()
+    def _backbone(self, tokens: torch.Tensor, keys: list | None = None) -> torch.Tensor:
+        """fair-esm's ESM2.forward without the LM head: tokens [W, T] -> [W, T, d]. The frozen
+        leading layers run without autograd, or come from the frozen-layer cache."""
+        keep = (tokens.ne(PAD_IDX))[:, None, None, :]  # attend to real tokens only
+        if self.cache is not None and keys is not None:
+            x = self.cache.fetch(keys, tokens, self._frozen_prefix)
+        else:
+            x = self._frozen_prefix(tokens)
+        x = self._layers(x, keep, self.first_trainable, self.backbone.num_layers)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.first_trainable < self.backbone.num_layers):
+            return self.backbone.emb_layer_norm_after(x)
+
+    def _frozen_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embedding (with fair-esm's token-dropout scaling) and the layers before
+        first_trainable: tokens [W, T] -> [W, T, d]."""
+        bb = self.backbone
         padding = tokens.eq(PAD_IDX)
-        with torch.set_grad_enabled(grad and bb.embed_tokens.weight.requires_grad):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bb.embed_tokens.weight.requires_grad):
             x = bb.embed_scale * bb.embed_tokens(tokens)
             if bb.token_dropout:  # fair-esm rescales by the training mask ratio even without masks
                 is_mask = tokens.eq(bb.mask_idx)
                 x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
                 observed = is_mask.sum(-1).to(x.dtype) / (~padding).sum(-1)
                 x = x * (1 - 0.15 * 0.8) / (1 - observed)[:, None, None]
-            x = x * (~padding).unsqueeze(-1).to(x.dtype)  # [W, T, d]
-        keep = (~padding)[:, None, None, :] if padding.any() else None  # attend to real tokens only
-        for i, layer in enumerate(bb.layers):
-            with torch.set_grad_enabled(grad and i >= self.first_trainable):
-                x = transformer_layer(layer, x, keep)
-        with torch.set_grad_enabled(grad and self.first_trainable < bb.num_layers):
-            return bb.emb_layer_norm_after(x)
+            x = x * (~padding).unsqueeze(-1).to(x.dtype)
+        return self._layers(x, (~padding)[:, None, None, :], 0, min(self.first_trainable, bb.num_layers))
+
+    def _layers(self, x: torch.Tensor, keep: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Transformer layers start..stop-1 on x [W, T, d]; autograd only for trainable ones."""
+        keep = keep if not keep.all() else None
+        for i in range(start, stop):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= self.first_trainable):
+                x = transformer_layer(self.backbone.layers[i], x, keep)
+        return x
 
     def embed(self, batch: dict) -> torch.Tensor:
         """Per-residue embeddings of each protein [B, L, d], windows stitched."""
-        return stitch_windows(self.backbone_forward(batch["tokens"], batch["window_len"]), batch)
+        reps = self.backbone_forward(batch["tokens"], batch["window_len"], batch.get("window_keys"))
+        return stitch_windows(reps, batch)
 
     def forward(self, batch: dict, heads: bool = True, contrastive: bool = False) -> dict:
         residues = self.embed(batch)
@@ -224,6 +245,47 @@ class Encoder(nn.Module):
         if contrastive:
             out["projection"] = self.projection(pooled)[batch["group_index"]]
         return out
+
+
+class FrozenCache:
+    """Outputs of the backbone's frozen leading layers per window, computed once.
+
+    Keyed by (entry, window start); each entry holds [width, d] (BOS .. EOS) in `dtype`, in
+    memory or in a memory-mapped file (`path`). Valid only while the frozen layers and the input
+    sequences stay the same (no augmentation).
+    """
+
+    def __init__(self, windows: dict, dim: int, dtype: str = "float16", path=None):
+        self.slots, total = {}, 0
+        for key, width in windows.items():  # key -> (offset, width)
+            self.slots[key] = (total, width)
+            total += width
+        np_dtype = {"float16": np.float16, "float32": np.float32}[dtype]
+        if path is None:
+            self.store = torch.from_numpy(np.zeros((total, dim), dtype=np_dtype))
+        else:
+            self.store = torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=(total, dim)))
+        self.filled = set()
+        self.hits = self.misses = 0
+
+    def fetch(self, keys: list, tokens: torch.Tensor, compute) -> torch.Tensor:
+        """Frozen-prefix outputs [W, T, d] of these windows; computes (compute(tokens[rows])) and
+        stores the ones not cached yet. Padding positions are 0."""
+        missing = [w for w, key in enumerate(keys) if key not in self.filled]
+        if missing:
+            with torch.no_grad():
+                fresh = compute(tokens[missing]).float().cpu()
+            for row, w in enumerate(missing):
+                offset, width = self.slots[keys[w]]
+                self.store[offset:offset + width] = fresh[row, :width].to(self.store.dtype)
+                self.filled.add(keys[w])
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        x = torch.zeros(tokens.shape[0], tokens.shape[1], self.store.shape[1])
+        for w, key in enumerate(keys):
+            offset, width = self.slots[key]
+            x[w, :width] = self.store[offset:offset + width].float()
+        return x.to(tokens.device, non_blocking=True)
 
 
 def transformer_layer(layer, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import (CLASSES, FALLBACKS, Collate, DataError, EpochShuffleSampler, LengthBucketSampler, build_datasets,
-                  class_distance_map, length_sorted_batches)
+                  class_distance_map, length_sorted_batches, window_starts)
 from loss import ClassLoss, MotifLoss, SupConHardLoss, class_weights, motif_pos_weights
 from metrics import classification_metrics, format_table, residue_metrics, tune_thresholds
-from model import Encoder, WeightsError, backbone_arch
+from model import Encoder, FrozenCache, WeightsError, backbone_arch
 from utils import (ConfigError, load_checkpoint, load_config, resolve_config, rng_state, save_checkpoint,
                    seed_everything, set_rng_state, setup_logging, write_text_atomic, write_yaml)
 
@@ -227,9 +227,14 @@ def run(args) -> int:
     # Data and weights are checked before anything is written to the run directory.
     datasets = build_datasets(config)
     model = Encoder(config, arch=resume["arch"] if resume else None).to(device)
+    if config.encoder.cache_frozen and model.first_trainable == 0:
+        raise ConfigError("encoder.cache_frozen needs frozen leading layers, but every layer trains "
+                          f"(encoder.tune: {config.encoder.tune}); use tune: last_k or frozen, or turn the cache off")
     distance_map = setup_supcon(config, model, datasets["train"], device, log, resume)
     run_dir = Path(config.run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if config.encoder.cache_frozen:
+        model.cache = frozen_cache(model, datasets, config, run_dir)
     log = setup_logging(run_dir)
     write_yaml(run_dir / "config.yaml", config.to_dict())
     if distance_map is not None:
@@ -311,6 +316,19 @@ def run(args) -> int:
 
     final_test(model, datasets, config, device, ckpt_dir, state, log)
     return 0
+
+
+def frozen_cache(model, datasets, config, run_dir: Path) -> FrozenCache:
+    """A cache of the frozen layers' outputs for every window of every split (computed on first
+    use; run() has refused configurations where nothing is frozen)."""
+    windows = {}
+    for dataset in datasets.values():
+        for protein in dataset.proteins:
+            n = len(protein.sequence)
+            for start in window_starts(n, config.data.max_len, config.data.overlap):
+                windows[(protein.entry, start)] = min(config.data.max_len, n - start) + 2
+    path = run_dir / "frozen_cache.npy" if config.encoder.cache_on_disk else None
+    return FrozenCache(windows, model.backbone.embed_dim, config.encoder.cache_dtype, path)
 
 
 def setup_supcon(config, model, train_set, device, log, resume=None):

@@ -34,6 +34,9 @@ DEFAULTS = {
         "tune": "last_k",
         "trainable_layers": 2,
         "chunk_tokens": 16384,
+        "cache_frozen": False,
+        "cache_dtype": "float16",
+        "cache_on_disk": False,
     },
     "decoder": {"hidden_dim": 64, "dropout": 0.1, "class_dropout": 0.1},
     "train": {
@@ -73,6 +76,7 @@ SCRATCH_DEFAULTS = {"num_layers": 2, "embed_dim": 64, "attention_heads": 4}
 NULLABLE = {"encoder.model_name": str, "encoder.checkpoint": str, "encoder.scratch": dict, "supcon.distance_map": str}
 CHOICES = {
     "encoder.tune": ("frozen", "last_k", "full"),
+    "encoder.cache_dtype": ("float16", "float32"),
     "train.amp": ("auto", "bf16", "fp16", "none"),
     "train.class_weighting": ("inverse_count", "none"),
 }

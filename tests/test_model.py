@@ -166,3 +166,26 @@ def test_chunked_backbone_equals_single_call():
     assert ga.keys() == gb.keys()
     for name in ga:
         assert torch.allclose(ga[name], gb[name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 2e-2)])
+def test_frozen_cache_matches_uncached(tmp_path, dtype, tol):
+    torch.manual_seed(0)
+    m = model.Encoder(make_config(tune="last_k", trainable_layers=1)).eval()
+    batch = batch_of([30, 12, 45], max_len=20, overlap=6)
+    windows = {key: int(n) + 2 for key, n in zip(batch["window_keys"], batch["window_len"])}
+    out_plain = m(batch)
+    (out_plain["class_logits"].sum() + out_plain["motif_logits"].sum()).backward()
+    grads_plain = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    m.cache = model.FrozenCache(windows, 32, dtype, path=tmp_path / "cache.npy")
+    for attempt in range(2):  # first pass fills the cache, the second reads it only
+        out = m(batch)
+        assert torch.allclose(out["class_logits"], out_plain["class_logits"], atol=tol)
+        assert torch.allclose(out["motif_logits"], out_plain["motif_logits"], atol=tol)
+    assert m.cache.misses == len(windows) and m.cache.hits == len(windows)
+    (out["class_logits"].sum() + out["motif_logits"].sum()).backward()
+    assert {n for n, p in m.named_parameters() if p.grad is not None} == set(grads_plain)
+    for name, g in grads_plain.items():
+        assert (m.get_parameter(name).grad - g).norm() <= tol * g.norm(), name  # fp16: a ReLU may flip
+    assert (tmp_path / "cache.npy").stat().st_size >= sum(windows.values()) * 32 * (2 if dtype == "float16" else 4)

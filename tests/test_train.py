@@ -118,3 +118,16 @@ def test_bad_config_and_missing_weights_exit_nonzero(tmp_path, capsys, monkeypat
                        "encoder.model_name=esm2_t6_8M_UR50D"]) == 2
     assert "esm2_t6_8M_UR50D.pt" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_frozen_cache_run_and_refusal(tmp_path, capsys):
+    config = write_config(tmp_path, **{"encoder.scratch.num_layers": 2, "encoder.tune": "last_k",
+                                       "encoder.trainable_layers": 1, "encoder.cache_frozen": True,
+                                       "encoder.cache_on_disk": True})
+    assert train.main(["--config", str(config)]) == 0
+    assert (tmp_path / "run" / "frozen_cache.npy").is_file()
+    assert all(math.isfinite(r["train_loss"]) for r in read_metrics(tmp_path / "run"))
+    bad = write_config(tmp_path / "b", **{"encoder.tune": "full", "encoder.cache_frozen": True})
+    assert train.main(["--config", str(bad)]) == 2
+    assert "encoder.cache_frozen needs frozen leading layers" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "run").exists()
