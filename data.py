@@ -499,6 +499,24 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         return sum(-(-min(pool, n - start) // size) for start in range(0, n, pool))
 
 
+class RankSlice(torch.utils.data.Sampler):
+    """This process's part of every global batch, for DistributedDataParallel: the global batch
+    sampler (same on every rank, seeded by (seed, epoch)) is cut into `world` near-equal
+    contiguous parts and rank r yields part r (never empty: a too-small batch lends its first
+    protein). The ranks together see exactly the global batch of a single-process run."""
+
+    def __init__(self, batches, rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __iter__(self):
+        for batch in self.batches:
+            part = np.array_split(np.asarray(batch), self.world)[self.rank]
+            yield part.tolist() if len(part) else [batch[0]]
+
+    def __len__(self):
+        return len(self.batches)
+
+
 def length_sorted_batches(lengths, batch_size: int) -> list[list[int]]:
     """Evaluation batches of similar lengths (less padding); order is restored by indices."""
     order = np.argsort(lengths, kind="stable")

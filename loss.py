@@ -61,11 +61,13 @@ class MotifLoss(nn.Module):
         super().__init__()
         self.register_buffer("pos_weight", pos_weight.float())
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                denominator: torch.Tensor | None = None) -> torch.Tensor:
+        """denominator: the number of scored pairs to divide by (default: this batch's)."""
         bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none",
                                                  pos_weight=self.pos_weight[None, :, None])
         mask = mask.to(bce.dtype)
-        return (bce * mask).sum() / mask.sum().clamp(min=1)
+        return (bce * mask).sum() / (mask.sum() if denominator is None else denominator).clamp(min=1)
 
 
 def SupConHardLoss(model_emb: torch.Tensor, temp: float, n_pos: int) -> torch.Tensor:

@@ -154,7 +154,9 @@ class Encoder(nn.Module):
         self.backbone.lm_head = None  # not used: saves memory and checkpoint size
         self.backbone.contact_head = None
         self.first_trainable = set_trainable(self.backbone, enc["tune"], enc["trainable_layers"])
-        self.chunk_tokens = enc["chunk_tokens"]
+        self.chunk_tokens, self.chunk_max_padding = enc["chunk_tokens"], enc["chunk_max_padding"]
+        self.token_counts = {"tokens": 0, "padding": 0}
+        self.fused_attention = enc["fused_attention"]
         self.cache = None  # FrozenCache, attached by the trainer when encoder.cache_frozen
         d = self.backbone.embed_dim
         self.decoders = ParallelLinearDecoders(d, NUM_CLASSES, dec["hidden_dim"], dec["dropout"])
@@ -169,7 +171,8 @@ class Encoder(nn.Module):
         """tokens [W, T] -> last-layer representations [W, T, d] (after the final layer norm).
 
         With window_len [W] and encoder.chunk_tokens > 0 the windows run longest first in chunks
-        of at most chunk_tokens tokens, each chunk padded only to its own longest window: less
+        of at most chunk_tokens tokens and at most chunk_max_padding padding, each chunk padded
+        only to its own longest window: less
         padding and bounded memory, the same outputs at every real position (positions past a
         window's EOS hold arbitrary values, as padding does in a single call). With a frozen-layer
         cache and window_keys [(entry, start)] the frozen layers run once per window, ever.
@@ -180,7 +183,9 @@ class Encoder(nn.Module):
         order = sorted(range(len(widths)), key=lambda w: -widths[w])
         chunks, current = [], []
         for w in order:  # descending widths: the chunk's first window is its widest
-            if current and (len(current) + 1) * widths[current[0]] > self.chunk_tokens:
+            size, width = len(current) + 1, widths[current[0]] if current else 0
+            padding = size * width - (sum(widths[v] for v in current) + widths[w])
+            if current and (size * width > self.chunk_tokens or padding > self.chunk_max_padding * size * width):
                 chunks.append(current)
                 current = []
             current.append(w)
@@ -198,6 +203,8 @@ class Encoder(nn.Module):
         """fair-esm's ESM2.forward without the LM head: tokens [W, T] -> [W, T, d]. The frozen
         leading layers run without autograd, or come from the frozen-layer cache."""
         keep = (tokens.ne(PAD_IDX))[:, None, None, :]  # attend to real tokens only
+        self.token_counts["tokens"] += tokens.numel()  # what the backbone processes, for benchmarks
+        self.token_counts["padding"] += int(tokens.eq(PAD_IDX).sum())
         if self.cache is not None and keys is not None:
             x = self.cache.fetch(keys, tokens, self._frozen_prefix)
         else:
@@ -222,11 +229,16 @@ class Encoder(nn.Module):
         return self._layers(x, (~padding)[:, None, None, :], 0, min(self.first_trainable, bb.num_layers))
 
     def _layers(self, x: torch.Tensor, keep: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Transformer layers start..stop-1 on x [W, T, d]; autograd only for trainable ones."""
+        """Transformer layers start..stop-1 on x [W, T, d]; autograd only for trainable ones.
+        encoder.fused_attention: false runs fair-esm's own layer code instead (explicit attention)."""
         keep = keep if not keep.all() else None
+        padding = None if keep is None else ~keep[:, 0, 0, :]
         for i in range(start, stop):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= self.first_trainable):
-                x = transformer_layer(self.backbone.layers[i], x, keep)
+                if self.fused_attention:
+                    x = transformer_layer(self.backbone.layers[i], x, keep)
+                else:
+                    x = self.backbone.layers[i](x.transpose(0, 1), self_attn_padding_mask=padding)[0].transpose(0, 1)
         return x
 
     def embed(self, batch: dict) -> torch.Tensor:

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import (CLASSES, FALLBACKS, Collate, DataError, EpochShuffleSampler, LengthBucketSampler, build_datasets,
-                  class_distance_map, length_sorted_batches, window_starts)
+from data import (CLASSES, FALLBACKS, Collate, DataError, EpochShuffleSampler, LengthBucketSampler, RankSlice,
+                  build_datasets, class_distance_map, length_sorted_batches, window_starts)
 from loss import ClassLoss, MotifLoss, SupConHardLoss, class_weights, motif_pos_weights
 from metrics import classification_metrics, format_table, residue_metrics, tune_thresholds
 from model import Encoder, FrozenCache, WeightsError, backbone_arch
@@ -94,6 +96,40 @@ def make_scheduler(optimizer, train_cfg, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def init_distributed(config) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
+    NCCL with one GPU per process, else gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(config.device)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def make_loader(train_set, config, rank: int = 0, world: int = 1, device=torch.device("cpu")):
+    """(epoch sampler, DataLoader) of the training split: global batches of train.batch_size,
+    shuffled per (seed, epoch), length-bucketed if train.length_buckets; each rank loads its part."""
+    if config.train.length_buckets:
+        sampler = LengthBucketSampler(train_set.lengths, config.train.batch_size, config.seed)
+        batches = sampler
+    else:
+        sampler = EpochShuffleSampler(len(train_set), config.seed)
+        batches = torch.utils.data.BatchSampler(sampler, config.train.batch_size, drop_last=False)
+    if world > 1:
+        if config.train.batch_size < world:
+            raise ConfigError(f"train.batch_size ({config.train.batch_size}) is the global batch: it must be at "
+                              f"least the number of processes ({world})")
+        batches = RankSlice(batches, rank, world)
+    loader = DataLoader(train_set, batch_sampler=batches, collate_fn=Collate(config.data.max_len, config.data.overlap),
+                        num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
+    return sampler, loader
+
+
 # --------------------------------------------------------------------------- training
 def phase_of(config, epoch: int) -> str:
     """'warm_start' (SupCon only), 'joint' (supervised + SupCon) or 'supervised'."""
@@ -119,22 +155,14 @@ def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, de
     optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)):
         batch = to_device(batch, device)
-        extended = "group_index" in batch
         with autocast(device, dtype):
-            out = model(batch, heads=heads, contrastive=extended)
-        losses = {}
-        if heads:
-            losses["class_loss"] = criteria["class"](out["class_logits"], batch["labels"])
-            losses["motif_loss"] = criteria["motif"](out["motif_logits"], batch["targets"], batch["target_mask"])
-        if extended:
-            losses["supcon_loss"] = SupConHardLoss(out["projection"], config.supcon.temperature, config.supcon.n_pos)
+            loss, losses, out = step_losses(model, batch, criteria, config, heads)
+        if "projection" in out:
             cos_pos, cos_neg = anchor_cosines(out["projection"].detach(), config.supcon.n_pos)
             sums["cos_anchor_pos"] += cos_pos
             sums["cos_anchor_neg"] += cos_neg
             for name, count in zip(FALLBACKS, batch["fallback"].tolist()):
                 fallbacks["supcon_" + name] += count
-        loss = (losses.get("class_loss", 0) + cfg.motif_weight * losses.get("motif_loss", 0)
-                + config.supcon.weight * losses.get("supcon_loss", 0))
         group_start = step - step % cfg.accumulate
         group_size = min(cfg.accumulate, n_batches - group_start)
         scaler.scale(loss / group_size).backward()
@@ -155,6 +183,31 @@ def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, de
     if "grad_norm" in sums:
         stats["grad_norm"] = float(sums["grad_norm"]) / steps
     return {**stats, **fallbacks}
+
+
+def step_losses(model, batch: dict, criteria: dict, config, heads: bool = True):
+    """Forward and losses of one batch -> (total loss, {name: loss}, model outputs).
+
+    A batch holding 'group_index' is an extended SupCon batch: the contrastive term is added.
+    Under DistributedDataParallel the motif loss is divided by the scored residues of the global
+    batch (all ranks), so that averaged gradients equal those of one process on that batch.
+    """
+    extended = "group_index" in batch
+    out = model(batch, heads=heads, contrastive=extended)
+    losses = {}
+    if heads:
+        denominator = None
+        if dist.is_available() and dist.is_initialized():
+            denominator = batch["target_mask"].sum().float()
+            dist.all_reduce(denominator)
+            denominator = denominator / dist.get_world_size()
+        losses["class_loss"] = criteria["class"](out["class_logits"], batch["labels"])
+        losses["motif_loss"] = criteria["motif"](out["motif_logits"], batch["targets"], batch["target_mask"], denominator)
+    if extended:
+        losses["supcon_loss"] = SupConHardLoss(out["projection"], config.supcon.temperature, config.supcon.n_pos)
+    loss = (losses.get("class_loss", 0) + config.train.motif_weight * losses.get("motif_loss", 0)
+            + config.supcon.weight * losses.get("supcon_loss", 0))
+    return loss, losses, out
 
 
 def anchor_cosines(projection: torch.Tensor, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,6 +263,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, WeightsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run(args) -> int:
@@ -218,32 +274,34 @@ def run(args) -> int:
         config = resolve_config(resume["config"], args.set, where=f"{args.resume} (stored config)")
     else:
         config = load_config(args.config, args.set)
-    log = setup_logging()
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
+    rank, world, device = init_distributed(config)
+    main_process = rank == 0  # only the main process logs and writes files
+    log = setup_logging(quiet=not main_process)
+    seed_everything(config.seed)  # the same initial model on every rank
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     # Data and weights are checked before anything is written to the run directory.
-    datasets = build_datasets(config)
+    datasets = build_datasets_once(config, main_process, world)
     model = Encoder(config, arch=resume["arch"] if resume else None).to(device)
     if config.encoder.cache_frozen and model.first_trainable == 0:
         raise ConfigError("encoder.cache_frozen needs frozen leading layers, but every layer trains "
                           f"(encoder.tune: {config.encoder.tune}); use tune: last_k or frozen, or turn the cache off")
     distance_map = setup_supcon(config, model, datasets["train"], device, log, resume)
     run_dir = Path(config.run_dir)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if main_process:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        log = setup_logging(run_dir)
+        write_yaml(run_dir / "config.yaml", config.to_dict())
+        if distance_map is not None:
+            write_text_atomic(run_dir / "distance_map.json", json.dumps(distance_map, indent=1))
     if config.encoder.cache_frozen:
-        model.cache = frozen_cache(model, datasets, config, run_dir)
-    log = setup_logging(run_dir)
-    write_yaml(run_dir / "config.yaml", config.to_dict())
-    if distance_map is not None:
-        write_text_atomic(run_dir / "distance_map.json", json.dumps(distance_map, indent=1))
+        model.cache = frozen_cache(model, datasets, config, run_dir, rank)
     if config.supcon.apply and config.encoder.tune == "frozen":
         log.warning("SupCon is on but the backbone is frozen: the contrastive loss can only train the "
                     "projection head, which no prediction uses (set encoder.tune: last_k or full)")
-    log.info("data %s fold %d: train %d, valid %d, test %d proteins", config.data.root, config.data.fold,
-             *(len(datasets[k]) for k in ("train", "valid", "test")))
+    log.info("data %s fold %d: train %d, valid %d, test %d proteins; %d process(es) on %s", config.data.root,
+             config.data.fold, *(len(datasets[k]) for k in ("train", "valid", "test")), world, device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model: ESM-2 %s, tune=%s, %d trainable / %d parameters", backbone_arch(model.backbone),
              config.encoder.tune, n_train, sum(p.numel() for p in model.parameters()))
@@ -251,17 +309,16 @@ def run(args) -> int:
     train_set = datasets["train"]
     criteria = {"class": ClassLoss(class_weights(train_set.class_counts(), config.train.class_weighting)).to(device),
                 "motif": MotifLoss(motif_pos_weights(*train_set.residue_counts(), config.train.max_pos_weight)).to(device)}
-    if config.train.length_buckets:
-        sampler = LengthBucketSampler(train_set.lengths, config.train.batch_size, config.seed)
-        batching = {"batch_sampler": sampler}
-    else:
-        sampler = EpochShuffleSampler(len(train_set), config.seed)
-        batching = {"batch_size": config.train.batch_size, "sampler": sampler}
-    loader = DataLoader(train_set, **batching, collate_fn=Collate(config.data.max_len, config.data.overlap),
-                        num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
+    sampler, loader = make_loader(train_set, config, rank, world, device)
     optimizer = make_optimizer(model, config.train)
     scheduler = make_scheduler(optimizer, config.train, math.ceil(len(loader) / config.train.accumulate))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(config.train.amp, device) == torch.float16)
+    net = model
+    if world > 1:
+        seed_everything(config.seed + rank)  # per-rank dropout streams
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.supcon.apply)  # warm start leaves the heads unused
 
     state = {"epoch": 0, "best_metric": -float("inf"), "best_epoch": None, "bad_epochs": 0}
     history = []
@@ -272,53 +329,88 @@ def run(args) -> int:
         scaler.load_state_dict(resume["scaler"])
         state = {k: resume[k] for k in state}
         set_rng_state(resume["rng"])
-        if (run_dir / "metrics.jsonl").is_file():
+        if main_process and (run_dir / "metrics.jsonl").is_file():
             history = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
                        if r["epoch"] < state["epoch"]]
         log.info("resumed from %s at epoch %d (best val macro-MCC %.4f)", args.resume, state["epoch"], state["best_metric"])
 
-    ckpt_dir = run_dir / "checkpoints"
+    training = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "distance_map": distance_map}
     for epoch in range(state["epoch"], config.train.epochs):
         start, phase = time.time(), phase_of(config, epoch)
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch, contrastive=phase != "supervised")
-        stats = train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, device, epoch)
-        val = score(run_inference(model, datasets["valid"], config.train.eval_batch_size, device, config.train.amp,
-                                  config.data.max_len, config.data.overlap))
-        selectable = phase != "warm_start"  # model selection starts after the warm start
-        improved = selectable and val["macro_mcc"] > state["best_metric"]
-        state.update(epoch=epoch + 1, bad_epochs=0 if improved else state["bad_epochs"] + selectable)
-        if improved:
-            state.update(best_metric=val["macro_mcc"], best_epoch=epoch)
-        record = {"epoch": epoch, "phase": phase, **stats, "lr": scheduler.get_last_lr()[0],
-                  "val_macro_f1": val["macro_f1"], "val_macro_mcc": val["macro_mcc"],
-                  "val_macro_site_accuracy": val["residue"]["macro_site_accuracy"],
-                  "val_macro_iou": val["residue"]["macro_iou"], "best": improved, "time_s": time.time() - start}
-        history.append(record)
-        write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-        checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **state,
-                      "rng": rng_state(), "config": config.to_dict(), "arch": backbone_arch(model.backbone),
-                      "classes": CLASSES, "distance_map": distance_map}
-        save_checkpoint(checkpoint, ckpt_dir / "last.pt")
-        if improved:
-            shutil.copyfile(ckpt_dir / "last.pt", ckpt_dir / ".best.pt.tmp")
-            (ckpt_dir / ".best.pt.tmp").replace(ckpt_dir / "best.pt")
-        losses = ", ".join(f"{k[6:]} {v:.4f}" for k, v in stats.items() if k.endswith("_loss") and k != "train_loss")
-        log.info("epoch %d (%s): loss %.4f (%s) val macro-F1 %.4f macro-MCC %.4f%s (%.1fs)", epoch, phase,
-                 stats["train_loss"], losses, val["macro_f1"], val["macro_mcc"], " *" if improved else "", record["time_s"])
+        stats = average_over_ranks(train_loop(net, loader, optimizer, scheduler, scaler, criteria, config, device, epoch))
+        if main_process:
+            state = end_epoch(model, datasets["valid"], config, device, epoch, phase, stats, state, history, training,
+                              start, log)
+        if world > 1:  # everyone follows the main process's decisions
+            box = [state]
+            dist.broadcast_object_list(box)
+            state = box[0]
         if args.stop_after is not None and epoch + 1 >= args.stop_after and epoch + 1 < config.train.epochs:
-            log.info("stopping after epoch %d as asked; continue with --resume %s", epoch, ckpt_dir / "last.pt")
+            log.info("stopping after epoch %d as asked; continue with --resume %s", epoch, run_dir / "checkpoints" / "last.pt")
             return 0
         if state["bad_epochs"] >= config.train.patience:
             log.info("early stop: no val macro-MCC gain for %d epochs", config.train.patience)
             break
-
-    final_test(model, datasets, config, device, ckpt_dir, state, log)
+    if main_process:
+        final_test(model, datasets, config, device, run_dir / "checkpoints", state, log)
     return 0
 
 
-def frozen_cache(model, datasets, config, run_dir: Path) -> FrozenCache:
+def build_datasets_once(config, main_process: bool, world: int) -> dict:
+    """build_datasets; under torchrun the main process goes first (it may write synthetic data)."""
+    datasets = build_datasets(config) if main_process else None
+    if world > 1:
+        dist.barrier()
+    return datasets if main_process else build_datasets(config)
+
+
+def average_over_ranks(stats: dict) -> dict:
+    """Epoch statistics averaged over processes (fallback counts summed); unchanged in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return stats
+    keys = sorted(stats)
+    values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    world = dist.get_world_size()
+    return {k: int(v) if k.startswith("supcon_fallback") else v / world for k, v in zip(keys, values.tolist())}
+
+
+def end_epoch(model, valid_set, config, device, epoch: int, phase: str, stats: dict, state: dict, history: list,
+              training: dict, start: float, log) -> dict:
+    """Validate, select on val macro-MCC (after the warm start), log, write metrics.jsonl and
+    checkpoints (last.pt; best.pt when improved). Returns the updated state."""
+    val = score(run_inference(model, valid_set, config.train.eval_batch_size, device, config.train.amp,
+                              config.data.max_len, config.data.overlap))
+    selectable = phase != "warm_start"  # model selection starts after the warm start
+    improved = selectable and val["macro_mcc"] > state["best_metric"]
+    state = {**state, "epoch": epoch + 1, "bad_epochs": 0 if improved else state["bad_epochs"] + selectable}
+    if improved:
+        state.update(best_metric=val["macro_mcc"], best_epoch=epoch)
+    record = {"epoch": epoch, "phase": phase, **stats, "lr": training["scheduler"].get_last_lr()[0],
+              "val_macro_f1": val["macro_f1"], "val_macro_mcc": val["macro_mcc"],
+              "val_macro_site_accuracy": val["residue"]["macro_site_accuracy"],
+              "val_macro_iou": val["residue"]["macro_iou"], "best": improved, "time_s": time.time() - start}
+    history.append(record)
+    run_dir = Path(config.run_dir)
+    write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    checkpoint = {"model": model.state_dict(), "optimizer": training["optimizer"].state_dict(),
+                  "scheduler": training["scheduler"].state_dict(), "scaler": training["scaler"].state_dict(), **state,
+                  "rng": rng_state(), "config": config.to_dict(), "arch": backbone_arch(model.backbone),
+                  "classes": CLASSES, "distance_map": training["distance_map"]}
+    ckpt_dir = run_dir / "checkpoints"
+    save_checkpoint(checkpoint, ckpt_dir / "last.pt")
+    if improved:
+        shutil.copyfile(ckpt_dir / "last.pt", ckpt_dir / ".best.pt.tmp")
+        (ckpt_dir / ".best.pt.tmp").replace(ckpt_dir / "best.pt")
+    losses = ", ".join(f"{k[6:]} {v:.4f}" for k, v in stats.items() if k.endswith("_loss") and k != "train_loss")
+    log.info("epoch %d (%s): loss %.4f (%s) val macro-F1 %.4f macro-MCC %.4f%s (%.1fs)", epoch, phase,
+             stats["train_loss"], losses, val["macro_f1"], val["macro_mcc"], " *" if improved else "", record["time_s"])
+    return state
+
+
+def frozen_cache(model, datasets, config, run_dir: Path, rank: int = 0) -> FrozenCache:
     """A cache of the frozen layers' outputs for every window of every split (computed on first
     use; run() has refused configurations where nothing is frozen)."""
     windows = {}
@@ -327,7 +419,8 @@ def frozen_cache(model, datasets, config, run_dir: Path) -> FrozenCache:
             n = len(protein.sequence)
             for start in window_starts(n, config.data.max_len, config.data.overlap):
                 windows[(protein.entry, start)] = min(config.data.max_len, n - start) + 2
-    path = run_dir / "frozen_cache.npy" if config.encoder.cache_on_disk else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / (f"frozen_cache.rank{rank}.npy" if rank else "frozen_cache.npy") if config.encoder.cache_on_disk else None
     return FrozenCache(windows, model.backbone.embed_dim, config.encoder.cache_dtype, path)
 
 

@@ -34,6 +34,8 @@ DEFAULTS = {
         "tune": "last_k",
         "trainable_layers": 2,
         "chunk_tokens": 16384,
+        "chunk_max_padding": 0.1,
+        "fused_attention": True,
         "cache_frozen": False,
         "cache_dtype": "float16",
         "cache_on_disk": False,
@@ -239,9 +241,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def setup_logging(run_dir=None) -> logging.Logger:
+def setup_logging(run_dir=None, quiet: bool = False) -> logging.Logger:
+    """The 'mutarget' logger: stderr, plus run_dir/train.log; quiet (non-main processes): warnings only."""
     log = logging.getLogger("mutarget")
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     stream = logging.StreamHandler(sys.stderr)

@@ -252,4 +252,4 @@ def test_deduplicated_batch_equals_plain_batch(tmp_path):
     assert rows_plain == 10 * (1 + 3 + 5) and rows_dedup < rows_plain  # duplicates existed and were removed
     assert loss_dedup == pytest.approx(loss_plain, rel=1e-6)
     for name, g in grads_dedup.items():
-        assert torch.allclose(g, grads_plain[name], rtol=1e-4, atol=1e-6), name  # summation order only
+        assert (g - grads_plain[name]).norm() <= 1e-4 * grads_plain[name].norm(), name  # fp32 summation order only

@@ -1,0 +1,181 @@
+"""Training-step benchmark of SupCon extended batches on the real data's length distribution.
+
+python scripts/bench.py [--data-root DIR] [--json OUT.json] [--seconds S] [--device cpu]
+
+Modes, each measured in its own process (so peak memory is its own), same model and data:
+  naive: every window padded to 1024 tokens, no deduplication, random batches, fair-esm's own
+         attention code (the upstream SupCon branch's cost);
+  fast:  length-bucketed batches, windows run longest-first in chunks with little padding, each
+         distinct protein once per step, fused attention.
+Model: scratch ESM-2, 4 layers, 128 dims, 8 heads, all trainable; batch 8 anchors, n_pos 2,
+n_neg 2, fold 0 training split. Padding fraction counts every token the backbone processes,
+positives and negatives included. Then the frozen-layer cache: epoch time of a 12-layer,
+128-dim scratch backbone with the last 2 layers trainable on a fixed subset of the real data,
+without and with encoder.cache_frozen (the cached epoch is the second, the first fills it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import loss  # noqa: E402
+import train  # noqa: E402
+from model import Encoder, FrozenCache  # noqa: E402
+from utils import resolve_config  # noqa: E402
+
+
+def bench_config(data_root, layers=4, tune="full", supcon=True, **encoder):
+    return resolve_config({
+        "seed": 0, "device": "cpu", "data": {"root": str(data_root), "fold": 0},
+        "encoder": {"scratch": {"num_layers": layers, "embed_dim": 128, "attention_heads": 8},
+                    "tune": tune, "trainable_layers": 2, **encoder},
+        "train": {"batch_size": 8, "lr": 1e-3, "backbone_lr": 1e-3},
+        "supcon": {"apply": supcon, "n_pos": 2, "n_neg": 2, "hidden_dim": 128, "out_dim": 64}})
+
+
+class PadTo:
+    """Collate whose windows are all padded to a fixed width (upstream's 1024 tokens)."""
+
+    def __init__(self, collate, width=1024):
+        self.collate, self.width = collate, width
+
+    def __call__(self, items):
+        batch = self.collate(items)
+        extra = self.width - batch["tokens"].shape[1]
+        batch["tokens"] = torch.nn.functional.pad(batch["tokens"], (0, extra), value=data.PAD_IDX)
+        return batch
+
+
+def run_mode(mode: str, data_root, seconds: float, device: str) -> dict:
+    """Training steps for about `seconds` (after one warm-up step) -> figures of the mode."""
+    naive = mode == "naive"
+    config = bench_config(data_root, chunk_tokens=0 if naive else 16384, fused_attention=not naive)
+    torch.manual_seed(0)
+    train_set = data.build_datasets(config)["train"]
+    train_set.enable_supcon(2, 2, seed=0)
+    model = Encoder(config).to(device)
+    collate = data.Collate(config.data.max_len, config.data.overlap, dedup=not naive)
+    if naive:
+        sampler = data.EpochShuffleSampler(len(train_set), 0)
+        loader = torch.utils.data.DataLoader(train_set, batch_size=8, sampler=sampler, collate_fn=PadTo(collate))
+    else:
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=data.LengthBucketSampler(train_set.lengths, 8, 0),
+                                             collate_fn=collate)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    criteria = (loss.ClassLoss(loss.class_weights(train_set.class_counts())),
+                loss.MotifLoss(loss.motif_pos_weights(*train_set.residue_counts())))
+    model.train()
+    anchors = steps = 0
+    data_time = step_time = 0.0
+    iterator = iter(loader)
+    for step in range(10 ** 6):
+        t0 = time.perf_counter()
+        batch = train.to_device(next(iterator), torch.device(device))
+        t1 = time.perf_counter()
+        out = model(batch, heads=True, contrastive=True)
+        total = (criteria[0](out["class_logits"], batch["labels"])
+                 + criteria[1](out["motif_logits"], batch["targets"], batch["target_mask"])
+                 + loss.SupConHardLoss(out["projection"], 0.1, 2))
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        t2 = time.perf_counter()
+        if step == 0:  # warm-up step: not counted
+            model.token_counts.update(tokens=0, padding=0)
+            continue
+        data_time, step_time = data_time + t1 - t0, step_time + t2 - t1
+        anchors, steps = anchors + batch["labels"].shape[0], steps + 1
+        if data_time + step_time >= seconds:
+            break
+    counts = model.token_counts
+    return {"anchors_per_s": anchors / (data_time + step_time), "tokens_per_anchor": counts["tokens"] / anchors,
+            "padding_fraction": counts["padding"] / counts["tokens"], "data_time_fraction": data_time / (data_time + step_time),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "steps": steps, "anchors": anchors}
+
+
+def run_cache(data_root, n_proteins: int, device: str) -> dict:
+    """Epoch time of a 12-layer backbone (last 2 trainable) on a fixed subset, uncached vs cached."""
+    times = {}
+    for cached in (False, True):
+        config = bench_config(data_root, layers=12, tune="last_k", supcon=False, cache_frozen=cached)
+        torch.manual_seed(0)
+        full = data.build_datasets(config)["train"]
+        subset = data.LocalizationDataset(full.proteins[:n_proteins], "train")
+        model = Encoder(config).to(device)
+        if cached:
+            windows = {(p.entry, s): min(1022, len(p.sequence) - s) + 2 for p in subset.proteins
+                       for s in data.window_starts(len(p.sequence), 1022, 200)}
+            model.cache = FrozenCache(windows, 128, "float16")
+        loader = torch.utils.data.DataLoader(subset, batch_sampler=data.LengthBucketSampler(subset.lengths, 8, 0),
+                                             collate_fn=data.Collate())
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        criterion = loss.ClassLoss(loss.class_weights(subset.class_counts()))
+        model.train()
+        epochs = []
+        for epoch in range(2 if cached else 1):
+            t0 = time.perf_counter()
+            for batch in loader:
+                out = model(train.to_device(batch, torch.device(device)))
+                optimizer.zero_grad(set_to_none=True)
+                criterion(out["class_logits"], batch["labels"].to(device)).backward()
+                optimizer.step()
+            epochs.append(time.perf_counter() - t0)
+        times["cached_s" if cached else "uncached_s"] = epochs[-1]
+        if cached:
+            times["cache_fill_epoch_s"] = epochs[0]
+    times["speedup"] = times["uncached_s"] / times["cached_s"]
+    times["n_proteins"] = n_proteins
+    return times
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "mutarget"))
+    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--seconds", type=float, default=90.0, help="measured time per mode")
+    p.add_argument("--cache-proteins", type=int, default=160, help="proteins in the cache benchmark's subset")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--mode", choices=["naive", "fast", "cache"], help=argparse.SUPPRESS)  # one child process
+    args = p.parse_args(argv)
+    if args.mode:
+        result = (run_cache(args.data_root, args.cache_proteins, args.device) if args.mode == "cache"
+                  else run_mode(args.mode, args.data_root, args.seconds, args.device))
+        print(json.dumps(result))
+        return 0
+    results = {"device": args.device, "threads": torch.get_num_threads()}
+    for mode in ("naive", "fast", "cache"):
+        child = subprocess.run([sys.executable, __file__, "--mode", mode, "--data-root", args.data_root,
+                                "--seconds", str(args.seconds), "--cache-proteins", str(args.cache_proteins),
+                                "--device", args.device], capture_output=True, text=True)
+        if child.returncode != 0:
+            print(child.stderr, file=sys.stderr)
+            return child.returncode
+        results[mode] = json.loads(child.stdout.strip().splitlines()[-1])
+    results["fast_over_naive"] = results["fast"]["anchors_per_s"] / results["naive"]["anchors_per_s"]
+    keys = ("anchors_per_s", "tokens_per_anchor", "padding_fraction", "data_time_fraction", "peak_rss_mb")
+    print(f"{'mode':6} " + " ".join(f"{k:>18}" for k in keys))
+    for mode in ("naive", "fast"):
+        print(f"{mode:6} " + " ".join(f"{results[mode][k]:18.3f}" for k in keys))
+    print(f"fast / naive anchors per second: {results['fast_over_naive']:.2f}x")
+    c = results["cache"]
+    print(f"frozen-layer cache, 12 layers (last 2 trainable), {c['n_proteins']} proteins: uncached epoch "
+          f"{c['uncached_s']:.1f}s, cached epoch {c['cached_s']:.1f}s ({c['speedup']:.2f}x; filling epoch "
+          f"{c['cache_fill_epoch_s']:.1f}s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
