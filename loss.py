@@ -1,6 +1,8 @@
 """Losses: protein-level class loss and per-residue motif loss (computed in fp32)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -84,3 +86,170 @@ def SupConHardLoss(model_emb: torch.Tensor, temp: float, n_pos: int) -> torch.Te
     sims = torch.einsum("bd,bkd->bk", z[:, 0], z[:, 1:]) / temp  # [B, P + N]
     log_prob = sims - torch.logsumexp(sims, dim=1, keepdim=True)
     return -log_prob[:, :n_pos].mean()
+
+
+# --------------------------------------------------------------------------- the contrastive loss family
+def positive_mask(labels: torch.Tensor, multilabel: str = "any", jaccard_threshold: float = 0.5) -> torch.Tensor:
+    """Sample-by-sample positive mask [B, B] (1 = same class) from labels [B] (single-label) or
+    multi-hot [B, C]. A multi-hot row without any class counts as the class "Other".
+    any: at least one shared class; jaccard: |a & b| / |a | b| >= jaccard_threshold."""
+    if labels.dim() == 1:
+        return (labels[:, None] == labels[None, :]).float()
+    y = labels.float()
+    y = torch.cat([y, (y.sum(1, keepdim=True) == 0).float()], dim=1)  # the "Other" column
+    shared = y @ y.T
+    if multilabel == "any":
+        return (shared > 0).float()
+    if multilabel == "jaccard":
+        union = y.sum(1, keepdim=True) + y.sum(1)[None, :] - shared
+        return (shared / union >= jaccard_threshold).float()
+    raise ValueError(f"multilabel must be any, jaccard or per_label, got {multilabel!r}")
+
+
+class SupConLoss(nn.Module):
+    """Supervised contrastive loss (Khosla et al. 2020). forward(features [B, V, d] (L2-normalised),
+    labels [B] or multi-hot [B, C], or mask [B, B]) -> scalar.
+
+    For anchor i with positives P(i) (same label, other rows) and A(i) (all rows but i):
+        L_i = -(tau / base_tau) * (1 / |P(i)|) * sum_{p in P(i)} log( exp(s_ip) / sum_{a in A(i)} exp(s_ia) )
+    Rows are all B * V views ('all') or view 0 only ('one'). No labels and no mask: SimCLR (the
+    other views of the same sample are the positives). Multi-hot labels: positives by `multilabel`
+    (any | jaccard | per_label, the last MulSupCon's: each class of an anchor is an anchor of its own,
+    positives = the rows having that class). Anchors without any positive are left out of the mean.
+    """
+
+    def __init__(self, temperature: float = 0.07, contrast_mode: str = "all", base_temperature: float = 0.07,
+                 multilabel: str = "any", jaccard_threshold: float = 0.5):
+        super().__init__()
+        if contrast_mode not in ("all", "one"):
+            raise ValueError(f"contrast_mode must be 'all' or 'one', got {contrast_mode!r}")
+        self.temperature, self.contrast_mode, self.base_temperature = temperature, contrast_mode, base_temperature
+        self.multilabel, self.jaccard_threshold = multilabel, jaccard_threshold
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, V = features.shape[:2]
+        if labels is not None and mask is not None:
+            raise ValueError("give labels or mask, not both")
+        contrast = features.float().transpose(0, 1).reshape(V * B, -1)  # view-major rows
+        n_anchor_views = V if self.contrast_mode == "all" else 1
+        anchors = contrast[:n_anchor_views * B]
+        logits = anchors @ contrast.T / self.temperature
+        not_self = torch.ones_like(logits)
+        not_self[torch.arange(len(anchors)), torch.arange(len(anchors))] = 0
+        logits = logits - logits.detach().max(1, keepdim=True).values  # stable; cancels in log_prob
+        log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
+        scale = -self.temperature / self.base_temperature
+        if labels is not None and labels.dim() == 2 and self.multilabel == "per_label":
+            y = labels.float()
+            y_rows = y.repeat(V, 1)  # class membership of every contrast row [V*B, C]
+            counts = not_self @ y_rows  # positives per (anchor row, class)
+            sums = (log_prob * not_self) @ y_rows
+            valid = (y_rows[:len(anchors)] > 0) & (counts > 0)  # anchor has the class and a positive exists
+            return scale * (sums[valid] / counts[valid]).mean() if valid.any() else features.sum() * 0
+        if mask is None:
+            mask = torch.eye(B, device=features.device) if labels is None else positive_mask(
+                labels, self.multilabel, self.jaccard_threshold)
+        positives = mask.float().to(features.device).repeat(n_anchor_views, V) * not_self
+        count = positives.sum(1)
+        keep = count > 0  # anchors without positives are left out (never NaN)
+        if not keep.any():
+            return features.sum() * 0
+        mean_log_prob = (positives * log_prob).sum(1)[keep] / count[keep]
+        return scale * mean_log_prob.mean()
+
+
+class MixedSupConLoss(nn.Module):
+    """L_unsup + reg_lambda * L_sup (fastai self_supervised's SupCon). forward(features [B, V, d],
+    labels [B, C]) -> scalar. L_unsup: SimCLR over all samples (unsup_method 'all') or over the
+    proteins without any class ('only'); L_sup: SupConLoss with the labels."""
+
+    def __init__(self, temperature: float = 0.07, reg_lambda: float = 1.0, unsup_method: str = "all",
+                 multilabel: str = "any"):
+        super().__init__()
+        if unsup_method not in ("all", "only"):
+            raise ValueError(f"unsup_method must be 'all' or 'only', got {unsup_method!r}")
+        self.unsup = SupConLoss(temperature, "all", temperature)
+        self.sup = SupConLoss(temperature, "all", temperature, multilabel)
+        self.reg_lambda, self.unsup_method = reg_lambda, unsup_method
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rows = labels.sum(1) == 0 if self.unsup_method == "only" else torch.ones(len(labels), dtype=torch.bool)
+        unsup = self.unsup(features[rows]) if rows.any() else features.sum() * 0
+        return unsup + self.reg_lambda * self.sup(features, labels)
+
+
+class InstanceLoss(nn.Module):
+    """NT-Xent over `multiplier` views (Twin Contrastive Learning's InstanceLoss).
+
+    forward(z [multiplier * B, d], views stacked view-major) -> scalar. Rows are L2-normalised;
+    s_ij = <z_i, z_j> / tau; the positives of row i are the other views of the same protein:
+        loss = -mean_i mean_{p in P(i)} log( exp(s_ip) / sum_{a != i} exp(s_ia) )
+    """
+
+    def __init__(self, tau: float = 0.5, multiplier: int = 2):
+        super().__init__()
+        self.tau, self.multiplier = tau, multiplier
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        n = z.shape[0]
+        if n % self.multiplier:
+            raise ValueError(f"{n} rows are not {self.multiplier} views of the same batch")
+        z = F.normalize(z.float(), dim=1)
+        sims = (z @ z.T / self.tau).fill_diagonal_(float("-inf"))
+        log_prob = sims - torch.logsumexp(sims, dim=1, keepdim=True)
+        sample = torch.arange(n, device=z.device) % (n // self.multiplier)
+        positives = (sample[:, None] == sample[None, :]) & ~torch.eye(n, dtype=torch.bool, device=z.device)
+        return -(log_prob.masked_fill(~positives, 0).sum(1) / positives.sum(1)).mean()
+
+
+class ClusterLoss(nn.Module):
+    """Twin Contrastive Learning's ClusterLoss, correct in one process.
+
+    forward(c [multiplier * B, K]) with softmax cluster assignments, views stacked view-major ->
+    scalar: InstanceLoss over the K columns of each view (cluster k of one view is the positive of
+    cluster k of the other views), plus the entropy term sum over views of log K + sum_k p_k log p_k,
+    where p is the view's batch-mean assignment (0 when the batch spreads evenly over clusters).
+    """
+
+    def __init__(self, tau: float = 1.0, multiplier: int = 2):
+        super().__init__()
+        self.multiplier = multiplier
+        self.columns = InstanceLoss(tau, multiplier)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        views = c.float().chunk(self.multiplier, dim=0)  # each [B, K]
+        K = c.shape[1]
+        entropy = sum(math.log(K) + (p * torch.log(p.clamp_min(1e-12))).sum()
+                      for p in (v.sum(0) / v.sum() for v in views))
+        return self.columns(torch.cat([v.T for v in views], dim=0)) + entropy
+
+
+class TotalCodingRate(nn.Module):
+    """Total coding rate (EMP-SSL): forward(X [b, d]) = -1/2 logdet(I_d + d / (b * eps) X^T X),
+    in fp32. Minimising it spreads the embeddings out."""
+
+    def __init__(self, eps: float = 0.01):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        X = X.float()
+        b, d = X.shape
+        identity = torch.eye(d, device=X.device)
+        return -0.5 * torch.logdet(identity + d / (b * self.eps) * X.T @ X)
+
+
+class EMPSSLLoss(nn.Module):
+    """EMP-SSL: sim_weight * (-mean cos(z_view, mean of the views)) + mean over views of
+    TotalCodingRate(z_view). forward(z [B, V, d]) -> scalar (z L2-normalised inside)."""
+
+    def __init__(self, eps: float = 0.01, sim_weight: float = 200.0):
+        super().__init__()
+        self.tcr, self.sim_weight = TotalCodingRate(eps), sim_weight
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(z.float(), dim=-1)
+        centre = F.normalize(z.mean(1, keepdim=True), dim=-1)
+        similarity = (z * centre).sum(-1).mean()
+        return -self.sim_weight * similarity + torch.stack([self.tcr(z[:, v]) for v in range(z.shape[1])]).mean()

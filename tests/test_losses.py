@@ -1,0 +1,157 @@
+"""The contrastive loss family against references computed another way (plain loops, identities)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import loss
+
+
+def unit(*shape, seed=0):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def reference_supcon(features, is_positive, tau, base_tau, mode="all"):
+    """Khosla's L_i by loops over rows; rows without positives skipped. is_positive(i, j) on samples."""
+    B, V, _ = features.shape
+    rows = [(v, i) for v in range(V) for i in range(B)]
+    anchors = rows if mode == "all" else rows[:B]
+    vec = {r: features[r[1], r[0]].tolist() for r in rows}
+    dot = lambda a, b: sum(x * y for x, y in zip(vec[a], vec[b])) / tau  # noqa: E731
+    losses = []
+    for a in anchors:
+        others = [r for r in rows if r != a]
+        positives = [r for r in others if is_positive(a[1], r[1])]
+        if not positives:
+            continue
+        log_denominator = math.log(sum(math.exp(dot(a, r)) for r in others))
+        losses.append(-(tau / base_tau) * sum(dot(a, p) - log_denominator for p in positives) / len(positives))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("V,mode", [(2, "all"), (3, "all"), (2, "one"), (3, "one")])
+def test_supcon_single_label(V, mode):
+    feats, labels = unit(6, V, 5), torch.tensor([0, 1, 0, 2, 1, 0])
+    got = loss.SupConLoss(0.1, mode, 0.07)(feats, labels)
+    expected = reference_supcon(feats, lambda i, j: labels[i] == labels[j], 0.1, 0.07, mode)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_supcon_without_labels_is_simclr_and_equals_instance_loss():
+    feats = unit(5, 3, 4, seed=1)
+    simclr = loss.SupConLoss(0.5, "all", 0.5)(feats)
+    assert float(simclr) == pytest.approx(reference_supcon(feats, lambda i, j: i == j, 0.5, 0.5), rel=1e-5)
+    view_major = feats.transpose(0, 1).reshape(15, 4)
+    assert float(loss.InstanceLoss(0.5, 3)(view_major)) == pytest.approx(float(simclr), rel=1e-5)
+
+
+MULTI = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0], [0, 0, 0], [1, 1, 0]])
+
+
+def labels_of(i):
+    s = {c for c in range(3) if MULTI[i, c]}
+    return s or {"Other"}
+
+
+@pytest.mark.parametrize("V", [2, 3])
+def test_supcon_multilabel_any_and_jaccard(V):
+    feats = unit(7, V, 6, seed=2)
+    got = loss.SupConLoss(0.2, "all", 0.2, multilabel="any")(feats, MULTI)
+    expected = reference_supcon(feats, lambda i, j: bool(labels_of(i) & labels_of(j)), 0.2, 0.2)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    jac = lambda i, j: len(labels_of(i) & labels_of(j)) / len(labels_of(i) | labels_of(j))  # noqa: E731
+    got = loss.SupConLoss(0.2, "all", 0.2, multilabel="jaccard", jaccard_threshold=0.5)(feats, MULTI)
+    assert float(got) == pytest.approx(reference_supcon(feats, lambda i, j: jac(i, j) >= 0.5, 0.2, 0.2), rel=1e-5)
+
+
+@pytest.mark.parametrize("V", [2, 3])
+def test_supcon_per_label_mulsupcon(V):
+    feats, tau = unit(7, V, 6, seed=3), 0.3
+    got = loss.SupConLoss(tau, "all", tau, multilabel="per_label")(feats, MULTI)
+    rows = [(v, i) for v in range(V) for i in range(7)]
+    dot = lambda a, b: float(feats[a[1], a[0]] @ feats[b[1], b[0]]) / tau  # noqa: E731
+    terms = []
+    for a in rows:
+        others = [r for r in rows if r != a]
+        log_den = math.log(sum(math.exp(dot(a, r)) for r in others))
+        for c in range(3):  # each class of the anchor is an anchor of its own
+            positives = [r for r in others if MULTI[r[1], c]]
+            if MULTI[a[1], c] and positives:
+                terms.append(-sum(dot(a, p) - log_den for p in positives) / len(positives))
+    assert float(got) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_rows_without_positives_are_left_out_never_nan():
+    feats = unit(4, 1, 3, seed=4).requires_grad_()
+    labels = torch.tensor([0, 1, 1, 2])  # V = 1: rows 0 and 3 have no positive
+    got = loss.SupConLoss(0.1, "all", 0.1)(feats, labels)
+    expected = reference_supcon(feats.detach(), lambda i, j: labels[i] == labels[j], 0.1, 0.1)
+    assert float(got.detach()) == pytest.approx(expected, rel=1e-5)
+    got.backward()
+    assert torch.isfinite(feats.grad).all()
+    none = loss.SupConLoss(0.1)(feats, torch.tensor([0, 1, 2, 3]))  # nobody has a positive
+    assert float(none) == 0.0 and not torch.isnan(none)
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_instance_loss_loop(m):
+    B, tau = 4, 0.5
+    z = torch.randn(m * B, 5, generator=torch.Generator().manual_seed(5))
+    u = F.normalize(z, dim=1).tolist()
+    s = lambda i, j: sum(x * y for x, y in zip(u[i], u[j])) / tau  # noqa: E731
+    total = 0.0
+    for i in range(m * B):
+        log_den = math.log(sum(math.exp(s(i, a)) for a in range(m * B) if a != i))
+        positives = [j for j in range(m * B) if j != i and j % B == i % B]
+        total += -sum(s(i, p) - log_den for p in positives) / len(positives)
+    assert float(loss.InstanceLoss(tau, m)(z)) == pytest.approx(total / (m * B), rel=1e-5)
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_cluster_loss(m):
+    B, K, tau = 6, 3, 1.0
+    c = torch.softmax(torch.randn(m * B, K, generator=torch.Generator().manual_seed(6)), dim=1)
+    views = c.chunk(m)
+    columns = torch.cat([v.T for v in views])  # [m*K, B], column k of view v at row v*K + k
+    contrast = float(loss.InstanceLoss(tau, m)(columns))
+    entropy = 0.0
+    for v in views:
+        p = (v.sum(0) / v.sum()).tolist()
+        entropy += math.log(K) + sum(x * math.log(x) for x in p)
+    assert float(loss.ClusterLoss(tau, m)(c)) == pytest.approx(contrast + entropy, rel=1e-5)
+    even = torch.full((m * B, K), 1.0 / K)  # even spread: entropy 0; identical columns: log(m*K - 1)
+    assert float(loss.ClusterLoss(tau, m)(even)) == pytest.approx(math.log(m * K - 1), rel=1e-5)
+
+
+def test_total_coding_rate_two_ways():
+    X = torch.randn(10, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    b, d, eps = 10, 4, 0.01
+    eigen = torch.linalg.eigvalsh(X.T @ X)  # -1/2 sum log(1 + d/(b eps) lambda)
+    expected = -0.5 * sum(math.log(1 + d / (b * eps) * float(lam)) for lam in eigen)
+    assert float(loss.TotalCodingRate(eps)(X)) == pytest.approx(expected, rel=1e-4)
+    gram = torch.eye(b, dtype=torch.float64) + d / (b * eps) * X @ X.T  # Sylvester: same determinant
+    assert float(loss.TotalCodingRate(eps)(X)) == pytest.approx(-0.5 * float(torch.logdet(gram)), rel=1e-4)
+    assert loss.TotalCodingRate(eps)(X.half()).dtype == torch.float32
+
+
+def test_emp_ssl_loop():
+    z = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(8))
+    u = F.normalize(z, dim=-1)
+    sims = []
+    for i in range(3):
+        centre = F.normalize(u[i].mean(0), dim=0)
+        sims += [float(u[i, v] @ centre) for v in range(4)]
+    tcr = sum(float(loss.TotalCodingRate(0.01)(u[:, v])) for v in range(4)) / 4
+    expected = -200 * sum(sims) / len(sims) + tcr
+    assert float(loss.EMPSSLLoss(0.01, 200)(z)) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["all", "only"])
+def test_mixed_loss(method):
+    feats = unit(7, 2, 6, seed=9)
+    got = loss.MixedSupConLoss(0.2, reg_lambda=0.5, unsup_method=method)(feats, MULTI)
+    rows = list(range(7)) if method == "all" else [4, 5]  # 'only': proteins without a class
+    unsup = reference_supcon(feats[rows], lambda i, j: i == j, 0.2, 0.2)
+    sup = reference_supcon(feats, lambda i, j: bool(labels_of(i) & labels_of(j)), 0.2, 0.2)
+    assert float(got) == pytest.approx(unsup + 0.5 * sup, rel=1e-5)
