@@ -329,16 +329,25 @@ class LocalizationDataset(Dataset):
         self.labels = np.stack([p.labels for p in proteins]) if proteins else np.zeros((0, NUM_CLASSES), np.uint8)
         self.lengths = np.array([len(p.sequence) for p in proteins], dtype=np.int64)
         self.sampler = None  # ContrastSampler when SupCon is on (training split only)
+        self.augmenter = None  # Augmenter when train.augment is on (training split only)
+        self.item_protein = np.arange(len(proteins))  # item -> protein (copies repeat proteins)
 
     def __len__(self):
-        return len(self.proteins)
+        return len(self.item_protein)
 
-    def __getitem__(self, index):
+    def __getitem__(self, item_index):
+        index = int(self.item_protein[item_index])
         p = self.proteins[index]
         track_mask = np.ones(NUM_CLASSES, dtype=bool)
         track_mask[list(p.masked)] = False
         item = {"index": index, "entry": p.entry, "tokens": self.tokens[index], "labels": p.labels,
                 "targets": p.targets, "track_mask": track_mask}
+        if self.augmenter is not None:
+            rng = self.augmenter.rng(item_index)
+            if self.augmenter.apply:
+                item["tokens"], item["mutated"] = self.augmenter.mutate(index, self.tokens[index], rng), True
+            if self.augmenter.views > 1 and self.augmenter.active:
+                item["views"] = [self.augmenter.mutate(index, self.tokens[index], rng) for _ in range(self.augmenter.views)]
         if self.sampler is not None and self.sampler.active:
             item["pos_neg"] = self.sampler.sample(index)
             samples = item["pos_neg"]["pos"] + item["pos_neg"]["neg"]
@@ -351,9 +360,25 @@ class LocalizationDataset(Dataset):
         self.sampler = ContrastSampler(self.labels, n_pos, n_neg, hard_neg, distance_map, seed)
 
     def set_epoch(self, epoch: int, contrastive: bool) -> None:
-        """Sampling depends on (seed, epoch, anchor); `contrastive` turns pos_neg items on or off."""
+        """Sampling and mutations depend on (seed, epoch, item); `contrastive` turns pos_neg items
+        (or views) on or off."""
         if self.sampler is not None:
             self.sampler.epoch, self.sampler.active = epoch, contrastive
+        if self.augmenter is not None:
+            self.augmenter.epoch, self.augmenter.active = epoch, contrastive
+
+    def enable_augmentation(self, apply: bool, pos_rate: float, neg_rate: float, max_copies: int = 1,
+                            views: int = 1, seed: int = 0) -> None:
+        """MUTarget's mutation augmentation (training split only): see Augmenter. With apply, rarer
+        classes get more copies per epoch (up to max_copies); views > 1 adds that many mutated
+        views of each protein to every item (for the in-batch contrastive losses)."""
+        self.augmenter = Augmenter(self.proteins, pos_rate, neg_rate, views, seed, apply)
+        if apply and max_copies > 1:
+            copies = self.augmenter.copies(self.labels, max_copies)
+            self.item_protein = np.repeat(np.arange(len(self.proteins)), copies)
+
+    def item_lengths(self) -> np.ndarray:
+        return self.lengths[self.item_protein]
 
     def get_pos_samples(self, anchor_idx: int) -> list[int]:
         return self.sampler.sample(anchor_idx)["pos"]
@@ -400,8 +425,15 @@ class Collate:
         sequences = [it["tokens"] for it in items]
         entries = [it["entry"] for it in items]
         extended = "pos_neg" in items[0]
-        if extended:
-            row = {idx: r for r, idx in enumerate(indices)}
+        if "views" in items[0]:  # in-batch contrastive losses: V mutated views per anchor, own rows
+            groups = []
+            for it in items:
+                groups.append(list(range(len(indices), len(indices) + len(it["views"]))))
+                indices += [it["index"]] * len(it["views"])
+                sequences += it["views"]
+                entries += [it["entry"]] * len(it["views"])
+        elif extended:
+            row = {idx: r for r, idx in enumerate(indices) if not items[r].get("mutated")}  # shareable rows
             groups = []
             for it in items:
                 group = [row[it["index"]]]
@@ -445,8 +477,9 @@ class Collate:
             "entries": entries[:len(items)],
         }
         if extended:
-            batch["group_index"] = torch.tensor(groups)
             batch["fallback"] = torch.tensor([[it["pos_neg"][k] for k in FALLBACKS] for it in items]).sum(0)
+        if extended or "views" in items[0]:
+            batch["group_index"] = torch.tensor(groups)
         return batch
 
 
@@ -521,6 +554,52 @@ def length_sorted_batches(lengths, batch_size: int) -> list[list[int]]:
     """Evaluation batches of similar lengths (less padding); order is restored by indices."""
     order = np.argsort(lengths, kind="stable")
     return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+STANDARD = np.array([4 + _ESM_TOKENS.index(a) for a in "ACDEFGHIKLMNPQRSTVWY"])  # token ids of the 20
+_STANDARD_POSITION = np.full(64, -1)
+_STANDARD_POSITION[STANDARD] = np.arange(len(STANDARD))
+
+
+def signal_mask(protein: Protein) -> np.ndarray:
+    """Residues inside any annotated signal region [L] (bool)."""
+    mask = np.zeros(len(protein.sequence), dtype=bool)
+    for _, start, end in protein.annotations:
+        mask[start - 1:end] = True
+    return mask
+
+
+class Augmenter:
+    """MUTarget's mutation augmentation: each residue is replaced by a different random standard
+    residue with probability pos_rate inside the signal regions and neg_rate outside; labels and
+    targets stay. Mutations are drawn from (seed, epoch, item), so they change every epoch and a
+    resumed run replays them."""
+
+    def __init__(self, proteins, pos_rate: float, neg_rate: float, views: int = 1, seed: int = 0, apply: bool = True):
+        self.masks = [signal_mask(p) for p in proteins]
+        self.pos_rate, self.neg_rate, self.views, self.seed, self.apply = pos_rate, neg_rate, views, seed, apply
+        self.epoch, self.active = 0, True
+
+    def rng(self, item_index: int) -> np.random.Generator:
+        return np.random.default_rng((self.seed, self.epoch, item_index, 1))
+
+    def mutate(self, index: int, tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        rate = np.where(self.masks[index], self.pos_rate, self.neg_rate)
+        where = rng.random(len(tokens)) < rate
+        out = tokens.copy()
+        position = np.maximum(_STANDARD_POSITION[tokens[where]], 0)  # X, B, Z, U, O count as position 0
+        shift = rng.integers(1, len(STANDARD), size=len(position))  # 1..19: never the same residue again
+        out[where] = STANDARD[(position + shift) % len(STANDARD)]
+        return out
+
+    @staticmethod
+    def copies(labels: np.ndarray, max_copies: int) -> np.ndarray:
+        """Copies per protein per epoch: ceil(largest class count / count of the protein's rarest
+        class), at most max_copies; proteins without a class: 1."""
+        counts = labels.sum(0).astype(float)
+        rarest = np.where(labels.astype(bool), counts[None, :], np.inf).min(1)
+        copies = np.ceil(counts.max() / np.where(np.isfinite(rarest), rarest, counts.max()))
+        return np.clip(copies, 1, max_copies).astype(np.int64)
 
 
 OTHER = NUM_CLASSES  # sampling treats "no class" as a class of its own

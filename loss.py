@@ -253,3 +253,27 @@ class EMPSSLLoss(nn.Module):
         centre = F.normalize(z.mean(1, keepdim=True), dim=-1)
         similarity = (z * centre).sum(-1).mean()
         return -self.sim_weight * similarity + torch.stack([self.tcr(z[:, v]) for v in range(z.shape[1])]).mean()
+
+
+def contrastive_loss(config, out: dict, labels: torch.Tensor) -> torch.Tensor:
+    """The configured contrastive term (supcon.loss) of a model output: 'hard' on the
+    [B, 1 + P + N, d] anchor/positive/negative projections; the others on [B, V, d] views."""
+    sc, z = config["supcon"], out["projection"]
+    name, tau = sc["loss"], sc["temperature"]
+    if name == "hard":
+        return SupConHardLoss(z, tau, sc["n_pos"])
+    views = F.normalize(z.float(), dim=-1)
+    V = views.shape[1]
+    if name == "supcon":
+        return SupConLoss(tau, "all", tau, sc["multilabel"], sc["jaccard_threshold"])(views, labels)
+    if name == "mixed":
+        return MixedSupConLoss(tau, sc["reg_lambda"], sc["unsup_method"], sc["multilabel"])(views, labels)
+    if name == "instance":
+        return InstanceLoss(tau, V)(views.transpose(0, 1).reshape(-1, views.shape[-1]))
+    if name == "cluster":
+        c = out["clusters"]
+        return (InstanceLoss(tau, V)(views.transpose(0, 1).reshape(-1, views.shape[-1]))
+                + ClusterLoss(sc["cluster_tau"], V)(c.transpose(0, 1).reshape(-1, c.shape[-1])))
+    if name == "tcr":
+        return EMPSSLLoss(sc["tcr_eps"], sc["sim_weight"])(views)
+    raise ValueError(f"unknown supcon.loss {name!r}")

@@ -142,7 +142,8 @@ class Encoder(nn.Module):
     forward(batch, heads=True, contrastive=False) ->
       'pooled' [M, d] always;
       heads: 'motif_logits' [B, 8, L], 'class_logits' [B, 8] (the B anchors = the batch's first rows);
-      contrastive: 'projection' [B, 1 + P + N, out_dim], rows gathered by batch['group_index'].
+      contrastive: 'projection' [B, 1 + P + N, out_dim] (or [B, V, out_dim] for V views), rows
+      gathered by batch['group_index']; with the cluster loss also 'clusters' [B, V, K] (softmax).
     SupCon warm start runs heads=False, contrastive=True: the heads are not run at all.
     Padding, BOS and EOS never enter pooling (residue_mask) or the heads' targets.
     """
@@ -165,6 +166,8 @@ class Encoder(nn.Module):
         sc = config.get("supcon") or {}
         self.projection = (LayerNormNet(d, sc["hidden_dim"], sc["out_dim"], sc["drop_out"])
                            if sc.get("apply") else None)
+        self.cluster_head = (nn.Linear(sc["out_dim"], sc["n_clusters"])  # softmax cluster assignments
+                             if sc.get("apply") and sc.get("loss") == "cluster" else None)
 
     def backbone_forward(self, tokens: torch.Tensor, window_len: torch.Tensor | None = None,
                          window_keys: list | None = None) -> torch.Tensor:
@@ -256,6 +259,8 @@ class Encoder(nn.Module):
             out["class_logits"] = self.classifier(self.class_dropout(pooled[:n_anchors]))
         if contrastive:
             out["projection"] = self.projection(pooled)[batch["group_index"]]
+            if self.cluster_head is not None:
+                out["clusters"] = torch.softmax(self.cluster_head(out["projection"]).float(), dim=-1)
         return out
 
 

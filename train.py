@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from data import (CLASSES, FALLBACKS, Collate, DataError, EpochShuffleSampler, LengthBucketSampler, RankSlice,
                   build_datasets, class_distance_map, length_sorted_batches, window_starts)
-from loss import ClassLoss, MotifLoss, SupConHardLoss, class_weights, motif_pos_weights
+from loss import ClassLoss, MotifLoss, class_weights, contrastive_loss, motif_pos_weights
 from metrics import classification_metrics, format_table, residue_metrics, tune_thresholds
 from model import Encoder, FrozenCache, WeightsError, backbone_arch
 from utils import (ConfigError, load_checkpoint, load_config, resolve_config, rng_state, save_checkpoint,
@@ -115,7 +115,7 @@ def make_loader(train_set, config, rank: int = 0, world: int = 1, device=torch.d
     """(epoch sampler, DataLoader) of the training split: global batches of train.batch_size,
     shuffled per (seed, epoch), length-bucketed if train.length_buckets; each rank loads its part."""
     if config.train.length_buckets:
-        sampler = LengthBucketSampler(train_set.lengths, config.train.batch_size, config.seed)
+        sampler = LengthBucketSampler(train_set.item_lengths(), config.train.batch_size, config.seed)
         batches = sampler
     else:
         sampler = EpochShuffleSampler(len(train_set), config.seed)
@@ -157,7 +157,7 @@ def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, de
         batch = to_device(batch, device)
         with autocast(device, dtype):
             loss, losses, out = step_losses(model, batch, criteria, config, heads)
-        if "projection" in out:
+        if "fallback" in batch:  # anchor / positive / negative batches (supcon.loss: hard)
             cos_pos, cos_neg = anchor_cosines(out["projection"].detach(), config.supcon.n_pos)
             sums["cos_anchor_pos"] += cos_pos
             sums["cos_anchor_neg"] += cos_neg
@@ -204,7 +204,7 @@ def step_losses(model, batch: dict, criteria: dict, config, heads: bool = True):
         losses["class_loss"] = criteria["class"](out["class_logits"], batch["labels"])
         losses["motif_loss"] = criteria["motif"](out["motif_logits"], batch["targets"], batch["target_mask"], denominator)
     if extended:
-        losses["supcon_loss"] = SupConHardLoss(out["projection"], config.supcon.temperature, config.supcon.n_pos)
+        losses["supcon_loss"] = contrastive_loss(config, out, batch["labels"])
     loss = (losses.get("class_loss", 0) + config.train.motif_weight * losses.get("motif_loss", 0)
             + config.supcon.weight * losses.get("supcon_loss", 0))
     return loss, losses, out
@@ -287,6 +287,9 @@ def run(args) -> int:
     if config.encoder.cache_frozen and model.first_trainable == 0:
         raise ConfigError("encoder.cache_frozen needs frozen leading layers, but every layer trains "
                           f"(encoder.tune: {config.encoder.tune}); use tune: last_k or frozen, or turn the cache off")
+    if config.encoder.cache_frozen and uses_mutations(config):
+        raise ConfigError("encoder.cache_frozen would be wrong with mutated sequences (train.augment.apply or "
+                          "a view-based supcon.loss): the frozen layers' outputs change every epoch")
     distance_map = setup_supcon(config, model, datasets["train"], device, log, resume)
     run_dir = Path(config.run_dir)
     if main_process:
@@ -424,12 +427,20 @@ def frozen_cache(model, datasets, config, run_dir: Path, rank: int = 0) -> Froze
     return FrozenCache(windows, model.backbone.embed_dim, config.encoder.cache_dtype, path)
 
 
+def uses_mutations(config) -> bool:
+    """True when training sequences are mutated: augmentation, or the views of an in-batch loss."""
+    return config.train.augment.apply or (config.supcon.apply and config.supcon.loss != "hard")
+
+
 def setup_supcon(config, model, train_set, device, log, resume=None):
-    """Turn on positive / negative sampling for the training split; returns the class distance
-    map used for hard negatives (read from supcon.distance_map, or built from the initial model's
+    """Turn on mutation augmentation / views and positive / negative sampling (supcon.loss: hard)
+    for the training split; returns the class distance map used for hard negatives (read from supcon.distance_map, or built from the initial model's
     pooled embeddings of the training split), or None."""
-    sc = config.supcon
-    if not sc.apply:
+    sc, aug = config.supcon, config.train.augment
+    if uses_mutations(config):
+        views = max(aug.views, 2) if sc.apply and sc.loss != "hard" else 1
+        train_set.enable_augmentation(aug.apply, aug.pos_rate, aug.neg_rate, aug.max_copies, views, config.seed)
+    if not sc.apply or sc.loss != "hard":  # the in-batch losses need views, not sampled pairs
         return None
     distance_map = None
     if sc.hard_neg and resume is not None and resume.get("distance_map") is not None:

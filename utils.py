@@ -58,8 +58,18 @@ DEFAULTS = {
         "class_weighting": "inverse_count",
         "motif_weight": 1.0,
         "max_pos_weight": 100.0,
+        "augment": {"apply": False, "pos_rate": 0.1, "neg_rate": 0.3, "max_copies": 3, "views": 2},
     },
     "supcon": {
+        "loss": "hard",
+        "multilabel": "any",
+        "jaccard_threshold": 0.5,
+        "reg_lambda": 1.0,
+        "unsup_method": "all",
+        "n_clusters": 10,
+        "cluster_tau": 1.0,
+        "tcr_eps": 0.01,
+        "sim_weight": 200.0,
         "apply": False,
         "n_pos": 2,
         "n_neg": 4,
@@ -79,11 +89,15 @@ NULLABLE = {"encoder.model_name": str, "encoder.checkpoint": str, "encoder.scrat
 CHOICES = {
     "encoder.tune": ("frozen", "last_k", "full"),
     "encoder.cache_dtype": ("float16", "float32"),
+    "supcon.loss": ("hard", "supcon", "mixed", "instance", "cluster", "tcr"),
+    "supcon.multilabel": ("any", "jaccard", "per_label"),
+    "supcon.unsup_method": ("all", "only"),
     "train.amp": ("auto", "bf16", "fp16", "none"),
     "train.class_weighting": ("inverse_count", "none"),
 }
 POSITIVE = {"data.max_len", "train.epochs", "train.batch_size", "train.eval_batch_size", "train.accumulate",
-            "supcon.n_pos", "supcon.n_neg", "supcon.hidden_dim", "supcon.out_dim"}
+            "supcon.n_pos", "supcon.n_neg", "supcon.hidden_dim", "supcon.out_dim", "supcon.n_clusters",
+            "train.augment.max_copies", "train.augment.views"}
 
 
 class ConfigError(ValueError):

@@ -288,3 +288,39 @@ def test_fasta_parsing(tmp_path):
     path.write_text("MKT\n>A\nMKT\n")
     with pytest.raises(DataError, match="before the first '>' header"):
         data.read_fasta(path)
+
+
+def test_augmentation_rates_labels_and_epochs(tmp_path):
+    data.make_synthetic_dataset(tmp_path, 300, 4)
+    proteins, _ = data.load_proteins(tmp_path)
+    ds = data.LocalizationDataset(proteins)
+    ds.enable_augmentation(True, pos_rate=0.1, neg_rate=0.3, max_copies=3, views=3, seed=0)
+    changed = {True: [0, 0], False: [0, 0]}  # inside / outside signals: [mutated, total]
+    for i in range(len(ds)):
+        item = ds[i]
+        p = item["index"]
+        assert item["labels"] is proteins[p].labels and item["targets"] is proteins[p].targets  # labels unchanged
+        inside = data.signal_mask(proteins[p])
+        for tokens in [item["tokens"]] + item["views"]:
+            assert len(tokens) == len(proteins[p].sequence)
+            diff = tokens != ds.tokens[p]
+            for region in (True, False):
+                changed[region][0] += int(diff[inside == region].sum())
+                changed[region][1] += int((inside == region).sum())
+            assert set(tokens[diff].tolist()) <= set(data.STANDARD.tolist())  # mutated to standard residues
+    assert changed[True][0] / changed[True][1] == pytest.approx(0.1, abs=0.01)
+    assert changed[False][0] / changed[False][1] == pytest.approx(0.3, abs=0.01)
+    first = ds[0]["tokens"]
+    ds.set_epoch(1, contrastive=True)
+    assert (ds[0]["tokens"] != first).any()  # regenerated every epoch
+    ds.set_epoch(0, contrastive=True)
+    assert (ds[0]["tokens"] == first).all()  # and replayed for the same (seed, epoch, item)
+
+
+def test_rarer_classes_get_more_copies():
+    labels = np.zeros((6, 8), np.uint8)
+    labels[:4, data.CLASS_INDEX["SIGNAL"]] = 1       # 4 SIGNAL proteins
+    labels[4, data.CLASS_INDEX["Thylakoid"]] = 1     # 1 Thylakoid protein: ceil(4 / 1) = 4 copies, capped
+    labels[3, data.CLASS_INDEX["ER"]] = 1            # SIGNAL + ER (2 ER proteins): ceil(4 / 2) = 2
+    labels[5, data.CLASS_INDEX["ER"]] = 1
+    assert data.Augmenter.copies(labels, max_copies=3).tolist() == [1, 1, 1, 2, 3, 2]

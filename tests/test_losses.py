@@ -91,7 +91,7 @@ def test_rows_without_positives_are_left_out_never_nan():
     got.backward()
     assert torch.isfinite(feats.grad).all()
     none = loss.SupConLoss(0.1)(feats, torch.tensor([0, 1, 2, 3]))  # nobody has a positive
-    assert float(none) == 0.0 and not torch.isnan(none)
+    assert float(none.detach()) == 0.0 and not torch.isnan(none.detach())
 
 
 @pytest.mark.parametrize("m", [2, 3])
@@ -155,3 +155,19 @@ def test_mixed_loss(method):
     unsup = reference_supcon(feats[rows], lambda i, j: i == j, 0.2, 0.2)
     sup = reference_supcon(feats, lambda i, j: bool(labels_of(i) & labels_of(j)), 0.2, 0.2)
     assert float(got) == pytest.approx(unsup + 0.5 * sup, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["hard", "supcon", "mixed", "instance", "cluster", "tcr"])
+def test_every_loss_trains_end_to_end(tmp_path, name):
+    import json
+
+    import train
+    from conftest import write_config
+    config = write_config(tmp_path, **{"train.epochs": 2, "supcon.apply": True, "supcon.loss": name,
+                                       "supcon.warm_start": 1, "supcon.hidden_dim": 16, "supcon.out_dim": 8,
+                                       "supcon.n_clusters": 4, "train.augment.views": 3})
+    assert train.main(["--config", str(config)]) == 0
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in records] == ["warm_start", "joint"]
+    assert all(math.isfinite(r["train_supcon_loss"]) for r in records)
+    assert all(math.isfinite(r["train_class_loss"]) for r in records[1:])

@@ -131,3 +131,12 @@ def test_frozen_cache_run_and_refusal(tmp_path, capsys):
     assert train.main(["--config", str(bad)]) == 2
     assert "encoder.cache_frozen needs frozen leading layers" in capsys.readouterr().err
     assert not (tmp_path / "b" / "run").exists()
+
+
+def test_frozen_cache_refused_with_augmentation(tmp_path, capsys):
+    config = write_config(tmp_path, **{"encoder.scratch.num_layers": 2, "encoder.tune": "last_k",
+                                       "encoder.trainable_layers": 1, "encoder.cache_frozen": True,
+                                       "train.augment.apply": True})
+    assert train.main(["--config", str(config)]) == 2
+    assert "cache_frozen would be wrong with mutated sequences" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
