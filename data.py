@@ -653,6 +653,11 @@ class ContrastSampler:
             raise ValueError("hard_neg needs a class distance map")
         self._cache: dict[tuple, tuple] = {}
 
+    def set_distance_map(self, distance_map: dict) -> None:
+        """Use a new class distance map from now on (adaptive mining); candidate lists are rebuilt."""
+        self.distances = distance_matrix(distance_map)
+        self._cache.clear()
+
     def classes_of(self, index: int) -> tuple[int, ...]:
         return tuple(np.flatnonzero(self.membership[index]).tolist())
 

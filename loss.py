@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -255,13 +257,43 @@ class EMPSSLLoss(nn.Module):
         return -self.sim_weight * similarity + torch.stack([self.tcr(z[:, v]) for v in range(z.shape[1])]).mean()
 
 
+def gather_batch(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Per-process batches concatenated over all processes (dim 0, rank order), unchanged without
+    torch.distributed. Tensors that require grad are gathered with a gather that carries gradients
+    back to their process; batch sizes may differ between ranks."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(tensors)
+    world = dist.get_world_size()
+    size = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    out = []
+    for t in tensors:
+        padded = torch.cat([t, t.new_zeros(max(sizes) - t.shape[0], *t.shape[1:])])
+        if t.requires_grad:
+            parts = dist_nn.all_gather(padded)
+        else:
+            parts = [torch.empty_like(padded) for _ in range(world)]
+            dist.all_gather(parts, padded)
+        out.append(torch.cat([p[:n] for p, n in zip(parts, sizes)]))
+    return out
+
+
 def contrastive_loss(config, out: dict, labels: torch.Tensor) -> torch.Tensor:
     """The configured contrastive term (supcon.loss) of a model output: 'hard' on the
-    [B, 1 + P + N, d] anchor/positive/negative projections; the others on [B, V, d] views."""
+    [B, 1 + P + N, d] anchor/positive/negative projections; the others on [B, V, d] views of the
+    whole batch, gathered over processes under torchrun (each process computes the global loss;
+    with DistributedDataParallel's averaging the gradients equal one process's on that batch)."""
     sc, z = config["supcon"], out["projection"]
     name, tau = sc["loss"], sc["temperature"]
     if name == "hard":
         return SupConHardLoss(z, tau, sc["n_pos"])
+    if name == "cluster":
+        z, labels, clusters = gather_batch(z, labels, out["clusters"])
+        out = {**out, "clusters": clusters}
+    else:
+        z, labels = gather_batch(z, labels)
     views = F.normalize(z.float(), dim=-1)
     V = views.shape[1]
     if name == "supcon":

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import (CLASSES, FALLBACKS, Collate, DataError, EpochShuffleSampler, LengthBucketSampler, RankSlice,
-                  build_datasets, class_distance_map, length_sorted_batches, window_starts)
+from data import (CLASSES, FALLBACKS, Collate, DataError, EpochShuffleSampler, LengthBucketSampler,
+                  LocalizationDataset, RankSlice, build_datasets, class_distance_map, length_sorted_batches, window_starts)
 from loss import ClassLoss, MotifLoss, class_weights, contrastive_loss, motif_pos_weights
 from metrics import classification_metrics, format_table, residue_metrics, tune_thresholds
 from model import Encoder, FrozenCache, WeightsError, backbone_arch
@@ -340,6 +340,8 @@ def run(args) -> int:
     training = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "distance_map": distance_map}
     for epoch in range(state["epoch"], config.train.epochs):
         start, phase = time.time(), phase_of(config, epoch)
+        if distance_map is not None and config.supcon.remine_every and epoch and epoch % config.supcon.remine_every == 0:
+            distance_map = training["distance_map"] = remine(model, train_set, config, device, distance_map, run_dir, log)
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch, contrastive=phase != "supervised")
         stats = average_over_ranks(train_loop(net, loader, optimizer, scheduler, scaler, criteria, config, device, epoch))
@@ -425,6 +427,28 @@ def frozen_cache(model, datasets, config, run_dir: Path, rank: int = 0) -> Froze
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / (f"frozen_cache.rank{rank}.npy" if rank else "frozen_cache.npy") if config.encoder.cache_on_disk else None
     return FrozenCache(windows, model.backbone.embed_dim, config.encoder.cache_dtype, path)
+
+
+def remine(model, train_set, config, device, old_map: dict, run_dir: Path, log) -> dict:
+    """Adaptive hard-negative mining (CLEAN): a new class distance map from the current model's
+    projections of the training split (unmutated, every protein once); the sampler uses it from
+    now on; written to run_dir/distance_map.json. Every process computes the same map."""
+    plain = LocalizationDataset(train_set.proteins, "train")
+    pooled = run_inference(model, plain, config.train.eval_batch_size, device, config.train.amp,
+                           config.data.max_len, config.data.overlap)["pooled"]
+    with torch.no_grad():
+        model.eval()
+        projected = model.projection(torch.from_numpy(pooled).to(device)).float().cpu().numpy()
+    new_map = class_distance_map(projected, plain.labels)
+    train_set.sampler.set_distance_map(new_map)
+    change = [abs(new_map[a][b] - old_map.get(a, {}).get(b, float("nan"))) for a in new_map for b in new_map[a]]
+    changed = [c for c in change if c == c]
+    log.info("re-mined the class distance map from the model's projections: mean |change| %.4f over %d pairs",
+             sum(changed) / max(len(changed), 1), len(changed))
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return new_map
+    write_text_atomic(run_dir / "distance_map.json", json.dumps(new_map, indent=1))
+    return new_map
 
 
 def uses_mutations(config) -> bool:

@@ -70,6 +70,8 @@ DEFAULTS = {
         "cluster_tau": 1.0,
         "tcr_eps": 0.01,
         "sim_weight": 200.0,
+        "remine_every": 0,
+        "queue_size": 0,
         "apply": False,
         "n_pos": 2,
         "n_neg": 4,

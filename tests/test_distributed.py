@@ -1,5 +1,6 @@
 """DistributedDataParallel on CPU (gloo): gradient equality with one process, torchrun end to end."""
 import json
+import logging
 import subprocess
 import sys
 
@@ -15,9 +16,10 @@ import train
 import utils
 
 
-def tiny_supcon_tree(tmp_path):
+def tiny_supcon_tree(tmp_path, loss_name="hard"):
     return tiny_config(tmp_path, **{
         "train.batch_size": 8, "supcon.apply": True, "supcon.n_pos": 2, "supcon.n_neg": 3,
+        "supcon.loss": loss_name, "supcon.n_clusters": 3, "train.augment.views": 2,
         "supcon.hidden_dim": 16, "supcon.out_dim": 8, "supcon.drop_out": 0.0,
         "decoder.dropout": 0.0, "decoder.class_dropout": 0.0})
 
@@ -25,10 +27,10 @@ def tiny_supcon_tree(tmp_path):
 def first_step_gradients(config, rank=0, world=1):
     """Gradients of the first training step (global batch = first batch of epoch 0)."""
     train_set = data.build_datasets(config)["train"]
-    train_set.enable_supcon(config.supcon.n_pos, config.supcon.n_neg, seed=config.seed)
-    train_set.set_epoch(0, contrastive=True)
     torch.manual_seed(0)
     model = train.Encoder(config)
+    train.setup_supcon(config, model, train_set, torch.device("cpu"), logging.getLogger("test"))
+    train_set.set_epoch(0, contrastive=True)
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     criteria = {"class": loss.ClassLoss(loss.class_weights(train_set.class_counts())),
                 "motif": loss.MotifLoss(loss.motif_pos_weights(*train_set.residue_counts()))}
@@ -39,7 +41,7 @@ def first_step_gradients(config, rank=0, world=1):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, len(batch["labels"])
 
 
-def _worker(rank, world, init_file, tree, out):
+def _worker(rank, world, init_file, tree, out):  # noqa: D103
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         grads, n_anchors = first_step_gradients(utils.resolve_config(tree), rank, world)
@@ -50,8 +52,10 @@ def _worker(rank, world, init_file, tree, out):
         dist.destroy_process_group()
 
 
-def test_two_processes_give_the_gradients_of_one(tmp_path):
-    tree = tiny_supcon_tree(tmp_path)
+@pytest.mark.parametrize("loss_name", ["hard", "supcon", "instance", "cluster", "tcr"])
+def test_two_processes_give_the_gradients_of_one(tmp_path, loss_name):
+    """Anchor batches (hard) and in-batch losses over views gathered across processes."""
+    tree = tiny_supcon_tree(tmp_path, loss_name)
     config = utils.resolve_config(tree)
     expected, n_anchors = first_step_gradients(config)  # also writes the synthetic data once
     assert n_anchors == 8

@@ -253,3 +253,25 @@ def test_deduplicated_batch_equals_plain_batch(tmp_path):
     assert loss_dedup == pytest.approx(loss_plain, rel=1e-6)
     for name, g in grads_dedup.items():
         assert (g - grads_plain[name]).norm() <= 1e-4 * grads_plain[name].norm(), name  # fp32 summation order only
+
+
+def test_remining_changes_the_map_and_the_sampler_uses_it(tmp_path):
+    common = {"supcon.apply": True, "supcon.hard_neg": True, "supcon.hidden_dim": 16, "supcon.out_dim": 8}
+    once = write_config(tmp_path / "a", **common, **{"train.epochs": 1})
+    remined = write_config(tmp_path / "b", **common, **{"train.epochs": 2, "supcon.remine_every": 1})
+    assert train.main(["--config", str(once)]) == 0 and train.main(["--config", str(remined)]) == 0
+    initial = json.loads((tmp_path / "a" / "run" / "distance_map.json").read_text())
+    final = json.loads((tmp_path / "b" / "run" / "distance_map.json").read_text())
+    assert initial.keys() == final.keys() and initial != final  # same seed: only re-mining changed it
+    assert "re-mined the class distance map" in (tmp_path / "b" / "run" / "train.log").read_text()
+    assert utils.load_checkpoint(tmp_path / "b" / "run" / "checkpoints" / "last.pt")["distance_map"] == final
+
+    labels = np.zeros((30, 8), np.uint8)
+    for i in range(30):
+        labels[i, i % 3] = 1  # classes 0, 1, 2 (ER, Peroxisome, Mitochondrion), 10 proteins each
+    names = data.CLASSES
+    near = lambda a, b: {names[0]: {names[0]: 0, names[1]: a, names[2]: b}}  # noqa: E731
+    sampler = data.ContrastSampler(labels, 2, 4, hard_neg=True, distance_map=near(1.0, 5.0))
+    assert all(labels[n, 1] for n in sampler.sample(0)["neg"])  # nearest to ER: Peroxisome
+    sampler.set_distance_map(near(5.0, 1.0))
+    assert all(labels[n, 2] for n in sampler.sample(0)["neg"])  # now Mitochondrion
