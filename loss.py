@@ -91,19 +91,24 @@ def SupConHardLoss(model_emb: torch.Tensor, temp: float, n_pos: int) -> torch.Te
 
 
 # --------------------------------------------------------------------------- the contrastive loss family
-def positive_mask(labels: torch.Tensor, multilabel: str = "any", jaccard_threshold: float = 0.5) -> torch.Tensor:
-    """Sample-by-sample positive mask [B, B] (1 = same class) from labels [B] (single-label) or
-    multi-hot [B, C]. A multi-hot row without any class counts as the class "Other".
-    any: at least one shared class; jaccard: |a & b| / |a | b| >= jaccard_threshold."""
+def positive_mask(labels: torch.Tensor, others: torch.Tensor | None = None, multilabel: str = "any",
+                  jaccard_threshold: float = 0.5) -> torch.Tensor:
+    """Positive mask [A, B] (1 = same class) between labels [A] / multi-hot [A, C] and `others`
+    (default: the labels themselves). A multi-hot row without any class counts as the class
+    "Other". any: at least one shared class; jaccard: |a & b| / |a | b| >= jaccard_threshold."""
+    others = labels if others is None else others
     if labels.dim() == 1:
-        return (labels[:, None] == labels[None, :]).float()
-    y = labels.float()
-    y = torch.cat([y, (y.sum(1, keepdim=True) == 0).float()], dim=1)  # the "Other" column
-    shared = y @ y.T
+        return (labels[:, None] == others[None, :]).float()
+
+    def with_other(y):  # add the "Other" column
+        y = y.float()
+        return torch.cat([y, (y.sum(1, keepdim=True) == 0).float()], dim=1)
+    a, b = with_other(labels), with_other(others)
+    shared = a @ b.T
     if multilabel == "any":
         return (shared > 0).float()
     if multilabel == "jaccard":
-        union = y.sum(1, keepdim=True) + y.sum(1)[None, :] - shared
+        union = a.sum(1, keepdim=True) + b.sum(1)[None, :] - shared
         return (shared / union >= jaccard_threshold).float()
     raise ValueError(f"multilabel must be any, jaccard or per_label, got {multilabel!r}")
 
@@ -129,13 +134,19 @@ class SupConLoss(nn.Module):
         self.multilabel, self.jaccard_threshold = multilabel, jaccard_threshold
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                memory_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """memory [Q, d] / memory_labels: extra contrast rows (a queue of past embeddings): in
+        every denominator, positives by label, never anchors."""
         B, V = features.shape[:2]
         if labels is not None and mask is not None:
             raise ValueError("give labels or mask, not both")
         contrast = features.float().transpose(0, 1).reshape(V * B, -1)  # view-major rows
         n_anchor_views = V if self.contrast_mode == "all" else 1
         anchors = contrast[:n_anchor_views * B]
+        Q = 0 if memory is None else len(memory)
+        if Q:
+            contrast = torch.cat([contrast, memory.float()])
         logits = anchors @ contrast.T / self.temperature
         not_self = torch.ones_like(logits)
         not_self[torch.arange(len(anchors)), torch.arange(len(anchors))] = 0
@@ -143,16 +154,22 @@ class SupConLoss(nn.Module):
         log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
         scale = -self.temperature / self.base_temperature
         if labels is not None and labels.dim() == 2 and self.multilabel == "per_label":
-            y = labels.float()
-            y_rows = y.repeat(V, 1)  # class membership of every contrast row [V*B, C]
+            y_rows = labels.float().repeat(V, 1)  # class membership of every contrast row
+            if Q:
+                y_rows = torch.cat([y_rows, memory_labels.float()])
             counts = not_self @ y_rows  # positives per (anchor row, class)
             sums = (log_prob * not_self) @ y_rows
             valid = (y_rows[:len(anchors)] > 0) & (counts > 0)  # anchor has the class and a positive exists
             return scale * (sums[valid] / counts[valid]).mean() if valid.any() else features.sum() * 0
         if mask is None:
             mask = torch.eye(B, device=features.device) if labels is None else positive_mask(
-                labels, self.multilabel, self.jaccard_threshold)
-        positives = mask.float().to(features.device).repeat(n_anchor_views, V) * not_self
+                labels, None, self.multilabel, self.jaccard_threshold)
+        positives = mask.float().to(features.device).repeat(n_anchor_views, V)
+        if Q:  # queue rows: positives by label (none without labels)
+            cross = (positive_mask(labels, memory_labels, self.multilabel, self.jaccard_threshold)
+                     if labels is not None else torch.zeros(B, Q, device=features.device))
+            positives = torch.cat([positives, cross.repeat(n_anchor_views, 1)], dim=1)
+        positives = positives * not_self
         count = positives.sum(1)
         keep = count > 0  # anchors without positives are left out (never NaN)
         if not keep.any():
@@ -175,10 +192,36 @@ class MixedSupConLoss(nn.Module):
         self.sup = SupConLoss(temperature, "all", temperature, multilabel)
         self.reg_lambda, self.unsup_method = reg_lambda, unsup_method
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, labels: torch.Tensor, memory=None, memory_labels=None) -> torch.Tensor:
         rows = labels.sum(1) == 0 if self.unsup_method == "only" else torch.ones(len(labels), dtype=torch.bool)
         unsup = self.unsup(features[rows]) if rows.any() else features.sum() * 0
-        return unsup + self.reg_lambda * self.sup(features, labels)
+        return unsup + self.reg_lambda * self.sup(features, labels, memory=memory, memory_labels=memory_labels)
+
+
+class EmbeddingQueue(nn.Module):
+    """A FIFO of the last `size` detached embeddings [size, d] with their multi-hot labels
+    [size, C] (buffers: saved in checkpoints). contents() -> (embeddings, labels) filled so far."""
+
+    def __init__(self, size: int, dim: int, num_classes: int):
+        super().__init__()
+        self.register_buffer("embeddings", torch.zeros(size, dim))
+        self.register_buffer("labels", torch.zeros(size, num_classes))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+
+    def contents(self):
+        n = int(self.filled)
+        return self.embeddings[:n], self.labels[:n]
+
+    @torch.no_grad()
+    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        size = len(self.embeddings)
+        embeddings, labels = embeddings.detach()[-size:], labels.detach()[-size:]
+        rows = (int(self.pointer) + torch.arange(len(embeddings), device=embeddings.device)) % size
+        self.embeddings[rows] = embeddings.float()
+        self.labels[rows] = labels.float()
+        self.pointer.fill_((int(self.pointer) + len(embeddings)) % size)
+        self.filled.fill_(min(size, int(self.filled) + len(embeddings)))
 
 
 class InstanceLoss(nn.Module):
@@ -280,7 +323,7 @@ def gather_batch(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def contrastive_loss(config, out: dict, labels: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(config, out: dict, labels: torch.Tensor, queue: EmbeddingQueue | None = None) -> torch.Tensor:
     """The configured contrastive term (supcon.loss) of a model output: 'hard' on the
     [B, 1 + P + N, d] anchor/positive/negative projections; the others on [B, V, d] views of the
     whole batch, gathered over processes under torchrun (each process computes the global loss;
@@ -296,10 +339,17 @@ def contrastive_loss(config, out: dict, labels: torch.Tensor) -> torch.Tensor:
         z, labels = gather_batch(z, labels)
     views = F.normalize(z.float(), dim=-1)
     V = views.shape[1]
-    if name == "supcon":
-        return SupConLoss(tau, "all", tau, sc["multilabel"], sc["jaccard_threshold"])(views, labels)
-    if name == "mixed":
-        return MixedSupConLoss(tau, sc["reg_lambda"], sc["unsup_method"], sc["multilabel"])(views, labels)
+    if name in ("supcon", "mixed"):  # label-aware: may contrast against a queue of past embeddings
+        memory, memory_labels = queue.contents() if queue is not None else (None, None)
+        if name == "supcon":
+            value = SupConLoss(tau, "all", tau, sc["multilabel"], sc["jaccard_threshold"])(
+                views, labels, memory=memory, memory_labels=memory_labels)
+        else:
+            value = MixedSupConLoss(tau, sc["reg_lambda"], sc["unsup_method"], sc["multilabel"])(
+                views, labels, memory, memory_labels)
+        if queue is not None:
+            queue.enqueue(views.reshape(-1, views.shape[-1]), labels.repeat_interleave(views.shape[1], dim=0))
+        return value
     if name == "instance":
         return InstanceLoss(tau, V)(views.transpose(0, 1).reshape(-1, views.shape[-1]))
     if name == "cluster":

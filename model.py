@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import NUM_CLASSES, PAD_IDX
+from loss import EmbeddingQueue
 
 ESM_MODELS_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/"
 
@@ -168,6 +169,8 @@ class Encoder(nn.Module):
                            if sc.get("apply") else None)
         self.cluster_head = (nn.Linear(sc["out_dim"], sc["n_clusters"])  # softmax cluster assignments
                              if sc.get("apply") and sc.get("loss") == "cluster" else None)
+        self.queue = (EmbeddingQueue(sc["queue_size"], sc["out_dim"], NUM_CLASSES)  # past embeddings
+                      if sc.get("apply") and sc.get("loss") in ("supcon", "mixed") and sc.get("queue_size") else None)
 
     def backbone_forward(self, tokens: torch.Tensor, window_len: torch.Tensor | None = None,
                          window_keys: list | None = None) -> torch.Tensor:

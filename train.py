@@ -204,7 +204,7 @@ def step_losses(model, batch: dict, criteria: dict, config, heads: bool = True):
         losses["class_loss"] = criteria["class"](out["class_logits"], batch["labels"])
         losses["motif_loss"] = criteria["motif"](out["motif_logits"], batch["targets"], batch["target_mask"], denominator)
     if extended:
-        losses["supcon_loss"] = contrastive_loss(config, out, batch["labels"])
+        losses["supcon_loss"] = contrastive_loss(config, out, batch["labels"], getattr(model, "module", model).queue)
     loss = (losses.get("class_loss", 0) + config.train.motif_weight * losses.get("motif_loss", 0)
             + config.supcon.weight * losses.get("supcon_loss", 0))
     return loss, losses, out

@@ -171,3 +171,46 @@ def test_every_loss_trains_end_to_end(tmp_path, name):
     assert [r["phase"] for r in records] == ["warm_start", "joint"]
     assert all(math.isfinite(r["train_supcon_loss"]) for r in records)
     assert all(math.isfinite(r["train_class_loss"]) for r in records[1:])
+
+
+@pytest.mark.parametrize("multilabel", ["any", "per_label"])
+def test_supcon_with_queue_memory(multilabel):
+    feats, tau = unit(7, 2, 6, seed=10), 0.2
+    memory = unit(5, 6, seed=11)
+    memory_labels = torch.tensor([[1, 0, 0], [0, 0, 1], [0, 0, 0], [0, 1, 0], [1, 1, 0]])
+    got = loss.SupConLoss(tau, "all", tau, multilabel)(feats, MULTI, memory=memory, memory_labels=memory_labels)
+    rows = [("f", v, i) for v in range(2) for i in range(7)] + [("m", 0, q) for q in range(5)]
+    vec = lambda r: feats[r[2], r[1]] if r[0] == "f" else memory[r[2]]  # noqa: E731
+    labs = lambda r: labels_of(r[2]) if r[0] == "f" else ({c for c in range(3) if memory_labels[r[2], c]} or {"Other"})  # noqa: E731
+    terms = []
+    for a in rows[:14]:  # memory rows are never anchors
+        others = [r for r in rows if r != a]
+        log_den = math.log(sum(math.exp(float(vec(a) @ vec(r)) / tau) for r in others))
+        groups = [{c} for c in labs(a) if c != "Other"] if multilabel == "per_label" else [labs(a)]
+        for group in groups:
+            positives = [r for r in others if labs(r) & group]
+            if positives:
+                terms.append(-sum(float(vec(a) @ vec(p)) / tau - log_den for p in positives) / len(positives))
+    assert float(got) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_embedding_queue_is_fifo_and_detached():
+    queue = loss.EmbeddingQueue(4, 2, 3)
+    first = torch.arange(6.0).view(3, 2).requires_grad_()
+    queue.enqueue(first, torch.eye(3))
+    emb, lab = queue.contents()
+    assert emb.tolist() == first.tolist() and lab.tolist() == torch.eye(3).tolist() and not emb.requires_grad
+    queue.enqueue(torch.full((2, 2), 9.0), torch.zeros(2, 3))  # 5 rows into 4 slots: the oldest goes
+    emb, _ = queue.contents()
+    assert len(emb) == 4 and sorted(map(tuple, emb.tolist())) == sorted([(2.0, 3.0), (4.0, 5.0), (9.0, 9.0), (9.0, 9.0)])
+
+
+def test_queue_trains_and_is_checkpointed(tmp_path):
+    import train
+    import utils
+    from conftest import write_config
+    config = write_config(tmp_path, **{"train.epochs": 1, "supcon.apply": True, "supcon.loss": "supcon",
+                                       "supcon.queue_size": 32, "supcon.hidden_dim": 16, "supcon.out_dim": 8})
+    assert train.main(["--config", str(config)]) == 0
+    state = utils.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    assert int(state["queue.filled"]) == 32 and state["queue.embeddings"].abs().sum() > 0
