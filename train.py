@@ -143,9 +143,10 @@ def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, de
     """One epoch. Zero grads after every optimiser step, clip after AMP unscale, accumulate
     `train.accumulate` batches per step. Returns mean losses of the epoch.
 
-    SupCon: a batch holding 'group_index' was extended with each anchor's positives and
-    negatives (decided per batch, before the forward pass); it adds weight * SupConHardLoss.
-    In warm start only that term is computed and the heads are not run.
+    SupCon: a batch holding 'group_index' was extended (decided per batch, before the forward
+    pass) with each anchor's positives and negatives, or with its mutated views; it adds
+    supcon.weight * the configured contrastive term. In warm start only that term is computed
+    and the heads are not run.
     """
     model.train()
     cfg, dtype = config.train, amp_dtype(config.train.amp, device)
