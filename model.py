@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from data import NUM_CLASSES, PAD_IDX
 from loss import EmbeddingQueue
+from utils import ConfigError
 
 ESM_MODELS_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/"
 
@@ -51,7 +52,7 @@ def build_backbone(encoder_cfg, arch: dict | None = None) -> esm.model.esm2.ESM2
     if encoder_cfg["scratch"] is not None:
         s = encoder_cfg["scratch"]
         if s["embed_dim"] % s["attention_heads"]:
-            raise ValueError(f"encoder.scratch.embed_dim ({s['embed_dim']}) must be divisible by "
+            raise ConfigError(f"encoder.scratch.embed_dim ({s['embed_dim']}) must be divisible by "
                              f"attention_heads ({s['attention_heads']})")
         return esm.model.esm2.ESM2(num_layers=s["num_layers"], embed_dim=s["embed_dim"],
                                    attention_heads=s["attention_heads"], alphabet="ESM-1b")
@@ -59,7 +60,7 @@ def build_backbone(encoder_cfg, arch: dict | None = None) -> esm.model.esm2.ESM2
         return load_esm_file(encoder_cfg["checkpoint"])
     name = encoder_cfg["model_name"]
     if not name.startswith("esm2_"):
-        raise ValueError(f"encoder.model_name must be an ESM-2 model such as esm2_t33_650M_UR50D, got {name!r}")
+        raise ConfigError(f"encoder.model_name must be an ESM-2 model such as esm2_t33_650M_UR50D, got {name!r}")
     path = Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
     if not path.is_file():
         raise _missing_weights(path, name)

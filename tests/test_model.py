@@ -138,6 +138,10 @@ def test_config_types_and_choices(tmp_path):
         utils.resolve_config({"encoder": {"scratch": {}}, "train": {"epochs": "ten"}})
     with pytest.raises(ConfigError, match=r"'train.amp' must be one of auto, bf16, fp16, none"):
         utils.resolve_config({"encoder": {"scratch": {}}}, ["train.amp=fp8"])
+    with pytest.raises(ConfigError, match="embed_dim .30. must be divisible by attention_heads .4."):
+        model.Encoder(utils.resolve_config({"encoder": {"scratch": {"embed_dim": 30, "attention_heads": 4}}}))
+    with pytest.raises(ConfigError, match="must be an ESM-2 model"):
+        model.Encoder(utils.resolve_config({"encoder": {"model_name": "esm1b_t33_650M_UR50S"}}))
     with pytest.raises(ConfigError, match="set exactly one of encoder.model_name"):
         utils.resolve_config({"encoder": {"scratch": {}, "model_name": "esm2_t6_8M_UR50D"}})
     cfg = utils.resolve_config({"encoder": {"scratch": {"num_layers": 3}}}, ["train.lr=1e-4", "train.epochs=3"])
