@@ -435,8 +435,8 @@ class Collate:
         elif extended:
             row = {idx: r for r, idx in enumerate(indices) if not items[r].get("mutated")}  # shareable rows
             groups = []
-            for it in items:
-                group = [row[it["index"]]]
+            for anchor_row, it in enumerate(items):
+                group = [anchor_row]
                 for idx in it["pos_neg"]["pos"] + it["pos_neg"]["neg"]:
                     if idx not in row or not self.dedup:  # dedup=False: every slot its own row
                         row[idx] = len(indices)

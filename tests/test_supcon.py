@@ -275,3 +275,24 @@ def test_remining_changes_the_map_and_the_sampler_uses_it(tmp_path):
     assert all(labels[n, 1] for n in sampler.sample(0)["neg"])  # nearest to ER: Peroxisome
     sampler.set_distance_map(near(5.0, 1.0))
     assert all(labels[n, 2] for n in sampler.sample(0)["neg"])  # now Mitochondrion
+
+
+def test_mutated_anchors_are_never_shared_with_samples(tmp_path):
+    data.make_synthetic_dataset(tmp_path, 150, 3)
+    proteins, partitions = data.load_proteins(tmp_path)
+    ds = data.LocalizationDataset([proteins[i] for i in data.fold_indices(partitions, 0)["train"]], "train")
+    ds.enable_supcon(3, 5, seed=2)
+    ds.enable_augmentation(True, 0.5, 0.5, max_copies=1, views=1, seed=0)
+    items = [ds[i] for i in range(12)]
+    batch = data.Collate(max_len=400, overlap=10)(items)
+    rows = batch["indices"].tolist()
+    shared = 0
+    for b, it in enumerate(items):
+        group = batch["group_index"][b].tolist()
+        assert group[0] == b  # the anchor's own (mutated) row
+        for r in group[1:]:
+            window = (batch["window_protein"] == r).nonzero().flatten()[0]
+            length = int(batch["window_len"][window])
+            assert batch["tokens"][window, 1:1 + length].tolist() == ds.tokens[rows[r]].tolist()  # unmutated
+            shared += rows[r] in rows[:12]
+    assert shared > 0  # some samples were anchors of this batch too, and got rows of their own
