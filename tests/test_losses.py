@@ -165,7 +165,8 @@ def test_every_loss_trains_end_to_end(tmp_path, name):
     from conftest import write_config
     config = write_config(tmp_path, **{"train.epochs": 2, "supcon.apply": True, "supcon.loss": name,
                                        "supcon.warm_start": 1, "supcon.hidden_dim": 16, "supcon.out_dim": 8,
-                                       "supcon.n_clusters": 4, "train.augment.views": 3})
+                                       "supcon.n_clusters": 4, "train.augment.views": 3,
+                                       "train.augment.apply": name in ("hard", "supcon")})  # mutated anchors too
     assert train.main(["--config", str(config)]) == 0
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in records] == ["warm_start", "joint"]
