@@ -1,0 +1,119 @@
+"""Cross-validation: train folds (and seeds) of one config, summarise the test metrics.
+
+python scripts/cv.py --config CONFIG --folds 0 1 2 3 4 [--seeds 0 1 2] --out DIR [--set KEY=VALUE ...]
+
+Each (fold, seed) trains with `data.fold`, `seed` and `run_dir = DIR/runs/fold{F}_seed{S}` set, and is
+evaluated on its own test partition (train.py's final test, best epoch by validation macro-MCC).
+A run directory that already holds test_metrics.json is reused, so an interrupted CV continues.
+Writes DIR/cv_summary.json:
+  {"config", "overrides", "runs": [{"fold", "seed", "run_dir", "wall_s", "best_epoch", <metrics>}],
+   "mean": {<metrics>}, "std": {<metrics>}}
+with <metrics> = macro_f1, macro_mcc, macro_site_accuracy, macro_iou, per_class_f1 {class},
+per_class_mcc {class}, site_accuracy {class}, iou {class}; and DIR/cv_summary.md (a Markdown table).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train  # noqa: E402
+from data import CLASSES, SEGMENT_CLASSES, SITE_CLASSES  # noqa: E402
+from utils import write_text_atomic  # noqa: E402
+
+
+def run_metrics(test: dict) -> dict:
+    """The summarised numbers of one test_metrics.json."""
+    residue = test["residue"]["per_class"]
+    return {"macro_f1": test["macro_f1"], "macro_mcc": test["macro_mcc"],
+            "macro_site_accuracy": test["residue"]["macro_site_accuracy"], "macro_iou": test["residue"]["macro_iou"],
+            "per_class_f1": {c: test["per_class"][c]["f1"] for c in CLASSES},
+            "per_class_mcc": {c: test["per_class"][c]["mcc"] for c in CLASSES},
+            "site_accuracy": {c: residue[c]["site_accuracy"] for c in SITE_CLASSES},
+            "iou": {c: residue[c]["iou"] for c in SEGMENT_CLASSES}}
+
+
+def aggregate(runs: list[dict], reducer) -> dict:
+    """reducer over runs of every metric (None values left out; None if fewer than needed)."""
+    def reduce(values):
+        values = [v for v in values if v is not None]
+        try:
+            return reducer(values)
+        except (statistics.StatisticsError, ValueError):
+            return None
+    out = {}
+    for key, value in run_metrics_template(runs[0]).items():
+        if isinstance(value, dict):
+            out[key] = {c: reduce([r[key][c] for r in runs]) for c in value}
+        else:
+            out[key] = reduce([r[key] for r in runs])
+    out["wall_s"] = reduce([r["wall_s"] for r in runs])
+    return out
+
+
+def run_metrics_template(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k not in ("fold", "seed", "run_dir", "wall_s", "best_epoch")}
+
+
+def fmt(mean, std) -> str:
+    return "-" if mean is None else f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
+
+
+def markdown(summary: dict) -> str:
+    mean, std = summary["mean"], summary["std"]
+    lines = [f"Config `{summary['config']}` {' '.join(summary['overrides'])}, {len(summary['runs'])} runs "
+             f"(folds {sorted({r['fold'] for r in summary['runs']})}, seeds {sorted({r['seed'] for r in summary['runs']})}); "
+             "mean ± std over runs.", "",
+             "| metric | value |", "|---|---|"]
+    for key in ("macro_f1", "macro_mcc", "macro_site_accuracy", "macro_iou", "wall_s"):
+        lines.append(f"| {key} | {fmt(mean[key], std[key])} |")
+    lines += ["", "| class | F1 | MCC | site accuracy / IoU |", "|---|---|---|---|"]
+    for c in CLASSES:
+        residue_key = "site_accuracy" if c in SITE_CLASSES else "iou"
+        lines.append(f"| {c} | {fmt(mean['per_class_f1'][c], std['per_class_f1'][c])} | "
+                     f"{fmt(mean['per_class_mcc'][c], std['per_class_mcc'][c])} | "
+                     f"{fmt(mean[residue_key][c], std[residue_key][c])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--folds", type=int, nargs="+", required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--out", required=True, help="output folder (runs/ and cv_summary.*)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    runs = []
+    for fold in args.folds:
+        for seed in args.seeds:
+            run_dir = out / "runs" / f"fold{fold}_seed{seed}"
+            result = run_dir / "test_metrics.json"
+            wall_file = run_dir / "wall_s.txt"
+            if not result.is_file():
+                start = time.time()
+                code = train.main(["--config", args.config, "--set", *args.set, f"data.fold={fold}", f"seed={seed}",
+                                   f"run_dir={run_dir}"])
+                if code != 0:
+                    return code
+                write_text_atomic(wall_file, f"{time.time() - start:.1f}\n")
+            test = json.loads(result.read_text())
+            wall = float(wall_file.read_text()) if wall_file.is_file() else None
+            runs.append({"fold": fold, "seed": seed, "run_dir": str(run_dir), "wall_s": wall,
+                         "best_epoch": test["best_epoch"], **run_metrics(test)})
+    summary = {"config": args.config, "overrides": args.set, "runs": runs,
+               "mean": aggregate(runs, statistics.mean), "std": aggregate(runs, statistics.stdev)}
+    write_text_atomic(out / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "cv_summary.md", markdown(summary))
+    print(markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
