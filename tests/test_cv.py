@@ -33,3 +33,22 @@ def test_cv_two_folds_on_demo(tmp_path):
     assert cv.main(["--config", str(ROOT / "configs" / "demo.yaml"), "--folds", "0", "1", "--out", str(out),
                     "--set", *small]) == 0
     assert (out / "cv_summary.json").read_text() == first
+
+
+def test_plot_run_and_embeddings(tmp_path, tiny_run, capsys):
+    import plot_embeddings
+    import plot_run
+
+    import train
+    from conftest import write_config
+    png = tmp_path / "curves.png"
+    assert plot_run.main([str(tiny_run), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert plot_run.main([str(tmp_path)]) == 2 and "no metrics.jsonl" in capsys.readouterr().err
+    supcon = write_config(tmp_path / "s", **{"supcon.apply": True, "supcon.hidden_dim": 16, "supcon.out_dim": 8})
+    assert train.main(["--config", str(supcon)]) == 0
+    out = tmp_path / "emb.png"
+    assert plot_embeddings.main(["--checkpoint", str(tiny_run / "checkpoints" / "best.pt"),
+                                 str(tmp_path / "s" / "run" / "checkpoints" / "best.pt"), "--config", str(supcon),
+                                 "--out", str(out), "--labels", "baseline", "SupCon"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

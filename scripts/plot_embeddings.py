@@ -1,0 +1,100 @@
+"""t-SNE of validation proteins' pooled embeddings (and projections), coloured by class.
+
+python scripts/plot_embeddings.py --checkpoint CKPT [CKPT ...] --config CONFIG --out PNG [--labels A B ...]
+
+One column per checkpoint (e.g. a baseline and a SupCon model side by side); the first row shows
+the pooled ESM-2 embeddings, the second the projection-head outputs of models that have one.
+Proteins are coloured by their class; multi-label proteins are drawn as black-edged crosses in the
+colour of their first class, proteins without a class in grey. Data: the validation split of the
+config's data.root and data.fold.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from sklearn.manifold import TSNE
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data import CLASSES, build_datasets  # noqa: E402
+from model import Encoder  # noqa: E402
+from train import resolve_device, run_inference  # noqa: E402
+from utils import load_checkpoint, load_config, resolve_config  # noqa: E402
+
+
+def embeddings(checkpoint, dataset, config, device) -> dict:
+    """{'pooled': [N, d], 'projection': [N, k] or absent} of one checkpoint's model."""
+    ckpt = load_checkpoint(checkpoint)
+    model = Encoder(resolve_config(ckpt["config"]), arch=ckpt["arch"])
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    pooled = run_inference(model, dataset, config.train.eval_batch_size, device, "none",
+                           config.data.max_len, config.data.overlap)["pooled"]
+    out = {"pooled": pooled}
+    if model.projection is not None:
+        with torch.no_grad():
+            out["projection"] = model.projection(torch.from_numpy(pooled).to(device)).float().cpu().numpy()
+    return out
+
+
+def scatter(ax, points: np.ndarray, labels: np.ndarray, title: str) -> None:
+    colours = plt.get_cmap("tab10")
+    n_classes = labels.sum(1)
+    other = n_classes == 0
+    ax.scatter(*points[other].T, s=6, c="lightgrey", label="Other")
+    first = labels.argmax(1)
+    for c, name in enumerate(CLASSES):
+        single = (n_classes == 1) & (first == c)
+        multi = (n_classes > 1) & (first == c)
+        ax.scatter(*points[single].T, s=8, color=colours(c), label=name)
+        ax.scatter(*points[multi].T, s=30, color=colours(c), marker="X", edgecolors="black", linewidths=0.6)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", nargs="+", required=True)
+    p.add_argument("--config", required=True, help="config whose validation split to embed")
+    p.add_argument("--out", required=True)
+    p.add_argument("--labels", nargs="*", help="column titles (default: checkpoint paths)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--perplexity", type=float, default=30.0)
+    args = p.parse_args(argv)
+    config = load_config(args.config)
+    device = resolve_device(args.device)
+    valid = build_datasets(config)["valid"]
+    labels = valid.labels.astype(int)
+    titles = args.labels or [str(c) for c in args.checkpoint]
+    results = [embeddings(c, valid, config, device) for c in args.checkpoint]
+    rows = 2 if any("projection" in r for r in results) else 1
+    fig, axes = plt.subplots(rows, len(results), figsize=(5 * len(results), 4.6 * rows), squeeze=False)
+    for col, (result, title) in enumerate(zip(results, titles)):
+        for row, key in enumerate(["pooled", "projection"][:rows]):
+            ax = axes[row, col]
+            if key not in result:
+                ax.axis("off")
+                ax.text(0.5, 0.5, "no projection head", ha="center", va="center")
+                continue
+            tsne = TSNE(perplexity=min(args.perplexity, (len(labels) - 1) / 3), random_state=0, init="pca")
+            scatter(ax, tsne.fit_transform(result[key]), labels, f"{title}\n{key} (t-SNE)")
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=9, fontsize=8, markerscale=2)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(args.out, dpi=110)
+    plt.close(fig)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
