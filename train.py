@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -154,7 +155,12 @@ def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, de
     trainable = [p for p in model.parameters() if p.requires_grad]
     sums, fallbacks, n_batches = defaultdict(float), defaultdict(int), len(loader)
     optimizer.zero_grad(set_to_none=True)
-    for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)):
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)
+    log, start, every = logging.getLogger("mutarget"), time.time(), max(n_batches // 10, 1)
+    for step, batch in enumerate(bar):
+        if bar.disable and step and step % every == 0:  # no progress bar (not a terminal): a log line
+            log.info("epoch %d: %d/%d batches, %.0fs, loss %.4f", epoch, step, n_batches, time.time() - start,
+                     float(sums["loss"]) / step)
         batch = to_device(batch, device)
         with autocast(device, dtype):
             loss, losses, out = step_losses(model, batch, criteria, config, heads)
