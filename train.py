@@ -157,9 +157,11 @@ def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, de
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)
     log, start, every = logging.getLogger("mutarget"), time.time(), max(n_batches // 10, 1)
+    last_line = start
     for step, batch in enumerate(bar):
-        if bar.disable and step and step % every == 0:  # no progress bar (not a terminal): a log line
-            log.info("epoch %d: %d/%d batches, %.0fs, loss %.4f", epoch, step, n_batches, time.time() - start,
+        if bar.disable and step % every == 0 and time.time() - last_line >= 30:  # no bar (not a terminal)
+            last_line = time.time()
+            log.info("epoch %d: %d/%d batches, %.0fs, loss %.4f", epoch, step, n_batches, last_line - start,
                      float(sums["loss"]) / step)
         batch = to_device(batch, device)
         with autocast(device, dtype):
