@@ -5,7 +5,7 @@ python scripts/plot_embeddings.py --checkpoint CKPT [CKPT ...] --config CONFIG -
 One column per checkpoint (e.g. a baseline and a SupCon model side by side); the first row shows
 the pooled ESM-2 embeddings, the second the projection-head outputs of models that have one.
 Proteins are coloured by their class; multi-label proteins are drawn as black-edged crosses in the
-colour of their first class, proteins without a class in grey. Data: the validation split of the
+colour of their rarest class, proteins without a class in light grey. Data: the validation split of the
 config's data.root and data.fold.
 """
 from __future__ import annotations
@@ -46,16 +46,18 @@ def embeddings(checkpoint, dataset, config, device) -> dict:
 
 
 def scatter(ax, points: np.ndarray, labels: np.ndarray, title: str) -> None:
-    colours = plt.get_cmap("tab10")
+    """Colour by class; a multi-label protein takes the colour of its rarest class (so Thylakoid,
+    always with chloroplast, stays visible) and is drawn as a black-edged cross."""
+    palette = [plt.get_cmap("tab10")(i) for i in (0, 1, 2, 3, 4, 5, 6, 8)]  # no grey: that is "Other"
     n_classes = labels.sum(1)
-    other = n_classes == 0
-    ax.scatter(*points[other].T, s=6, c="lightgrey", label="Other")
-    first = labels.argmax(1)
+    counts = labels.sum(0)
+    key = np.where(labels > 0, counts[None, :], np.inf).argmin(1)  # rarest class of each protein
+    ax.scatter(*points[n_classes == 0].T, s=6, c="lightgrey", label="Other")
     for c, name in enumerate(CLASSES):
-        single = (n_classes == 1) & (first == c)
-        multi = (n_classes > 1) & (first == c)
-        ax.scatter(*points[single].T, s=8, color=colours(c), label=name)
-        ax.scatter(*points[multi].T, s=30, color=colours(c), marker="X", edgecolors="black", linewidths=0.6)
+        ax.scatter(*points[(n_classes == 1) & (key == c)].T, s=8, color=palette[c], label=name)
+        ax.scatter(*points[(n_classes > 1) & (key == c)].T, s=30, color=palette[c], marker="X",
+                   edgecolors="black", linewidths=0.6)
+    ax.scatter([], [], s=30, color="white", marker="X", edgecolors="black", label="multi-label")
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -88,8 +90,8 @@ def main(argv=None) -> int:
             tsne = TSNE(perplexity=min(args.perplexity, (len(labels) - 1) / 3), random_state=0, init="pca")
             scatter(ax, tsne.fit_transform(result[key]), labels, f"{title}\n{key} (t-SNE)")
     handles, names = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=9, fontsize=8, markerscale=2)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(handles, names, loc="lower center", ncol=5, fontsize=8, markerscale=2)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(args.out, dpi=110)
     plt.close(fig)
     print(args.out)
