@@ -229,14 +229,15 @@ def anchor_cosines(projection: torch.Tensor, n_pos: int) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def run_inference(model, dataset, batch_size: int, device, amp: str = "none", max_len=1022, overlap=200) -> dict:
     """Probabilities for every protein of `dataset`, in dataset order: probs [N, 8],
-    motif_probs (list of [8, L_i]) and pooled embeddings [N, d], plus the truth: labels [N, 8],
-    targets, target_masks."""
+    motif_probs (list of [8, L_i]), pooled embeddings [N, d] and their projections [N, k] (None
+    without a projection head), plus the truth: labels [N, 8], targets, target_masks."""
     model.eval()
     loader = DataLoader(dataset, batch_sampler=length_sorted_batches(dataset.lengths, batch_size),
                         collate_fn=Collate(max_len, overlap), pin_memory=device.type == "cuda")
     n = len(dataset)
     probs = np.zeros((n, len(CLASSES)), dtype=np.float32)
     pooled = np.zeros((n, model.backbone.embed_dim), dtype=np.float32)
+    projection = None if model.projection is None else np.zeros((n, model.projection.net[-1].out_features), np.float32)
     motif_probs, masks = [None] * n, [None] * n
     for batch in tqdm(loader, desc=f"eval {dataset.name}", leave=False, disable=None):
         batch = to_device(batch, device)
@@ -245,12 +246,16 @@ def run_inference(model, dataset, batch_size: int, device, amp: str = "none", ma
         p = torch.sigmoid(out["class_logits"].float()).cpu().numpy()
         mp = torch.sigmoid(out["motif_logits"].float()).cpu().numpy()
         tm = batch["target_mask"].cpu().numpy()
-        pooled[batch["indices"].cpu().numpy()] = out["pooled"].float().cpu().numpy()
+        rows = batch["indices"].cpu().numpy()
+        pooled[rows] = out["pooled"].float().cpu().numpy()
+        if projection is not None:
+            projection[rows] = model.projection(out["pooled"]).float().cpu().numpy()
         for row, (i, length) in enumerate(zip(batch["indices"].tolist(), batch["lengths"].tolist())):
             probs[i] = p[row]
             motif_probs[i] = mp[row, :, :length]
             masks[i] = tm[row, :, :length]
-    return {"probs": probs, "motif_probs": motif_probs, "pooled": pooled, "labels": dataset.labels.astype(np.int64),
+    return {"probs": probs, "motif_probs": motif_probs, "pooled": pooled, "projection": projection,
+            "labels": dataset.labels.astype(np.int64),
             "targets": [p.targets for p in dataset.proteins], "target_masks": masks}
 
 
@@ -443,11 +448,8 @@ def remine(model, train_set, config, device, old_map: dict, run_dir: Path, log) 
     projections of the training split (unmutated, every protein once); the sampler uses it from
     now on; written to run_dir/distance_map.json. Every process computes the same map."""
     plain = LocalizationDataset(train_set.proteins, "train")
-    pooled = run_inference(model, plain, config.train.eval_batch_size, device, config.train.amp,
-                           config.data.max_len, config.data.overlap)["pooled"]
-    with torch.no_grad():
-        model.eval()
-        projected = model.projection(torch.from_numpy(pooled).to(device)).float().cpu().numpy()
+    projected = run_inference(model, plain, config.train.eval_batch_size, device, config.train.amp,
+                              config.data.max_len, config.data.overlap)["projection"]
     new_map = class_distance_map(projected, plain.labels)
     train_set.sampler.set_distance_map(new_map)
     change = [abs(new_map[a][b] - old_map.get(a, {}).get(b, float("nan"))) for a in new_map for b in new_map[a]]

@@ -14,8 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import DataError, build_datasets, class_distance_map  # noqa: E402
@@ -36,12 +34,10 @@ def build_map(config, checkpoint=None, device="auto") -> dict:
         model = Encoder(config)
     model.to(device).eval()
     train_set = build_datasets(config)["train"]
-    pooled = run_inference(model, train_set, config.train.eval_batch_size, device, config.train.amp,
-                           config.data.max_len, config.data.overlap)["pooled"]
-    if checkpoint is not None and model.projection is not None:
-        with torch.no_grad():
-            pooled = model.projection(torch.from_numpy(pooled).to(device)).float().cpu().numpy()
-    return class_distance_map(pooled, train_set.labels)
+    out = run_inference(model, train_set, config.train.eval_batch_size, device, config.train.amp,
+                        config.data.max_len, config.data.overlap)
+    use_projection = checkpoint is not None and out["projection"] is not None
+    return class_distance_map(out["projection"] if use_projection else out["pooled"], train_set.labels)
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-import torch
 from sklearn.manifold import TSNE
 
 matplotlib.use("Agg")
@@ -36,13 +35,9 @@ def embeddings(checkpoint, dataset, config, device) -> dict:
     model = Encoder(resolve_config(ckpt["config"]), arch=ckpt["arch"])
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
-    pooled = run_inference(model, dataset, config.train.eval_batch_size, device, "none",
-                           config.data.max_len, config.data.overlap)["pooled"]
-    out = {"pooled": pooled}
-    if model.projection is not None:
-        with torch.no_grad():
-            out["projection"] = model.projection(torch.from_numpy(pooled).to(device)).float().cpu().numpy()
-    return out
+    out = run_inference(model, dataset, config.train.eval_batch_size, device, "none",
+                        config.data.max_len, config.data.overlap)
+    return {k: out[k] for k in ("pooled", "projection") if out[k] is not None}
 
 
 def scatter(ax, points: np.ndarray, labels: np.ndarray, title: str) -> None:
