@@ -96,10 +96,10 @@ def load_model(path, ckpt, config, device) -> Encoder:
 
 def ensemble(paths, dataset, device, batch_size: int, tuned: bool):
     """run_inference outputs averaged over checkpoints, and the thresholds [8]."""
-    thresholds = [read_checkpoint(path, tuned)[2] for path in paths]  # fail before any inference
-    total = None
-    for path in paths:
-        ckpt, config, _ = read_checkpoint(path, tuned)
+    thresholds, total = [], None
+    for path in paths:  # each checkpoint loaded once; outputs are written only after all succeeded
+        ckpt, config, stored = read_checkpoint(path, tuned)
+        thresholds.append(stored)
         model = load_model(path, ckpt, config, device)
         del ckpt
         out = run_inference(model, dataset, batch_size, device, "none", config.data.max_len, config.data.overlap)
