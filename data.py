@@ -839,7 +839,7 @@ def make_synthetic_dataset(root, n_proteins: int = 800, seed: int = 0) -> None:
     entries = [r[0] for r in rows] + [d[0] for d in duals]
     types = [r[2].split("_")[0] if r[2] != "Other" else "Other" for r in rows] + ["dual"] * n_dual
     partition = np.empty(len(entries), dtype=np.int64)
-    for t in set(types):  # stratified by type, as upstream's split is by first label
+    for t in sorted(set(types)):  # stratified by type, as upstream's split is by first label
         idx = np.flatnonzero(np.array(types) == t)
         partition[rng.permutation(idx)] = np.arange(len(idx)) % 5
     part = pd.DataFrame({"entry": entries, "type": types, "group": np.arange(len(entries)), "partition": partition})

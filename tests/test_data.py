@@ -1,4 +1,6 @@
 """Targets, windows, folds, datasets and bad input of data.py."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -206,8 +208,13 @@ def test_upstream_checkout_layout(tmp_path):
 
 
 def test_synthetic_data_is_deterministic_and_covers_every_class(tmp_path):
-    data.make_synthetic_dataset(tmp_path / "a", 300, 7)
-    data.make_synthetic_dataset(tmp_path / "b", 300, 7)
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    for name, hash_seed in (("a", "1"), ("b", "2")):  # separate processes: string hashing differs
+        code = f"import data; data.make_synthetic_dataset({str(tmp_path / name)!r}, 300, 7)"
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={**os.environ, "PYTHONHASHSEED": hash_seed})
     for name in ("SYNTHETIC_uniprot.csv", "partition.csv", "dual.fasta"):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
     proteins, partitions = data.load_proteins(tmp_path / "a")
