@@ -1,6 +1,9 @@
 """Learning curves of a run: every training loss and the validation metrics per epoch, to PNG.
 
 python scripts/plot_run.py RUN_DIR [--out PNG]      (default: RUN_DIR/learning_curves.png)
+python scripts/plot_run.py RUN_DIR RUN_DIR ... --labels A B ... --out PNG
+    several runs in one figure: class loss, motif loss and validation macro-MCC per epoch, a line
+    per run; runs with the same label share a colour (e.g. the folds of one configuration).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ VALIDATION = ("val_macro_f1", "val_macro_mcc", "val_macro_site_accuracy", "val_m
 
 def plot_run(run_dir, out=None) -> Path:
     run_dir = Path(run_dir)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     losses = sorted({k for r in records for k in r if k.startswith("train_") and k.endswith("_loss")})
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for key in ["train_loss"] + [k for k in losses if k != "train_loss"]:
@@ -49,15 +52,49 @@ def plot_run(run_dir, out=None) -> Path:
     return out
 
 
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def plot_compare(run_dirs, labels, out) -> Path:
+    """Class loss, motif loss and validation macro-MCC per epoch of several runs, side by side."""
+    keys = ("train_class_loss", "train_motif_loss", "val_macro_mcc")
+    fig, axes = plt.subplots(1, len(keys), figsize=(14, 4))
+    colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(dict.fromkeys(labels))}
+    for run_dir, label in zip(run_dirs, labels):
+        records = read_metrics(run_dir)
+        for ax, key in zip(axes, keys):
+            points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, lw=1.2, color=colours[label], alpha=0.8)
+    for ax, key in zip(axes, keys):
+        ax.set(xlabel="epoch", title=key.replace("_", " "))
+    handles = [plt.Line2D([], [], color=c, marker="o", ms=3, label=n) for n, c in colours.items()]
+    axes[-1].legend(handles=handles, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", nargs="+")
     p.add_argument("--out")
+    p.add_argument("--labels", nargs="*", help="one per run directory (several runs: the legend)")
     args = p.parse_args(argv)
-    if not (Path(args.run_dir) / "metrics.jsonl").is_file():
-        print(f"error: {args.run_dir}: no metrics.jsonl (not a run directory?)", file=sys.stderr)
+    for run_dir in args.run_dir:
+        if not (Path(run_dir) / "metrics.jsonl").is_file():
+            print(f"error: {run_dir}: no metrics.jsonl (not a run directory?)", file=sys.stderr)
+            return 2
+    if len(args.run_dir) == 1:
+        print(plot_run(args.run_dir[0], args.out))
+        return 0
+    labels = args.labels or args.run_dir
+    if len(labels) != len(args.run_dir) or not args.out:
+        print("error: several runs need --out and one --labels entry per run", file=sys.stderr)
         return 2
-    print(plot_run(args.run_dir, args.out))
+    print(plot_compare(args.run_dir, labels, args.out))
     return 0
 
 

@@ -1,0 +1,104 @@
+"""Markdown tables comparing the cv_summary.json files of several configurations.
+
+python scripts/results_table.py NAME=SUMMARY.json [NAME=SUMMARY.json ...] [--update FILE]
+
+Prints (or, with --update, writes between the `<!-- results-table:begin -->` and
+`<!-- results-table:end -->` lines of FILE) five tables: the macro metrics and wall time (mean ± std
+over runs), each run's macro-F1 / macro-MCC, per-class F1, per-class MCC, and per-class site accuracy
+(Nucleus, Nucleus_export: IoU). Every number is a value of the summaries, rounded to 3 decimals
+(wall time to seconds), so the tables can be checked against them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data import CLASSES, SITE_CLASSES  # noqa: E402
+from utils import write_text_atomic  # noqa: E402
+
+BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
+
+
+def fmt(mean, std, digits: int = 3) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def tables(summaries: dict[str, dict]) -> str:
+    """summaries: {name: cv_summary} -> the Markdown text."""
+    names = list(summaries)
+    first = summaries[names[0]]
+    runs = [(r["fold"], r["seed"]) for r in first["runs"]]
+    for name, s in summaries.items():
+        if [(r["fold"], r["seed"]) for r in s["runs"]] != runs:
+            raise ValueError(f"{name}: runs {[(r['fold'], r['seed']) for r in s['runs']]} differ from {names[0]}'s {runs}")
+    out = [f"Mean ± std over {len(runs)} runs (fold, seed) = {', '.join(map(str, runs))}; "
+           "test partition of each fold, best epoch by validation macro-MCC, threshold 0.5.", ""]
+    out += table(["configuration", "macro-F1", "macro-MCC", "site accuracy", "NLS/NES IoU", "wall s / run"],
+                 [[n, *(fmt(s["mean"][k], s["std"][k]) for k in ("macro_f1", "macro_mcc", "macro_site_accuracy", "macro_iou")),
+                   fmt(s["mean"]["wall_s"], s["std"]["wall_s"], 0)] for n, s in summaries.items()])
+    out += ["", "Each run (macro-F1 / macro-MCC; the same fold and seed in a column are the same split):", ""]
+    out += table(["configuration"] + [f"fold {f} seed {s}" for f, s in runs],
+                 [[n] + [f"{r['macro_f1']:.3f} / {r['macro_mcc']:.3f}" for r in s["runs"]] for n, s in summaries.items()])
+    for title, key in (("Per-class F1", "per_class_f1"), ("Per-class MCC", "per_class_mcc")):
+        out += ["", f"{title}:", ""]
+        out += table(["class"] + names, [[c] + [fmt(s["mean"][key][c], s["std"][key][c]) for s in summaries.values()]
+                                         for c in CLASSES])
+    out += ["", "Residue level, on the true-positive proteins of each class: site accuracy (share whose predicted "
+            "site, the argmax of the class track, is the true site exactly); Nucleus, Nucleus_export: IoU of "
+            "the predicted and true signal residues:", ""]
+    out += table(["class"] + names,
+                 [[c] + [fmt(s["mean"]["site_accuracy" if c in SITE_CLASSES else "iou"][c],
+                             s["std"]["site_accuracy" if c in SITE_CLASSES else "iou"][c]) for s in summaries.values()]
+                  for c in CLASSES])
+    return "\n".join(out) + "\n"
+
+
+def update(path: Path, text: str) -> None:
+    """Replace the block between the BEGIN and END lines of `path` with `text`."""
+    doc = path.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise ValueError(f"{path}: needs the lines {BEGIN} and {END}")
+    head, rest = doc.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    write_text_atomic(path, f"{head}{BEGIN}\n{text}{END}{tail}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("summaries", nargs="+", metavar="NAME=SUMMARY.json")
+    p.add_argument("--update", help="Markdown file whose results-table block to replace")
+    args = p.parse_args(argv)
+    summaries = {}
+    for item in args.summaries:
+        name, sep, path = item.partition("=")
+        if not sep:
+            print(f"error: {item!r}: expected NAME=SUMMARY.json", file=sys.stderr)
+            return 2
+        try:
+            summaries[name] = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"error: {path}: {e}", file=sys.stderr)
+            return 2
+    try:
+        text = tables(summaries)
+        if args.update:
+            update(Path(args.update), text)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
