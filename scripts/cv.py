@@ -8,8 +8,10 @@ A run directory that already holds test_metrics.json is reused, so an interrupte
 Writes DIR/cv_summary.json:
   {"config", "overrides", "runs": [{"fold", "seed", "run_dir", "wall_s", "best_epoch", <metrics>}],
    "mean": {<metrics>}, "std": {<metrics>}}
-with <metrics> = macro_f1, macro_mcc, macro_site_accuracy, macro_iou, per_class_f1 {class},
-per_class_mcc {class}, site_accuracy {class}, iou {class}; and DIR/cv_summary.md (a Markdown table).
+with <metrics> = macro_f1, macro_mcc (threshold 0.5), tuned_macro_f1, tuned_macro_mcc (per-class
+thresholds tuned on validation), macro_roc_auc, macro_average_precision (threshold-free),
+macro_site_accuracy, macro_iou, per_class_f1 {class}, per_class_mcc {class}, site_accuracy {class},
+iou {class}; and DIR/cv_summary.md (a Markdown table).
 """
 from __future__ import annotations
 
@@ -30,7 +32,10 @@ from utils import write_text_atomic  # noqa: E402
 def run_metrics(test: dict) -> dict:
     """The summarised numbers of one test_metrics.json."""
     residue = test["residue"]["per_class"]
+    tuned = test.get("tuned") or {}
     return {"macro_f1": test["macro_f1"], "macro_mcc": test["macro_mcc"],
+            "tuned_macro_f1": tuned.get("macro_f1"), "tuned_macro_mcc": tuned.get("macro_mcc"),
+            "macro_roc_auc": test.get("macro_roc_auc"), "macro_average_precision": test.get("macro_average_precision"),
             "macro_site_accuracy": test["residue"]["macro_site_accuracy"], "macro_iou": test["residue"]["macro_iou"],
             "per_class_f1": {c: test["per_class"][c]["f1"] for c in CLASSES},
             "per_class_mcc": {c: test["per_class"][c]["mcc"] for c in CLASSES},
@@ -70,7 +75,8 @@ def markdown(summary: dict) -> str:
              f"(folds {sorted({r['fold'] for r in summary['runs']})}, seeds {sorted({r['seed'] for r in summary['runs']})}); "
              "mean ± std over runs.", "",
              "| metric | value |", "|---|---|"]
-    for key in ("macro_f1", "macro_mcc", "macro_site_accuracy", "macro_iou", "wall_s"):
+    for key in ("macro_f1", "macro_mcc", "tuned_macro_f1", "tuned_macro_mcc", "macro_roc_auc", "macro_average_precision",
+                "macro_site_accuracy", "macro_iou", "wall_s"):
         lines.append(f"| {key} | {fmt(mean[key], std[key])} |")
     lines += ["", "| class | F1 | MCC | site accuracy / IoU |", "|---|---|---|---|"]
     for c in CLASSES:
