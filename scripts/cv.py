@@ -65,8 +65,11 @@ def run_metrics_template(run: dict) -> dict:
     return {k: v for k, v in run.items() if k not in ("fold", "seed", "run_dir", "wall_s", "best_epoch")}
 
 
-def fmt(mean, std) -> str:
-    return "-" if mean is None else f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
+def fmt(mean, std, digits: int = 3) -> str:
+    """'mean ± std' with `digits` decimals; '-' for a missing mean, no '± std' for a missing std."""
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
 
 def markdown(summary: dict) -> str:

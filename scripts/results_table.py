@@ -16,17 +16,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cv import fmt  # noqa: E402
 from data import CLASSES, SITE_CLASSES  # noqa: E402
 from utils import write_text_atomic  # noqa: E402
 
 BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
-
-
-def fmt(mean, std, digits: int = 3) -> str:
-    if mean is None:
-        return "-"
-    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
