@@ -10,8 +10,9 @@ Writes DIR/cv_summary.json:
    "mean": {<metrics>}, "std": {<metrics>}}
 with <metrics> = macro_f1, macro_mcc (threshold 0.5), tuned_macro_f1, tuned_macro_mcc (per-class
 thresholds tuned on validation), macro_roc_auc, macro_average_precision (threshold-free),
-macro_site_accuracy, macro_iou, per_class_f1 {class}, per_class_mcc {class}, site_accuracy {class},
-iou {class}; and DIR/cv_summary.md (a Markdown table).
+macro_site_accuracy, macro_iou, per_class_f1 {class}, per_class_mcc {class}, tuned_per_class_mcc
+{class}, per_class_average_precision {class}, site_accuracy {class}, iou {class}; and
+DIR/cv_summary.md (a Markdown table).
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def run_metrics(test: dict) -> dict:
             "macro_site_accuracy": test["residue"]["macro_site_accuracy"], "macro_iou": test["residue"]["macro_iou"],
             "per_class_f1": {c: test["per_class"][c]["f1"] for c in CLASSES},
             "per_class_mcc": {c: test["per_class"][c]["mcc"] for c in CLASSES},
+            "tuned_per_class_mcc": {c: tuned["per_class"][c]["mcc"] if tuned else None for c in CLASSES},
+            "per_class_average_precision": {c: test["per_class"][c].get("average_precision") for c in CLASSES},
             "site_accuracy": {c: residue[c]["site_accuracy"] for c in SITE_CLASSES},
             "iou": {c: residue[c]["iou"] for c in SEGMENT_CLASSES}}
 

@@ -3,9 +3,9 @@
 python scripts/results_table.py NAME=SUMMARY.json [NAME=SUMMARY.json ...] [--update FILE]
 
 Prints (or, with --update, writes between the `<!-- results-table:begin -->` and
-`<!-- results-table:end -->` lines of FILE) five tables: the macro metrics and wall time (mean ± std
-over runs), each run's macro-F1 / macro-MCC, per-class F1, per-class MCC, and per-class site accuracy
-(Nucleus, Nucleus_export: IoU). Every number is a value of the summaries, rounded to 3 decimals
+`<!-- results-table:end -->` lines of FILE) these tables: the macro metrics and wall time (mean ± std
+over runs), each run's macro-F1 / macro-MCC, per-class F1, MCC, tuned-threshold MCC and average
+precision, and per-class site accuracy (Nucleus, Nucleus_export: IoU). Every number is a value of the summaries, rounded to 3 decimals
 (wall time to seconds), so the tables can be checked against them.
 """
 from __future__ import annotations
@@ -47,12 +47,16 @@ def tables(summaries: dict[str, dict]) -> str:
                   "site accuracy", "NLS/NES IoU", "wall s / run"],
                  [[n, *(fmt(s["mean"].get(k), s["std"].get(k)) for k in keys),
                    fmt(s["mean"]["wall_s"], s["std"]["wall_s"], 0)] for n, s in summaries.items()])
-    out += ["", "Each run (macro-F1 / macro-MCC; the same fold and seed in a column are the same split):", ""]
+    out += ["", "Each run: macro-F1 / macro-MCC / macro-MCC tuned / macro AP (a column is one split, so the rows "
+            "of a column can be compared pairwise):", ""]
+    keys = ("macro_f1", "macro_mcc", "tuned_macro_mcc", "macro_average_precision")
     out += table(["configuration"] + [f"fold {f} seed {s}" for f, s in runs],
-                 [[n] + [f"{r['macro_f1']:.3f} / {r['macro_mcc']:.3f}" for r in s["runs"]] for n, s in summaries.items()])
-    for title, key in (("Per-class F1", "per_class_f1"), ("Per-class MCC", "per_class_mcc")):
+                 [[n] + [" / ".join(fmt(r.get(k), None) for k in keys) for r in s["runs"]] for n, s in summaries.items()])
+    for title, key in (("Per-class F1 (threshold 0.5)", "per_class_f1"), ("Per-class MCC (threshold 0.5)", "per_class_mcc"),
+                       ("Per-class MCC, thresholds tuned on validation", "tuned_per_class_mcc"),
+                       ("Per-class average precision (threshold-free)", "per_class_average_precision")):
         out += ["", f"{title}:", ""]
-        out += table(["class"] + names, [[c] + [fmt(s["mean"][key][c], s["std"][key][c]) for s in summaries.values()]
+        out += table(["class"] + names, [[c] + [fmt(s["mean"][key][c], s["std"][key][c]) if key in s["mean"] else "-" for s in summaries.values()]
                                          for c in CLASSES])
     out += ["", "Residue level, on the true-positive proteins of each class: site accuracy (share whose predicted "
             "site, the argmax of the class track, is the true site exactly); Nucleus, Nucleus_export: IoU of "
