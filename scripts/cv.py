@@ -33,15 +33,15 @@ from utils import write_text_atomic  # noqa: E402
 def run_metrics(test: dict) -> dict:
     """The summarised numbers of one test_metrics.json."""
     residue = test["residue"]["per_class"]
-    tuned = test.get("tuned") or {}
+    tuned = test["tuned"]
     return {"macro_f1": test["macro_f1"], "macro_mcc": test["macro_mcc"],
-            "tuned_macro_f1": tuned.get("macro_f1"), "tuned_macro_mcc": tuned.get("macro_mcc"),
-            "macro_roc_auc": test.get("macro_roc_auc"), "macro_average_precision": test.get("macro_average_precision"),
+            "tuned_macro_f1": tuned["macro_f1"], "tuned_macro_mcc": tuned["macro_mcc"],
+            "macro_roc_auc": test["macro_roc_auc"], "macro_average_precision": test["macro_average_precision"],
             "macro_site_accuracy": test["residue"]["macro_site_accuracy"], "macro_iou": test["residue"]["macro_iou"],
             "per_class_f1": {c: test["per_class"][c]["f1"] for c in CLASSES},
             "per_class_mcc": {c: test["per_class"][c]["mcc"] for c in CLASSES},
-            "tuned_per_class_mcc": {c: tuned["per_class"][c]["mcc"] if tuned else None for c in CLASSES},
-            "per_class_average_precision": {c: test["per_class"][c].get("average_precision") for c in CLASSES},
+            "tuned_per_class_mcc": {c: tuned["per_class"][c]["mcc"] for c in CLASSES},
+            "per_class_average_precision": {c: test["per_class"][c]["average_precision"] for c in CLASSES},
             "site_accuracy": {c: residue[c]["site_accuracy"] for c in SITE_CLASSES},
             "iou": {c: residue[c]["iou"] for c in SEGMENT_CLASSES}}
 
@@ -68,6 +68,11 @@ def run_metrics_template(run: dict) -> dict:
     return {k: v for k, v in run.items() if k not in ("fold", "seed", "run_dir", "wall_s", "best_epoch")}
 
 
+def residue_key(name: str) -> str:
+    """The summary key of a class's residue-level metric: site_accuracy, or iou for NLS / NES."""
+    return "site_accuracy" if name in SITE_CLASSES else "iou"
+
+
 def fmt(mean, std, digits: int = 3) -> str:
     """'mean ± std' with `digits` decimals; '-' for a missing mean, no '± std' for a missing std."""
     if mean is None:
@@ -86,10 +91,9 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {key} | {fmt(mean[key], std[key])} |")
     lines += ["", "| class | F1 | MCC | site accuracy / IoU |", "|---|---|---|---|"]
     for c in CLASSES:
-        residue_key = "site_accuracy" if c in SITE_CLASSES else "iou"
         lines.append(f"| {c} | {fmt(mean['per_class_f1'][c], std['per_class_f1'][c])} | "
                      f"{fmt(mean['per_class_mcc'][c], std['per_class_mcc'][c])} | "
-                     f"{fmt(mean[residue_key][c], std[residue_key][c])} |")
+                     f"{fmt(mean[residue_key(c)][c], std[residue_key(c)][c])} |")
     return "\n".join(lines) + "\n"
 
 

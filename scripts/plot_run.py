@@ -26,13 +26,13 @@ def plot_run(run_dir, out=None) -> Path:
     losses = sorted({k for r in records for k in r if k.startswith("train_") and k.endswith("_loss")})
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for key in ["train_loss"] + [k for k in losses if k != "train_loss"]:
-        points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+        points = curve(records, key)
         if points:
             left.plot(*zip(*points), marker="o", ms=3, label=key[6:])
     left.set(xlabel="epoch", ylabel="training loss", title="losses")
     left.legend(fontsize=8)
     for key in VALIDATION:
-        points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+        points = curve(records, key)
         if points:
             right.plot(*zip(*points), marker="o", ms=3, label=key[4:])
     best = [r["epoch"] for r in records if r.get("best")]
@@ -56,6 +56,11 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def curve(records: list[dict], key: str) -> list[tuple]:
+    """(epoch, value) of every epoch record that holds `key`."""
+    return [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+
+
 def plot_compare(run_dirs, labels, out) -> Path:
     """Class loss, motif loss and validation macro-MCC per epoch of several runs, side by side."""
     keys = ("train_class_loss", "train_motif_loss", "val_macro_mcc")
@@ -64,7 +69,7 @@ def plot_compare(run_dirs, labels, out) -> Path:
     for run_dir, label in zip(run_dirs, labels):
         records = read_metrics(run_dir)
         for ax, key in zip(axes, keys):
-            points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+            points = curve(records, key)
             if points:
                 ax.plot(*zip(*points), marker="o", ms=3, lw=1.2, color=colours[label], alpha=0.8)
     for ax, key in zip(axes, keys):

@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cv import fmt  # noqa: E402
-from data import CLASSES, SITE_CLASSES  # noqa: E402
+from cv import fmt, residue_key  # noqa: E402
+from data import CLASSES  # noqa: E402
 from utils import write_text_atomic  # noqa: E402
 
 BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
@@ -45,25 +45,24 @@ def tables(summaries: dict[str, dict]) -> str:
             "macro_site_accuracy", "macro_iou")
     out += table(["configuration", "macro-F1", "macro-MCC", "macro-F1, tuned", "macro-MCC, tuned", "macro AP",
                   "site accuracy", "NLS/NES IoU", "wall s / run"],
-                 [[n, *(fmt(s["mean"].get(k), s["std"].get(k)) for k in keys),
+                 [[n, *(fmt(s["mean"][k], s["std"][k]) for k in keys),
                    fmt(s["mean"]["wall_s"], s["std"]["wall_s"], 0)] for n, s in summaries.items()])
     out += ["", "Each run: macro-F1 / macro-MCC / macro-MCC tuned / macro AP (a column is one split, so the rows "
             "of a column can be compared pairwise):", ""]
     keys = ("macro_f1", "macro_mcc", "tuned_macro_mcc", "macro_average_precision")
     out += table(["configuration"] + [f"fold {f} seed {s}" for f, s in runs],
-                 [[n] + [" / ".join(fmt(r.get(k), None) for k in keys) for r in s["runs"]] for n, s in summaries.items()])
+                 [[n] + [" / ".join(fmt(r[k], None) for k in keys) for r in s["runs"]] for n, s in summaries.items()])
     for title, key in (("Per-class F1 (threshold 0.5)", "per_class_f1"), ("Per-class MCC (threshold 0.5)", "per_class_mcc"),
                        ("Per-class MCC, thresholds tuned on validation", "tuned_per_class_mcc"),
                        ("Per-class average precision (threshold-free)", "per_class_average_precision")):
         out += ["", f"{title}:", ""]
-        out += table(["class"] + names, [[c] + [fmt(s["mean"][key][c], s["std"][key][c]) if key in s["mean"] else "-" for s in summaries.values()]
+        out += table(["class"] + names, [[c] + [fmt(s["mean"][key][c], s["std"][key][c]) for s in summaries.values()]
                                          for c in CLASSES])
     out += ["", "Residue level, on the true-positive proteins of each class: site accuracy (share whose predicted "
             "site, the argmax of the class track, is the true site exactly); Nucleus, Nucleus_export: IoU of "
             "the predicted and true signal residues:", ""]
     out += table(["class"] + names,
-                 [[c] + [fmt(s["mean"]["site_accuracy" if c in SITE_CLASSES else "iou"][c],
-                             s["std"]["site_accuracy" if c in SITE_CLASSES else "iou"][c]) for s in summaries.values()]
+                 [[c] + [fmt(s["mean"][residue_key(c)][c], s["std"][residue_key(c)][c]) for s in summaries.values()]
                   for c in CLASSES])
     return "\n".join(out) + "\n"
 
