@@ -443,14 +443,20 @@ def frozen_cache(model, datasets, config, run_dir: Path, rank: int = 0) -> Froze
     return FrozenCache(windows, model.backbone.embed_dim, config.encoder.cache_dtype, path)
 
 
+def distance_map_of(model, proteins, config, device, key: str) -> dict:
+    """Class distance map from the model's `key` embeddings ('pooled' or 'projection') of
+    `proteins`, each once and unmutated (never the training set's augmented items or copies)."""
+    plain = LocalizationDataset(proteins, "train")
+    out = run_inference(model, plain, config.train.eval_batch_size, device, config.train.amp,
+                        config.data.max_len, config.data.overlap)
+    return class_distance_map(out[key], plain.labels)
+
+
 def remine(model, train_set, config, device, old_map: dict, run_dir: Path, log) -> dict:
     """Adaptive hard-negative mining (CLEAN): a new class distance map from the current model's
     projections of the training split (unmutated, every protein once); the sampler uses it from
     now on; written to run_dir/distance_map.json. Every process computes the same map."""
-    plain = LocalizationDataset(train_set.proteins, "train")
-    projected = run_inference(model, plain, config.train.eval_batch_size, device, config.train.amp,
-                              config.data.max_len, config.data.overlap)["projection"]
-    new_map = class_distance_map(projected, plain.labels)
+    new_map = distance_map_of(model, train_set.proteins, config, device, "projection")
     train_set.sampler.set_distance_map(new_map)
     change = [abs(new_map[a][b] - old_map.get(a, {}).get(b, float("nan"))) for a in new_map for b in new_map[a]]
     changed = [c for c in change if c == c]
@@ -487,9 +493,7 @@ def setup_supcon(config, model, train_set, device, log, resume=None):
             raise DataError(f"{sc.distance_map}: cannot read the class distance map ({err})") from None
     elif sc.hard_neg:
         log.info("supcon.distance_map not set: building it from the initial model's pooled embeddings")
-        out = run_inference(model, train_set, config.train.eval_batch_size, device, config.train.amp,
-                            config.data.max_len, config.data.overlap)
-        distance_map = class_distance_map(out["pooled"], train_set.labels)
+        distance_map = distance_map_of(model, train_set.proteins, config, device, "pooled")
     train_set.enable_supcon(sc.n_pos, sc.n_neg, sc.hard_neg, distance_map, config.seed)
     return distance_map
 

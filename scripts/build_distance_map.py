@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import DataError, build_datasets, class_distance_map  # noqa: E402
+from data import DataError, build_datasets  # noqa: E402
 from model import Encoder, WeightsError  # noqa: E402
-from train import resolve_device, run_inference  # noqa: E402
+from train import distance_map_of, resolve_device  # noqa: E402
 from utils import (ConfigError, load_checkpoint, load_config, resolve_config, seed_everything,  # noqa: E402
                    write_text_atomic)
 
@@ -33,11 +33,8 @@ def build_map(config, checkpoint=None, device="auto") -> dict:
     else:
         model = Encoder(config)
     model.to(device).eval()
-    train_set = build_datasets(config)["train"]
-    out = run_inference(model, train_set, config.train.eval_batch_size, device, config.train.amp,
-                        config.data.max_len, config.data.overlap)
-    use_projection = checkpoint is not None and out["projection"] is not None
-    return class_distance_map(out["projection"] if use_projection else out["pooled"], train_set.labels)
+    key = "projection" if checkpoint is not None and model.projection is not None else "pooled"
+    return distance_map_of(model, build_datasets(config)["train"].proteins, config, device, key)
 
 
 def main(argv=None) -> int:

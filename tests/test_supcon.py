@@ -296,3 +296,16 @@ def test_mutated_anchors_are_never_shared_with_samples(tmp_path):
             assert batch["tokens"][window, 1:1 + length].tolist() == ds.tokens[rows[r]].tolist()  # unmutated
             shared += rows[r] in rows[:12]
     assert shared > 0  # some samples were anchors of this batch too, and got rows of their own
+
+
+def test_initial_distance_map_ignores_augmentation(tmp_path):
+    """hard_neg with train.augment.apply: the initial map is built from the unmutated proteins, each
+    once, so it equals the map of the same run without augmentation (it used to crash: the augmented
+    training set has more items than proteins)."""
+    common = {"train.epochs": 1, "supcon.apply": True, "supcon.hard_neg": True, "supcon.hidden_dim": 16,
+              "supcon.out_dim": 8}
+    plain = write_config(tmp_path / "plain", **common)
+    augmented = write_config(tmp_path / "aug", **common, **{"train.augment.apply": True})
+    assert train.main(["--config", str(plain)]) == 0 and train.main(["--config", str(augmented)]) == 0
+    maps = [json.loads((tmp_path / d / "run" / "distance_map.json").read_text()) for d in ("plain", "aug")]
+    assert maps[0] == maps[1]
