@@ -350,12 +350,13 @@ def contrastive_loss(config, out: dict, labels: torch.Tensor, queue: EmbeddingQu
         if queue is not None:
             queue.enqueue(views.reshape(-1, views.shape[-1]), labels.repeat_interleave(views.shape[1], dim=0))
         return value
-    if name == "instance":
-        return InstanceLoss(tau, V)(views.transpose(0, 1).reshape(-1, views.shape[-1]))
-    if name == "cluster":
-        c = out["clusters"]
-        return (InstanceLoss(tau, V)(views.transpose(0, 1).reshape(-1, views.shape[-1]))
-                + ClusterLoss(sc["cluster_tau"], V)(c.transpose(0, 1).reshape(-1, c.shape[-1])))
+    if name in ("instance", "cluster"):
+        def view_major(t):  # [B, V, k] -> [V * B, k], the layout of InstanceLoss / ClusterLoss
+            return t.transpose(0, 1).reshape(-1, t.shape[-1])
+        value = InstanceLoss(tau, V)(view_major(views))
+        if name == "cluster":
+            value = value + ClusterLoss(sc["cluster_tau"], V)(view_major(out["clusters"]))
+        return value
     if name == "tcr":
         return EMPSSLLoss(sc["tcr_eps"], sc["sim_weight"])(views)
     raise ValueError(f"unknown supcon.loss {name!r}")
