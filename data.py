@@ -602,7 +602,13 @@ class Augmenter:
         return np.clip(copies, 1, max_copies).astype(np.int64)
 
 
-OTHER = NUM_CLASSES  # sampling treats "no class" as a class of its own
+MAP_CLASSES = CLASSES + ["Other"]  # sampling and distance maps treat "no class" as a class of its own, last
+
+
+def class_membership(labels: np.ndarray) -> np.ndarray:
+    """Multi-hot labels [N, 8] -> bool [N, 9]: the classes, then "Other" (no class at all)."""
+    labels = labels.astype(bool)
+    return np.concatenate([labels, ~labels.any(1, keepdims=True)], axis=1)
 FALLBACKS = ("fallback_pos", "fallback_hard", "fallback_neg")
 
 
@@ -627,7 +633,7 @@ def draw(rng: np.random.Generator, candidates: np.ndarray, k: int, exclude: int 
 
 
 class ContrastSampler:
-    """Positives and negatives per anchor, from class -> proteins indices built once.
+    """Positives and negatives per anchor, from a protein x class membership matrix built once.
 
     Positive: shares at least one class with the anchor ("Other" counts as a class), never the
     anchor itself, except when the anchor is the only protein of its classes (then the anchor
@@ -645,9 +651,7 @@ class ContrastSampler:
         self.labels = labels.astype(bool)
         self.n_pos, self.n_neg, self.hard_neg, self.seed = n_pos, n_neg, hard_neg, seed
         self.epoch, self.active = 0, True
-        membership = np.concatenate([self.labels, ~self.labels.any(1, keepdims=True)], axis=1)  # [N, 9]
-        self.membership = membership
-        self.members = [np.flatnonzero(membership[:, c]) for c in range(NUM_CLASSES + 1)]
+        self.membership = class_membership(self.labels)  # [N, 9]
         self.distances = distance_matrix(distance_map) if distance_map is not None else None
         if hard_neg and self.distances is None:
             raise ValueError("hard_neg needs a class distance map")
@@ -702,7 +706,7 @@ class ContrastSampler:
 
 def distance_matrix(distance_map: dict) -> np.ndarray:
     """{class: {class: distance}} (JSON of build_distance_map) -> [9, 9] (Other last); missing = inf."""
-    names = CLASSES + ["Other"]
+    names = MAP_CLASSES
     unknown = sorted(set(distance_map) - set(names))
     if unknown:
         raise DataError(f"distance map: unknown class(es) {', '.join(unknown)}; known: {', '.join(names)}")
@@ -717,8 +721,7 @@ def distance_matrix(distance_map: dict) -> np.ndarray:
 def class_distance_map(embeddings: np.ndarray, labels: np.ndarray) -> dict:
     """Euclidean distances between class centroids of embeddings [N, d] (a multi-label protein
     counts for each of its classes; "Other" for none) -> {class: {class: distance}}."""
-    names = CLASSES + ["Other"]
-    membership = np.concatenate([labels.astype(bool), ~labels.astype(bool).any(1, keepdims=True)], axis=1)
+    names, membership = MAP_CLASSES, class_membership(labels)
     present = [c for c in range(len(names)) if membership[:, c].any()]
     centroids = {c: embeddings[membership[:, c]].mean(0) for c in present}
     return {names[a]: {names[b]: float(np.linalg.norm(centroids[a] - centroids[b])) for b in present}
