@@ -29,16 +29,21 @@ DEFAULTS = {
     },
     "encoder": {
         "model_name": None,
+        "revision": None,
         "checkpoint": None,
         "scratch": None,
         "tune": "last_k",
         "trainable_layers": 2,
+        "lora": {"rank": 8, "alpha": 8.0, "dropout": 0.1, "targets": ["q", "k", "v", "out"]},
+        "adapter": {"dim": 64},
+        "activation_checkpointing": False,
         "chunk_tokens": 16384,
         "chunk_max_padding": 0.1,
         "fused_attention": True,
         "cache_frozen": False,
         "cache_dtype": "float16",
         "cache_on_disk": False,
+        "cache_dir": None,
     },
     "decoder": {"hidden_dim": 64, "dropout": 0.1, "class_dropout": 0.1},
     "train": {
@@ -87,9 +92,10 @@ DEFAULTS = {
     },
 }
 SCRATCH_DEFAULTS = {"num_layers": 2, "embed_dim": 64, "attention_heads": 4}
-NULLABLE = {"encoder.model_name": str, "encoder.checkpoint": str, "encoder.scratch": dict, "supcon.distance_map": str}
+NULLABLE = {"encoder.model_name": str, "encoder.revision": str, "encoder.checkpoint": str, "encoder.scratch": dict,
+            "encoder.cache_dir": str, "supcon.distance_map": str}
 CHOICES = {
-    "encoder.tune": ("frozen", "last_k", "full"),
+    "encoder.tune": ("frozen", "last_k", "lora", "adapter", "full"),
     "encoder.cache_dtype": ("float16", "float32"),
     "supcon.loss": ("hard", "supcon", "mixed", "instance", "cluster", "tcr"),
     "supcon.multilabel": ("any", "jaccard", "per_label"),
