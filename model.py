@@ -1,52 +1,24 @@
 """ESM-2 backbone (fair-esm) with MUTarget's heads: per-residue motif tracks and protein classes."""
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
-
 import esm
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from data import NUM_CLASSES, PAD_IDX
+from adapters import add_adapters, add_lora, first_adapted_layer, is_peft_parameter
 from loss import EmbeddingQueue
 from utils import ConfigError
+from weights import WeightsError, load_pretrained  # noqa: F401  (WeightsError: re-exported)
 
-ESM_MODELS_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/"
-
-
-class WeightsError(FileNotFoundError):
-    """A pretrained weight file is missing or unreadable."""
-
-
-def _missing_weights(path: Path, name: str) -> WeightsError:
-    return WeightsError(
-        f"ESM-2 weight file not found: {path}\n"
-        f"Provide it in one of two ways (no download is attempted):\n"
-        f"  1. copy {name}.pt (from {ESM_MODELS_URL}{name}.pt) to {path} "
-        f"(the torch hub cache; set TORCH_HOME to move it), and keep encoder.model_name: {name}; or\n"
-        f"  2. set encoder.checkpoint: /path/to/{name}.pt (and remove encoder.model_name).")
-
-
-def load_esm_file(path) -> esm.model.esm2.ESM2:
-    """An ESM-2 model from a fair-esm format file ({'cfg': {'model': ...}, 'model': state_dict})."""
-    path = Path(path)
-    if not path.is_file():
-        raise _missing_weights(path, path.stem)
-    # fair-esm files pickle an argparse Namespace: torch >= 2.6 needs weights_only=False.
-    data = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(data, dict) or "model" not in data or "cfg" not in data:
-        raise WeightsError(f"{path}: not an ESM-2 checkpoint in fair-esm's format (needs 'cfg' and 'model')")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Regression weights not found")
-        model, _ = esm.pretrained.load_model_and_alphabet_core("esm2", data)
-    return model
 
 
 def build_backbone(encoder_cfg, arch: dict | None = None) -> esm.model.esm2.ESM2:
-    """The configured ESM-2. With `arch` (from a checkpoint) only the architecture is built."""
+    """The configured ESM-2 (see weights.py for the sources). With `arch` (from a checkpoint) only
+    the architecture is built: the checkpoint holds the weights."""
     if arch is not None:
         return esm.model.esm2.ESM2(alphabet="ESM-1b", **arch)
     if encoder_cfg["scratch"] is not None:
@@ -56,15 +28,24 @@ def build_backbone(encoder_cfg, arch: dict | None = None) -> esm.model.esm2.ESM2
                              f"attention_heads ({s['attention_heads']})")
         return esm.model.esm2.ESM2(num_layers=s["num_layers"], embed_dim=s["embed_dim"],
                                    attention_heads=s["attention_heads"], alphabet="ESM-1b")
-    if encoder_cfg["checkpoint"] is not None:
-        return load_esm_file(encoder_cfg["checkpoint"])
-    name = encoder_cfg["model_name"]
-    if not name.startswith("esm2_"):
-        raise ConfigError(f"encoder.model_name must be an ESM-2 model such as esm2_t33_650M_UR50D, got {name!r}")
-    path = Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
-    if not path.is_file():
-        raise _missing_weights(path, name)
-    return load_esm_file(path)
+    return load_pretrained(encoder_cfg)
+
+
+def load_model_state(model: nn.Module, state: dict, path) -> None:
+    """model.load_state_dict(state) for a train.py checkpoint at `path`; a checkpoint made with
+    another encoder set-up (tune, LoRA rank / targets, adapter size, layers) is a ConfigError naming
+    the file and the keys to check, not a traceback."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shapes:
+        found = "; ".join(f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for what, names in
+                          (("missing", missing), ("unexpected", unexpected), ("other shape", shapes)) if names)
+        raise ConfigError(f"{path}: the checkpoint's weights do not fit this encoder configuration ({found}); "
+                          f"check encoder.tune, encoder.trainable_layers, encoder.lora.*, encoder.adapter.dim and "
+                          f"the supcon head keys against the checkpoint's stored config")
+    model.load_state_dict(state)
 
 
 def backbone_arch(backbone) -> dict:
@@ -156,7 +137,8 @@ class Encoder(nn.Module):
         self.backbone = build_backbone(enc, arch)
         self.backbone.lm_head = None  # not used: saves memory and checkpoint size
         self.backbone.contact_head = None
-        self.first_trainable = set_trainable(self.backbone, enc["tune"], enc["trainable_layers"])
+        self.first_trainable = set_trainable(self.backbone, enc)
+        self.activation_checkpointing = enc["activation_checkpointing"]
         self.chunk_tokens, self.chunk_max_padding = enc["chunk_tokens"], enc["chunk_max_padding"]
         self.token_counts = {"tokens": 0, "padding": 0}
         self.fused_attention = enc["fused_attention"]
@@ -240,12 +222,17 @@ class Encoder(nn.Module):
         encoder.fused_attention: false runs fair-esm's own layer code instead (explicit attention)."""
         keep = keep if not keep.all() else None
         padding = None if keep is None else ~keep[:, 0, 0, :]
+        def layer(i, x):
+            if self.fused_attention:
+                return transformer_layer(self.backbone.layers[i], x, keep)
+            return self.backbone.layers[i](x.transpose(0, 1), self_attn_padding_mask=padding)[0].transpose(0, 1)
+
         for i in range(start, stop):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= self.first_trainable):
-                if self.fused_attention:
-                    x = transformer_layer(self.backbone.layers[i], x, keep)
+                if self.activation_checkpointing and torch.is_grad_enabled():  # recompute in the backward pass
+                    x = torch.utils.checkpoint.checkpoint(layer, i, x, use_reentrant=False)
                 else:
-                    x = self.backbone.layers[i](x.transpose(0, 1), self_attn_padding_mask=padding)[0].transpose(0, 1)
+                    x = layer(i, x)
         return x
 
     def embed(self, batch: dict) -> torch.Tensor:
@@ -329,11 +316,25 @@ def transformer_layer(layer, x: torch.Tensor, keep: torch.Tensor | None) -> torc
     return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
 
 
-def set_trainable(backbone, tune: str, k: int) -> int:
-    """Freeze the backbone by `tune`: frozen | last_k (the last k layers and the final layer
-    norm train) | full (everything, token embeddings included). Returns the index of the first
-    trainable layer (num_layers when none is)."""
-    n = backbone.num_layers
+def set_trainable(backbone, encoder_cfg) -> int:
+    """Freeze the backbone by encoder.tune and add LoRA / adapters; returns the index of the first
+    layer that trains (num_layers when none does): layers before it are frozen and cacheable.
+
+    frozen: nothing trains. last_k: the last k = trainable_layers layers and the final layer norm.
+    full: everything, token embeddings included. lora / adapter: only the LoRA matrices or the
+    bottleneck adapters of the last k layers (k = 0: all layers); every pretrained weight stays frozen.
+    """
+    tune, k, n = encoder_cfg["tune"], encoder_cfg["trainable_layers"], backbone.num_layers
+    if tune in ("lora", "adapter"):
+        first = first_adapted_layer(n, k, tune)
+        if tune == "lora":
+            lora = encoder_cfg["lora"]
+            add_lora(backbone, first, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
+        else:
+            add_adapters(backbone, first, encoder_cfg["adapter"]["dim"])
+        for name, param in backbone.named_parameters():
+            param.requires_grad = is_peft_parameter(name)
+        return first
     first = {"frozen": n, "full": 0}.get(tune, n - min(max(k, 0), n))
     for name, param in backbone.named_parameters():
         if name.startswith("layers."):

@@ -23,9 +23,11 @@ from data import (CLASSES, FALLBACKS, Collate, DataError, EpochShuffleSampler, L
                   LocalizationDataset, RankSlice, build_datasets, class_distance_map, length_sorted_batches, window_starts)
 from loss import ClassLoss, MotifLoss, class_weights, contrastive_loss, motif_pos_weights
 from metrics import classification_metrics, format_table, residue_metrics, tune_thresholds
-from model import Encoder, FrozenCache, WeightsError, backbone_arch
+from adapters import is_peft_parameter
+from model import Encoder, FrozenCache, backbone_arch, load_model_state
 from utils import (ConfigError, load_checkpoint, load_config, resolve_config, rng_state, save_checkpoint,
                    seed_everything, set_rng_state, setup_logging, write_text_atomic, write_yaml)
+from weights import WeightsError
 
 
 def parse_args(argv=None):
@@ -55,9 +57,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def amp_dtype(amp: str, device: torch.device):
-    """Autocast dtype: bf16 / fp16 on CUDA only (auto = bf16 when supported); None = fp32."""
-    if device.type != "cuda" or amp == "none":
+    """Autocast dtype, None = fp32. CUDA: auto = bf16 where supported, else fp16. CPU: bf16 when asked
+    (train.amp: bf16); auto stays fp32 on the CPU (see the README's measurement); fp16 is CUDA-only."""
+    if amp == "none":
         return None
+    if device.type != "cuda":
+        if amp == "fp16":
+            raise ConfigError("train.amp: fp16 needs CUDA; on the CPU use bf16 or none (auto = fp32 on the CPU)")
+        return torch.bfloat16 if amp == "bf16" else None
     if amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
@@ -77,7 +84,8 @@ def make_optimizer(model: Encoder, train_cfg) -> torch.optim.AdamW:
     groups = defaultdict(list)
     for name, param in model.named_parameters():
         if param.requires_grad:
-            part = "backbone" if name.startswith("backbone.") else "heads"
+            # pretrained backbone weights at backbone_lr; heads and new LoRA / adapter weights at lr
+            part = "backbone" if name.startswith("backbone.") and not is_peft_parameter(name) else "heads"
             groups[(part, param.ndim > 1 and not name.endswith("b1"))].append(param)
     lr = {"backbone": train_cfg.backbone_lr, "heads": train_cfg.lr}
     return torch.optim.AdamW([{"params": ps, "lr": lr[part], "weight_decay": train_cfg.weight_decay if decay else 0.0}
@@ -289,6 +297,7 @@ def run(args) -> int:
     else:
         config = load_config(args.config, args.set)
     rank, world, device = init_distributed(config)
+    amp_dtype(config.train.amp, device)  # an impossible train.amp fails here, before anything is written
     main_process = rank == 0  # only the main process logs and writes files
     log = setup_logging(quiet=not main_process)
     seed_everything(config.seed)  # the same initial model on every rank
@@ -298,6 +307,8 @@ def run(args) -> int:
     # Data and weights are checked before anything is written to the run directory.
     datasets = build_datasets_once(config, main_process, world)
     model = Encoder(config, arch=resume["arch"] if resume else None).to(device)
+    if resume is not None:
+        load_model_state(model, resume["model"], args.resume)
     if config.encoder.cache_frozen and model.first_trainable == 0:
         raise ConfigError("encoder.cache_frozen needs frozen leading layers, but every layer trains "
                           f"(encoder.tune: {config.encoder.tune}); use tune: last_k or frozen, or turn the cache off")
@@ -340,7 +351,6 @@ def run(args) -> int:
     state = {"epoch": 0, "best_metric": -float("inf"), "best_epoch": None, "bad_epochs": 0}
     history = []
     if resume is not None:
-        model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
@@ -503,7 +513,7 @@ def final_test(model, datasets, config, device, ckpt_dir: Path, state: dict, log
     best_path = ckpt_dir / "best.pt" if (ckpt_dir / "best.pt").is_file() else ckpt_dir / "last.pt"
     best = load_checkpoint(best_path) if best_path.is_file() else None
     if best is not None:
-        model.load_state_dict(best["model"])
+        load_model_state(model, best["model"], best_path)
     else:
         log.warning("no checkpoint was written (0 epochs?): evaluating the current model")
     infer = dict(batch_size=config.train.eval_batch_size, device=device, amp=config.train.amp,
