@@ -19,10 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils import LORA_TARGETS as TARGET_NAMES
 from utils import ConfigError
 
 LORA_TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                 "out": "self_attn.out_proj", "fc1": "fc1", "fc2": "fc2"}  # config name -> module in a layer
+assert tuple(LORA_TARGETS) == TARGET_NAMES
 ADAPTER_SITES = ("self_attn.out_proj", "fc2")  # the last Linear of the attention and feed-forward blocks
 
 
@@ -95,15 +97,8 @@ def first_adapted_layer(num_layers: int, trainable_layers: int, tune: str) -> in
 
 
 def add_lora(backbone, first: int, rank: int, alpha: float, dropout: float, targets) -> None:
-    """LoRA on `targets` (names of LORA_TARGETS) of layers first..end, in place."""
-    if rank < 1:
-        raise ConfigError(f"encoder.lora.rank must be >= 1, got {rank}")
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if unknown or not targets:
-        raise ConfigError(f"encoder.lora.targets: unknown target(s) {unknown or '(none given)'}; choose from "
-                          f"{', '.join(LORA_TARGETS)}")
-    if not 0 <= dropout < 1:
-        raise ConfigError(f"encoder.lora.dropout must be in [0, 1), got {dropout}")
+    """LoRA on `targets` (names of LORA_TARGETS; utils.resolve_config has checked them) of layers
+    first..end, in place."""
     for layer in backbone.layers[first:]:
         for target in dict.fromkeys(targets):
             _replace(layer, LORA_TARGETS[target], lambda linear: LoRALinear(linear, rank, alpha, dropout))
@@ -111,8 +106,6 @@ def add_lora(backbone, first: int, rank: int, alpha: float, dropout: float, targ
 
 def add_adapters(backbone, first: int, dim: int) -> None:
     """Bottleneck adapters after the attention and feed-forward blocks of layers first..end, in place."""
-    if dim < 1:
-        raise ConfigError(f"encoder.adapter.dim must be >= 1, got {dim}")
     for layer in backbone.layers[first:]:
         for site in ADAPTER_SITES:
             _replace(layer, site, lambda linear: AdaptedLinear(linear, dim))

@@ -91,6 +91,7 @@ DEFAULTS = {
         "drop_out": 0.1,
     },
 }
+LORA_TARGETS = ("q", "k", "v", "out", "fc1", "fc2")  # query, key, value, attention output, feed-forward in / out
 SCRATCH_DEFAULTS = {"num_layers": 2, "embed_dim": 64, "attention_heads": 4}
 NULLABLE = {"encoder.model_name": str, "encoder.revision": str, "encoder.checkpoint": str, "encoder.scratch": dict,
             "encoder.cache_dir": str, "supcon.distance_map": str}
@@ -223,6 +224,17 @@ def resolve_config(tree: dict, overrides=None, where: str = "config") -> Config:
     if len(sources) != 1:
         raise ConfigError(f"{where}: set exactly one of encoder.model_name, encoder.checkpoint, "
                           f"encoder.scratch (got {', '.join(sources) or 'none'})")
+    lora, targets = config["encoder"]["lora"], LORA_TARGETS
+    if lora["rank"] < 1:
+        raise ConfigError(f"{where}: encoder.lora.rank must be >= 1, got {lora['rank']}")
+    unknown = [t for t in lora["targets"] if t not in targets]
+    if unknown or not lora["targets"]:
+        raise ConfigError(f"{where}: encoder.lora.targets: unknown target(s) {unknown or '(none given)'}; "
+                          f"choose from {', '.join(targets)}")
+    if not 0 <= lora["dropout"] < 1:
+        raise ConfigError(f"{where}: encoder.lora.dropout must be in [0, 1), got {lora['dropout']}")
+    if config["encoder"]["adapter"]["dim"] < 1:
+        raise ConfigError(f"{where}: encoder.adapter.dim must be >= 1, got {config['encoder']['adapter']['dim']}")
     if config["supcon"]["temperature"] <= 0:
         raise ConfigError(f"{where}: supcon.temperature must be > 0")
     if config["data"]["overlap"] >= config["data"]["max_len"] or config["data"]["overlap"] < 0:
