@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import esm
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from data import NUM_CLASSES, PAD_IDX
 from adapters import add_adapters, add_lora, first_adapted_layer, is_peft_parameter
+from data import NUM_CLASSES, PAD_IDX
 from loss import EmbeddingQueue
 from utils import ConfigError
 from weights import WeightsError, load_pretrained  # noqa: F401  (WeightsError: re-exported)
@@ -140,7 +139,7 @@ class Encoder(nn.Module):
         self.first_trainable = set_trainable(self.backbone, enc)
         self.activation_checkpointing = enc["activation_checkpointing"]
         self.chunk_tokens, self.chunk_max_padding = enc["chunk_tokens"], enc["chunk_max_padding"]
-        self.token_counts = {"tokens": 0, "padding": 0}
+        self.token_counts = {"tokens": 0, "padding": 0, "attention": 0}  # what the backbone ran (throughput.py)
         self.fused_attention = enc["fused_attention"]
         self.cache = None  # FrozenCache, attached by the trainer when encoder.cache_frozen
         d = self.backbone.embed_dim
@@ -192,8 +191,9 @@ class Encoder(nn.Module):
         """fair-esm's ESM2.forward without the LM head: tokens [W, T] -> [W, T, d]. The frozen
         leading layers run without autograd, or come from the frozen-layer cache."""
         keep = (tokens.ne(PAD_IDX))[:, None, None, :]  # attend to real tokens only
-        self.token_counts["tokens"] += tokens.numel()  # what the backbone processes, for benchmarks
+        self.token_counts["tokens"] += tokens.numel()  # what the backbone processes, padding included
         self.token_counts["padding"] += int(tokens.eq(PAD_IDX).sum())
+        self.token_counts["attention"] += tokens.shape[0] * tokens.shape[1] ** 2  # (query, key) pairs per layer
         if self.cache is not None and keys is not None:
             x = self.cache.fetch(keys, tokens, self._frozen_prefix)
         else:
@@ -253,47 +253,6 @@ class Encoder(nn.Module):
             if self.cluster_head is not None:
                 out["clusters"] = torch.softmax(self.cluster_head(out["projection"]).float(), dim=-1)
         return out
-
-
-class FrozenCache:
-    """Outputs of the backbone's frozen leading layers per window, computed once.
-
-    Keyed by (entry, window start); each entry holds [width, d] (BOS .. EOS) in `dtype`, in
-    memory or in a memory-mapped file (`path`). Valid only while the frozen layers and the input
-    sequences stay the same (no augmentation).
-    """
-
-    def __init__(self, windows: dict, dim: int, dtype: str = "float16", path=None):
-        self.slots, total = {}, 0
-        for key, width in windows.items():  # key -> (offset, width)
-            self.slots[key] = (total, width)
-            total += width
-        np_dtype = {"float16": np.float16, "float32": np.float32}[dtype]
-        if path is None:
-            self.store = torch.from_numpy(np.zeros((total, dim), dtype=np_dtype))
-        else:
-            self.store = torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=(total, dim)))
-        self.filled = set()
-        self.hits = self.misses = 0
-
-    def fetch(self, keys: list, tokens: torch.Tensor, compute) -> torch.Tensor:
-        """Frozen-prefix outputs [W, T, d] of these windows; computes (compute(tokens[rows])) and
-        stores the ones not cached yet. Padding positions are 0."""
-        missing = [w for w, key in enumerate(keys) if key not in self.filled]
-        if missing:
-            with torch.no_grad():
-                fresh = compute(tokens[missing]).float().cpu()
-            for row, w in enumerate(missing):
-                offset, width = self.slots[keys[w]]
-                self.store[offset:offset + width] = fresh[row, :width].to(self.store.dtype)
-                self.filled.add(keys[w])
-        self.misses += len(missing)
-        self.hits += len(keys) - len(missing)
-        x = torch.zeros(tokens.shape[0], tokens.shape[1], self.store.shape[1])
-        for w, key in enumerate(keys):
-            offset, width = self.slots[key]
-            x[w, :width] = self.store[offset:offset + width].float()
-        return x.to(tokens.device, non_blocking=True)
 
 
 def transformer_layer(layer, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

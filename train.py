@@ -24,7 +24,9 @@ from data import (CLASSES, FALLBACKS, Collate, DataError, EpochShuffleSampler, L
 from loss import ClassLoss, MotifLoss, class_weights, contrastive_loss, motif_pos_weights
 from metrics import classification_metrics, format_table, residue_metrics, tune_thresholds
 from adapters import is_peft_parameter
-from model import Encoder, FrozenCache, backbone_arch, load_model_state
+from cache import DiskCache, FrozenCache, model_key
+from model import Encoder, backbone_arch, load_model_state
+from throughput import epoch_speed
 from utils import (ConfigError, load_checkpoint, load_config, resolve_config, rng_state, save_checkpoint,
                    seed_everything, set_rng_state, setup_logging, write_text_atomic, write_yaml)
 from weights import WeightsError
@@ -162,6 +164,9 @@ def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, de
     heads = phase_of(config, epoch) != "warm_start"
     trainable = [p for p in model.parameters() if p.requires_grad]
     sums, fallbacks, n_batches = defaultdict(float), defaultdict(int), len(loader)
+    counts = getattr(model, "module", model).token_counts  # tokens the backbone runs (throughput)
+    counts.update(tokens=0, padding=0, attention=0)
+    anchors = 0
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)
     log, start, every = logging.getLogger("mutarget"), time.time(), max(n_batches // 10, 1)
@@ -172,6 +177,7 @@ def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, de
             log.info("epoch %d: %d/%d batches, %.0fs, loss %.4f", epoch, step, n_batches, last_line - start,
                      float(sums["loss"]) / step)
         batch = to_device(batch, device)
+        anchors += batch["labels"].shape[0]
         with autocast(device, dtype):
             loss, losses, out = step_losses(model, batch, criteria, config, heads)
         if "fallback" in batch:  # anchor / positive / negative batches (supcon.loss: hard)
@@ -199,7 +205,8 @@ def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, de
     stats = {f"train_{k}": float(v) / n_batches for k, v in sums.items() if k != "grad_norm"}
     if "grad_norm" in sums:
         stats["grad_norm"] = float(sums["grad_norm"]) / steps
-    return {**stats, **fallbacks}
+    work = {"anchors": anchors, **counts, "train_time_s": time.time() - start}  # summed over processes
+    return {**stats, **fallbacks, **{f"count_{k}": v for k, v in work.items()}}
 
 
 def step_losses(model, batch: dict, criteria: dict, config, heads: bool = True):
@@ -309,10 +316,11 @@ def run(args) -> int:
     model = Encoder(config, arch=resume["arch"] if resume else None).to(device)
     if resume is not None:
         load_model_state(model, resume["model"], args.resume)
-    if config.encoder.cache_frozen and model.first_trainable == 0:
+    caching = config.encoder.cache_frozen or config.encoder.cache_dir is not None
+    if caching and model.first_trainable == 0:
         raise ConfigError("encoder.cache_frozen needs frozen leading layers, but every layer trains "
                           f"(encoder.tune: {config.encoder.tune}); use tune: last_k or frozen, or turn the cache off")
-    if config.encoder.cache_frozen and uses_mutations(config):
+    if caching and uses_mutations(config):
         raise ConfigError("encoder.cache_frozen would be wrong with mutated sequences (train.augment.apply or "
                           "a view-based supcon.loss): the frozen layers' outputs change every epoch")
     distance_map = setup_supcon(config, model, datasets["train"], device, log, resume)
@@ -323,7 +331,7 @@ def run(args) -> int:
         write_yaml(run_dir / "config.yaml", config.to_dict())
         if distance_map is not None:
             write_text_atomic(run_dir / "distance_map.json", json.dumps(distance_map, indent=1))
-    if config.encoder.cache_frozen:
+    if caching:
         model.cache = frozen_cache(model, datasets, config, run_dir, rank)
     if config.supcon.apply and config.encoder.tune == "frozen":
         log.warning("SupCon is on but the backbone is frozen: the contrastive loss can only train the "
@@ -368,7 +376,14 @@ def run(args) -> int:
             distance_map = training["distance_map"] = remine(model, train_set, config, device, distance_map, run_dir, log)
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch, contrastive=phase != "supervised")
+        if model.cache is not None:
+            model.cache.hits = model.cache.misses = 0
         stats = average_over_ranks(train_loop(net, loader, optimizer, scheduler, scaler, criteria, config, device, epoch))
+        counts = {k[6:]: stats.pop(k) for k in list(stats) if k.startswith("count_")}
+        stats.update(epoch_speed(counts, counts.pop("train_time_s"), backbone_arch(model.backbone),
+                                 model.first_trainable, config.encoder.tune, device))
+        if model.cache is not None:  # windows of this epoch's training read from / added to the cache
+            stats["cache_hits"], stats["cache_misses"] = model.cache.hits, model.cache.misses
         if main_process:
             state = end_epoch(model, datasets["valid"], config, device, epoch, phase, stats, state, history, training,
                               start, log)
@@ -403,7 +418,8 @@ def average_over_ranks(stats: dict) -> dict:
     values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(values)
     world = dist.get_world_size()
-    return {k: int(v) if k.startswith("supcon_fallback") else v / world for k, v in zip(keys, values.tolist())}
+    summed = ("supcon_fallback", "count_anchors", "count_tokens", "count_padding", "count_attention")
+    return {k: int(v) if k.startswith(summed) else v / world for k, v in zip(keys, values.tolist())}
 
 
 def end_epoch(model, valid_set, config, device, epoch: int, phase: str, stats: dict, state: dict, history: list,
@@ -434,14 +450,24 @@ def end_epoch(model, valid_set, config, device, epoch: int, phase: str, stats: d
         shutil.copyfile(ckpt_dir / "last.pt", ckpt_dir / ".best.pt.tmp")
         (ckpt_dir / ".best.pt.tmp").replace(ckpt_dir / "best.pt")
     losses = ", ".join(f"{k[6:]} {v:.4f}" for k, v in stats.items() if k.endswith("_loss") and k != "train_loss")
-    log.info("epoch %d (%s): loss %.4f (%s) val macro-F1 %.4f macro-MCC %.4f%s (%.1fs)", epoch, phase,
-             stats["train_loss"], losses, val["macro_f1"], val["macro_mcc"], " *" if improved else "", record["time_s"])
+    speed = f"{stats['anchors_per_s']:.1f} anchors/s, {stats['tokens_per_s']:.0f} tokens/s" + (
+        f", MFU {stats['mfu']:.1%}" if "mfu" in stats else "")
+    log.info("epoch %d (%s): loss %.4f (%s) val macro-F1 %.4f macro-MCC %.4f%s (%.1fs; %s)", epoch, phase,
+             stats["train_loss"], losses, val["macro_f1"], val["macro_mcc"], " *" if improved else "", record["time_s"],
+             speed)
     return state
 
 
-def frozen_cache(model, datasets, config, run_dir: Path, rank: int = 0) -> FrozenCache:
-    """A cache of the frozen layers' outputs for every window of every split (computed on first
-    use; run() has refused configurations where nothing is frozen)."""
+def frozen_cache(model, datasets, config, run_dir: Path, rank: int = 0):
+    """The frozen-layer cache (run() has refused configurations where nothing is frozen or inputs
+    are mutated): a DiskCache under encoder.cache_dir shared across runs, else a FrozenCache of this
+    run holding every window of every split (computed on first use)."""
+    enc = config.encoder
+    if enc.cache_dir is not None:
+        precision = amp_dtype(config.train.amp, next(model.parameters()).device)
+        key = model_key(model.backbone, model.first_trainable, model.fused_attention, precision)
+        logging.getLogger("mutarget").info("frozen-layer cache shared across runs: %s", Path(enc.cache_dir) / key)
+        return DiskCache(enc.cache_dir, key, enc.cache_dtype)
     windows = {}
     for dataset in datasets.values():
         for protein in dataset.proteins:
@@ -449,8 +475,8 @@ def frozen_cache(model, datasets, config, run_dir: Path, rank: int = 0) -> Froze
             for start in window_starts(n, config.data.max_len, config.data.overlap):
                 windows[(protein.entry, start)] = min(config.data.max_len, n - start) + 2
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / (f"frozen_cache.rank{rank}.npy" if rank else "frozen_cache.npy") if config.encoder.cache_on_disk else None
-    return FrozenCache(windows, model.backbone.embed_dim, config.encoder.cache_dtype, path)
+    path = run_dir / (f"frozen_cache.rank{rank}.npy" if rank else "frozen_cache.npy") if enc.cache_on_disk else None
+    return FrozenCache(windows, model.backbone.embed_dim, enc.cache_dtype, path)
 
 
 def distance_map_of(model, proteins, config, device, key: str) -> dict:

@@ -292,6 +292,13 @@ def setup_logging(run_dir=None, quiet: bool = False) -> logging.Logger:
     return log
 
 
+def file_mode() -> int:
+    """The mode a new file gets under the current umask (0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic(path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import loss  # noqa: E402
 import train  # noqa: E402
-from model import Encoder, FrozenCache  # noqa: E402
+from cache import FrozenCache  # noqa: E402
+from model import Encoder  # noqa: E402
 from utils import resolve_config  # noqa: E402
 
 

@@ -5,6 +5,7 @@ import esm
 import pytest
 import torch
 
+import cache
 import data
 import model
 import utils
@@ -184,7 +185,7 @@ def test_frozen_cache_matches_uncached(tmp_path, dtype, tol):
     (out_plain["class_logits"].sum() + out_plain["motif_logits"].sum()).backward()
     grads_plain = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad()
-    m.cache = model.FrozenCache(windows, 32, dtype, path=tmp_path / "cache.npy")
+    m.cache = cache.FrozenCache(windows, 32, dtype, path=tmp_path / "cache.npy")
     for attempt in range(2):  # first pass fills the cache, the second reads it only
         out = m(batch)
         assert torch.allclose(out["class_logits"], out_plain["class_logits"], atol=tol)

@@ -1,0 +1,137 @@
+"""Frozen-layer caches: the backbone's frozen leading layers run once per window, not once per epoch.
+
+FrozenCache lives and dies with one run (in memory, or memory-mapped in run_dir). DiskCache
+(encoder.cache_dir) is shared across runs, folds and seeds: an entry is found by the content of
+the window it was computed from, under a folder named by the frozen weights themselves.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import PAD_IDX
+from utils import file_mode
+
+
+class FrozenCache:
+    """Outputs of the backbone's frozen leading layers per window, computed once.
+
+    Keyed by (entry, window start); each entry holds [width, d] (BOS .. EOS) in `dtype`, in
+    memory or in a memory-mapped file (`path`). Valid only while the frozen layers and the input
+    sequences stay the same (no augmentation).
+    """
+
+    def __init__(self, windows: dict, dim: int, dtype: str = "float16", path=None):
+        self.slots, total = {}, 0
+        for key, width in windows.items():  # key -> (offset, width)
+            self.slots[key] = (total, width)
+            total += width
+        np_dtype = {"float16": np.float16, "float32": np.float32}[dtype]
+        if path is None:
+            self.store = torch.from_numpy(np.zeros((total, dim), dtype=np_dtype))
+        else:
+            self.store = torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=(total, dim)))
+        self.filled = set()
+        self.hits = self.misses = 0
+
+    def fetch(self, keys: list, tokens: torch.Tensor, compute) -> torch.Tensor:
+        """Frozen-prefix outputs [W, T, d] of these windows; computes (compute(tokens[rows])) and
+        stores the ones not cached yet. Padding positions are 0."""
+        missing = [w for w, key in enumerate(keys) if key not in self.filled]
+        if missing:
+            with torch.no_grad():
+                fresh = compute(tokens[missing]).float().cpu()
+            for row, w in enumerate(missing):
+                offset, width = self.slots[keys[w]]
+                self.store[offset:offset + width] = fresh[row, :width].to(self.store.dtype)
+                self.filled.add(keys[w])
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        x = torch.zeros(tokens.shape[0], tokens.shape[1], self.store.shape[1])
+        for w, key in enumerate(keys):
+            offset, width = self.slots[key]
+            x[w, :width] = self.store[offset:offset + width].float()
+        return x.to(tokens.device, non_blocking=True)
+
+
+class DiskCache:
+    """Frozen-layer outputs shared across runs: `root/<model key>/<ab>/<window key>.npy`, [width, d]
+    (BOS .. EOS) in `dtype`.
+
+    model key: a hash of the frozen tensors (token embeddings and the layers before the first
+    trainable one, names, shapes and values), the frozen depth, the attention code and the autocast
+    precision; window key: a hash of the window's tokens, so the sequence and the windowing are part of
+    it. A changed model, depth, precision, sequence or window can therefore never read an old entry.
+    Each entry is written to a temporary file and renamed: runs filling the folder at the same time
+    never read half-written entries (they may compute the same entry twice; both write the same values).
+    """
+
+    def __init__(self, root, model_key: str, dtype: str = "float16"):
+        self.folder = Path(root) / model_key
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.dtype = {"float16": np.float16, "float32": np.float32}[dtype]
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def window_key(tokens: np.ndarray) -> str:
+        return hashlib.sha256(tokens.astype(np.uint8).tobytes()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.npy"
+
+    def fetch(self, keys, tokens: torch.Tensor, compute) -> torch.Tensor:
+        """Frozen-prefix outputs [W, T, d] of the windows in tokens [W, T]; computes (compute(tokens[rows]))
+        and stores the ones not cached yet. `keys` (entry, start) are not needed: content decides."""
+        rows = tokens.cpu().numpy()
+        widths = (rows != PAD_IDX).sum(1)
+        window_keys = [self.window_key(row[:width]) for row, width in zip(rows, widths)]
+        found = {}
+        for w, key in enumerate(window_keys):
+            try:
+                found[w] = np.load(self.path(key))
+            except (FileNotFoundError, ValueError, OSError):  # absent (or unreadable: recomputed, rewritten)
+                pass
+        missing = [w for w in range(len(rows)) if w not in found]
+        if missing:
+            with torch.no_grad():
+                fresh = compute(tokens[missing]).float().cpu().numpy()
+            for row, w in enumerate(missing):
+                found[w] = fresh[row, :widths[w]].astype(self.dtype)
+                self._store(window_keys[w], found[w])
+        self.misses += len(missing)
+        self.hits += len(rows) - len(missing)
+        x = torch.zeros(tokens.shape[0], tokens.shape[1], next(iter(found.values())).shape[1])
+        for w, values in found.items():
+            x[w, :widths[w]] = torch.from_numpy(values.astype(np.float32))
+        return x.to(tokens.device, non_blocking=True)
+
+    def _store(self, key: str, values: np.ndarray) -> None:
+        path = self.path(key)
+        path.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.save(handle, values)
+            os.chmod(tmp, file_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def model_key(backbone, first_trainable: int, fused_attention: bool, precision) -> str:
+    """Hash naming a DiskCache folder: the frozen tensors (embeddings + layers < first_trainable),
+    the frozen depth, the attention code and the autocast precision (None = fp32)."""
+    digest = hashlib.sha256(repr((first_trainable, fused_attention, str(precision), backbone.token_dropout,
+                                  backbone.attention_heads)).encode())
+    for name, tensor in sorted(backbone.state_dict().items()):
+        if name.startswith("embed_tokens.") or (name.startswith("layers.") and int(name.split(".")[1]) < first_trainable):
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]

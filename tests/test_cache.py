@@ -1,0 +1,138 @@
+"""The frozen-layer cache shared across runs (encoder.cache_dir) and the per-epoch speed figures."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import write_config
+
+import cache
+import data
+import throughput
+import train
+import utils
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def cached_run(tmp_path, name, cache_dir, **sets):
+    overrides = {"data.root": str(tmp_path / "data"), "train.epochs": 1, "encoder.scratch.num_layers": 2,
+                 "encoder.tune": "last_k", "encoder.trainable_layers": 1, "encoder.cache_dtype": "float32",
+                 "decoder.dropout": 0.0, "decoder.class_dropout": 0.0, **sets}
+    if cache_dir is not None:
+        overrides["encoder.cache_dir"] = str(cache_dir)
+    assert train.main(["--config", str(write_config(tmp_path / name, **overrides))]) == 0
+    return tmp_path / name / "run"
+
+
+def entries(folder):
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*.npy")}
+
+
+def test_second_run_reuses_every_frozen_output(tmp_path):
+    shared = tmp_path / "shared_cache"
+    first = cached_run(tmp_path, "fold0", shared, **{"data.fold": 0})
+    assert sum(r["cache_misses"] for r in read_metrics(first)) > 0
+    (model_folder,) = [p for p in shared.iterdir() if p.is_dir()]
+    filled = entries(model_folder)
+    assert filled and not list(shared.rglob("*.tmp"))
+    # another fold: every protein was seen by the first run (train, valid or test), so nothing is computed
+    second = cached_run(tmp_path, "fold1", shared, **{"data.fold": 1})
+    assert [r["cache_misses"] for r in read_metrics(second)] == [0]
+    assert all(r["cache_hits"] > 0 for r in read_metrics(second))
+    assert entries(model_folder) == filled  # nothing rewritten
+    uncached = cached_run(tmp_path, "fold1_plain", None, **{"data.fold": 1})
+    for a, b in zip(read_metrics(second), read_metrics(uncached)):
+        for key in ("train_loss", "train_class_loss", "train_motif_loss", "val_macro_f1", "val_macro_mcc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    test_a = json.loads((second / "test_metrics.json").read_text())
+    test_b = json.loads((uncached / "test_metrics.json").read_text())
+    assert test_a["macro_roc_auc"] == pytest.approx(test_b["macro_roc_auc"], abs=1e-4)
+    # another backbone (other seed: other random weights) never reads the old entries
+    other = cached_run(tmp_path, "other_seed", shared, **{"seed": 7})
+    assert read_metrics(other)[0]["cache_misses"] > 0
+    assert len([p for p in shared.iterdir() if p.is_dir()]) == 2
+    assert entries(model_folder) == filled
+    # more frozen layers: another folder too
+    cached_run(tmp_path, "deeper", shared, **{"encoder.scratch.num_layers": 3, "encoder.trainable_layers": 1})
+    assert len([p for p in shared.iterdir() if p.is_dir()]) == 3
+    # the same frozen computation in a bigger model (same seed: the same embeddings and layer 0, 1 layer
+    # frozen) is the same key: its outputs are the same, so reusing them is right
+    reuse = cached_run(tmp_path, "same_prefix", shared, **{"encoder.scratch.num_layers": 3, "encoder.trainable_layers": 2})
+    assert [r["cache_misses"] for r in read_metrics(reuse)] == [0]
+    assert len([p for p in shared.iterdir() if p.is_dir()]) == 3
+
+
+def frozen_prefix(tokens):
+    """A stand-in for the frozen layers: a fixed function of the tokens [W, T] -> [W, T, 4]."""
+    t = tokens.float()
+    return torch.stack([t, t * 2, torch.cos(t), torch.arange(t.shape[1]).float().expand_as(t)], dim=-1)
+
+
+def windows(*sequences):
+    batch = data.Collate(64, 16)([data.LocalizationDataset([data.make_protein(f"P{i}", s, "", "t")
+                                                            for i, s in enumerate(sequences)])[i]
+                                  for i in range(len(sequences))])
+    return batch["tokens"], batch["window_keys"]
+
+
+def test_entries_are_keyed_by_window_content(tmp_path):
+    store = cache.DiskCache(tmp_path, "model", "float32")
+    tokens, keys = windows("MKTAYIAKQR", "MKTAYIAKQW", "MKTAYIAKQRQ")
+    out = store.fetch(keys, tokens, frozen_prefix)
+    assert store.misses == 3 and len(list(tmp_path.rglob("*.npy"))) == 3  # one residue apart: other entries
+    assert torch.equal(out, frozen_prefix(tokens) * tokens.ne(data.PAD_IDX)[..., None])
+    # the same windows under other names, in another order and padding: read, not computed
+    again_tokens, _ = windows("MKTAYIAKQRQ", "MKTAYIAKQR")
+    again = store.fetch([("x", 0), ("y", 0)], again_tokens, lambda t: pytest.fail("recomputed a cached window"))
+    real = again_tokens.ne(data.PAD_IDX)
+    assert torch.equal(again[real], frozen_prefix(again_tokens)[real])
+    assert store.hits == 2
+
+
+def _fill(rank, root, sequences, out):  # noqa: D103
+    tokens, keys = windows(*sequences)
+    torch.manual_seed(rank)
+    order = torch.randperm(len(sequences)).tolist()  # different orders: the processes race on every entry
+    store = cache.DiskCache(root, "model", "float16")
+    store.fetch([keys[i] for i in order], tokens[order], frozen_prefix)
+
+
+def test_two_processes_filling_at_once(tmp_path):
+    rng = np.random.default_rng(0)
+    sequences = ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), size=n)) for n in rng.integers(5, 60, size=40)]
+    mp.spawn(_fill, args=(str(tmp_path), sequences, None), nprocs=2)
+    assert not list(tmp_path.rglob("*.tmp"))
+    files = list(tmp_path.rglob("*.npy"))
+    assert len(files) == len(set(sequences))
+    tokens, keys = windows(*sequences)
+    store = cache.DiskCache(tmp_path, "model", "float16")
+    out = store.fetch(keys, tokens, lambda t: pytest.fail("an entry is missing"))
+    expected = (frozen_prefix(tokens) * tokens.ne(data.PAD_IDX)[..., None]).half().float()
+    assert torch.equal(out, expected)
+    umask_mode = utils.file_mode()
+    assert all(f.stat().st_mode & 0o777 == umask_mode for f in files)
+
+
+# ---------------------------------------------------------------- speed figures
+def test_speed_figures_in_metrics(tmp_path):
+    run = cached_run(tmp_path, "speed", None, **{"train.epochs": 1})
+    record = read_metrics(run)[0]
+    assert 0 < record["tokens_per_s"] <= record["padded_tokens_per_s"] and record["anchors_per_s"] > 0
+    assert "mfu" not in record  # CPU: no MFU
+    train_set = data.build_datasets(utils.load_config(run / "config.yaml"))["train"]
+    real = sum(min(64, len(p.sequence) - s) + 2 for p in train_set.proteins
+               for s in data.window_starts(len(p.sequence), 64, 16))  # residues + BOS / EOS of every window
+    assert record["tokens_per_s"] / record["anchors_per_s"] == pytest.approx(real / len(train_set), rel=1e-6)
+
+
+def test_flops_estimate_hand_worked():
+    arch = {"embed_dim": 2, "num_layers": 3}
+    # per layer: 24 d^2 per token * 10 tokens + 4 d * 100 pairs = 960 + 800
+    assert throughput.backbone_flops(arch, 1, True, 10, 100) == 1760 * (3 + 2 * 2)  # forward 3, backward 2 x 2
+    assert throughput.backbone_flops(arch, 1, False, 10, 100) == 1760 * (3 + 2)  # LoRA: gradients pass through
+    assert throughput.backbone_flops(arch, 3, True, 10, 100) == 1760 * 3  # frozen: forward only
+    assert throughput.peak_flops(torch.device("cpu")) is None

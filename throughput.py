@@ -1,0 +1,53 @@
+"""Training speed of every epoch: anchors/s, backbone tokens/s (real and padded) and, on CUDA, an
+estimated model-FLOPs utilisation (MFU, as nanoGPT prints it).
+
+FLOPs are estimated from what the backbone ran (model.token_counts: tokens, padding and attention
+pairs, padding included, as the hardware computes them): a forward pass costs 2 FLOPs per weight of
+the transformer layers per token plus 4 d per attention pair per layer; the backward pass costs
+twice the forward pass in layers whose weights train (gradients for inputs and weights), once in
+layers that only pass gradients on (LoRA / adapters train small added matrices; their own FLOPs are
+neglected), nothing in frozen leading layers. Heads are neglected. Peak: dense bf16 / fp16 tensor
+FLOP/s of known GPUs; other devices get no MFU.
+"""
+from __future__ import annotations
+
+import torch
+
+PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
+               "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0, "RTX 4090": 165.0}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense half-precision tensor-core FLOP/s of the GPU, None when unknown or not a GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():  # most specific names first
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def backbone_flops(arch: dict, first_trainable: int, weights_train: bool, tokens: float, attention_pairs: float) -> float:
+    """Estimated FLOPs of forward + backward over `tokens` tokens and `attention_pairs` (query, key)
+    pairs per layer: see the module docstring. weights_train: the trainable layers' own weights train
+    (last_k, full), not only added matrices (lora, adapter)."""
+    d, n = arch["embed_dim"], arch["num_layers"]
+    per_layer = 2 * 12 * d * d * tokens + 4 * d * attention_pairs  # q, k, v, out (4 d^2) + fc1, fc2 (8 d^2)
+    backward_layers = n - first_trainable
+    return per_layer * (n + (2 if weights_train else 1) * backward_layers)
+
+
+def epoch_speed(counts: dict, seconds: float, arch: dict, first_trainable: int, tune: str, device) -> dict:
+    """{anchors_per_s, tokens_per_s (real), padded_tokens_per_s (all), mfu (CUDA, known GPU)} from the
+    epoch's counts {anchors, tokens, padding, attention} (summed over processes) and its wall time."""
+    seconds = max(seconds, 1e-9)
+    speed = {"anchors_per_s": counts["anchors"] / seconds,
+             "tokens_per_s": (counts["tokens"] - counts["padding"]) / seconds,
+             "padded_tokens_per_s": counts["tokens"] / seconds}
+    peak = peak_flops(device)
+    if peak is not None:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        flops = backbone_flops(arch, first_trainable, tune in ("last_k", "full"), counts["tokens"], counts["attention"])
+        speed["mfu"] = flops / seconds / (peak * world)
+    return speed
