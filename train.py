@@ -19,12 +19,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import space
+from adapters import is_peft_parameter
+from cache import DiskCache, FrozenCache, model_key
 from data import (CLASSES, FALLBACKS, Collate, DataError, EpochShuffleSampler, LengthBucketSampler,
                   LocalizationDataset, RankSlice, build_datasets, class_distance_map, length_sorted_batches, window_starts)
 from loss import ClassLoss, MotifLoss, class_weights, contrastive_loss, motif_pos_weights
 from metrics import classification_metrics, format_table, residue_metrics, tune_thresholds
-from adapters import is_peft_parameter
-from cache import DiskCache, FrozenCache, model_key
 from model import Encoder, backbone_arch, load_model_state
 from throughput import epoch_speed
 from utils import (ConfigError, load_checkpoint, load_config, resolve_config, rng_state, save_checkpoint,
@@ -550,17 +551,37 @@ def final_test(model, datasets, config, device, ckpt_dir: Path, state: dict, log
     test = run_inference(model, datasets["test"], **infer)
     result = score(test)
     tuned = score(test, thresholds)
+    centroids, train_out = fit_centroids(model, datasets["train"].proteins, valid, config, device)
     result.update({"best_epoch": state["best_epoch"], "checkpoint": str(best_path) if best else None,
                    "thresholds": dict(zip(CLASSES, map(float, thresholds))),
                    "tuned": {k: tuned[k] for k in ("macro_f1", "macro_mcc", "per_class", "subset_accuracy", "jaccard")},
-                   "valid": {k: valid_scores[k] for k in ("macro_f1", "macro_mcc")}})
+                   "valid": {k: valid_scores[k] for k in ("macro_f1", "macro_mcc")},
+                   "space": {name: space.space_metrics(*[(out[name], out["labels"]) for out in (train_out, valid, test)])
+                             for name in centroids}})
     write_text_atomic(Path(config.run_dir) / "test_metrics.json", json.dumps(result, indent=2))
     if best is not None:
-        best["thresholds"] = result["thresholds"]
+        best["thresholds"], best["centroids"] = result["thresholds"], centroids
         save_checkpoint(best, best_path)
     log.info("test (best epoch %s):\n%s", state["best_epoch"], format_table(result))
     log.info("test with valid-tuned thresholds: macro-F1 %.4f macro-MCC %.4f", tuned["macro_f1"], tuned["macro_mcc"])
+    for name, m in result["space"].items():
+        log.info("%s space: centroid macro-MCC %.4f (max-separation) %.4f (thresholds), macro AP %.4f, %d-NN macro-MCC "
+                 "%.4f, macro silhouette %s", name, m["maxsep"]["macro_mcc"], m["threshold"]["macro_mcc"],
+                 m["macro_average_precision"], m["knn"]["k"], m["knn"]["macro_mcc"],
+                 "-" if m["macro_silhouette"] is None else f"{m['macro_silhouette']:.4f}")
     return result
+
+
+def fit_centroids(model, train_proteins, valid_out: dict, config, device) -> tuple[dict, dict]:
+    """Class centres of the training split (every protein once, unmutated) and distance thresholds
+    tuned on validation, per embedding space ('pooled', and 'projection' with a projection head):
+    ({space: {'centres' [8, d], 'counts' [8], 'thresholds' [8]}}, run_inference outputs of the training split)."""
+    plain = LocalizationDataset(train_proteins, "train")
+    train_out = run_inference(model, plain, config.train.eval_batch_size, device, config.train.amp,
+                              config.data.max_len, config.data.overlap)
+    spaces = ["pooled"] + (["projection"] if model.projection is not None else [])
+    return {name: space.fit(train_out[name], train_out["labels"], valid_out[name], valid_out["labels"])
+            for name in spaces}, train_out
 
 
 if __name__ == "__main__":

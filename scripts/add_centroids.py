@@ -1,0 +1,68 @@
+"""Add class centres (and validation-tuned distance thresholds) to a finished run's checkpoint, so that
+checkpoints written before train.py stored them can predict from the embedding space
+(predict.py --method centroid | both).
+
+python scripts/add_centroids.py CKPT [CKPT ...] [--data-root DIR] [--device auto]
+
+The checkpoint's own config decides the data (data.root, unless --data-root, and data.fold): centres are
+the mean embeddings of the training split's proteins per class, thresholds are tuned on the validation
+split, for the pooled embeddings and, when the model has a projection head, for its projections (the same
+as train.py computes at the end of a run). The checkpoint is rewritten atomically; existing centres are
+replaced.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data import DataError, build_datasets  # noqa: E402
+from model import Encoder, load_model_state  # noqa: E402
+from train import fit_centroids, resolve_device, run_inference  # noqa: E402
+from utils import ConfigError, load_checkpoint, resolve_config, save_checkpoint  # noqa: E402
+from weights import WeightsError  # noqa: E402
+
+
+def add_centroids(path: Path, data_root: str | None, device) -> dict:
+    try:
+        ckpt = load_checkpoint(path)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"{path}: not a readable checkpoint ({err})") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "arch"} <= set(ckpt):
+        raise ConfigError(f"{path}: not a train.py checkpoint (needs model, config, arch)")
+    overrides = [f"data.root={data_root}"] if data_root else []
+    config = resolve_config(ckpt["config"], overrides, where=f"{path} (stored config)")
+    model = Encoder(config, arch=ckpt["arch"])
+    load_model_state(model, ckpt["model"], path)
+    model.to(device).eval()
+    datasets = build_datasets(config)
+    valid = run_inference(model, datasets["valid"], config.train.eval_batch_size, device, config.train.amp,
+                          config.data.max_len, config.data.overlap)
+    ckpt["centroids"], _ = fit_centroids(model, datasets["train"].proteins, valid, config, device)
+    save_checkpoint(ckpt, path)
+    return ckpt["centroids"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", type=Path)
+    p.add_argument("--data-root", help="the data folder, if it moved since training (default: the stored data.root)")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        for path in args.checkpoints:
+            centroids = add_centroids(path, args.data_root, device)
+            print(f"{path}: class centres of {', '.join(centroids)} space(s) added")
+    except (ConfigError, DataError, WeightsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Prediction from the embedding space (CLEAN's inference) and measurements of that space.
+
+Spaces: 'pooled' (the mean residue embedding the heads read, [N, d]) and 'projection' (the SupCon
+projection head's output, [N, k], when the model has one).
+
+- Class centres: the mean embedding of the training proteins of each class; a multi-label protein
+  counts for each of its classes (CLEAN's cluster centres).
+- Distances: Euclidean, from each protein to each of the 8 centres, [N, 8].
+- maxsep: CLEAN's max-separation rule over the 8 sorted distances (no parameters).
+- threshold: one distance threshold per class, tuned on validation for MCC; predicts "no signal" when
+  no centre is near enough, which max-separation cannot.
+- Scores for threshold-free metrics: the negative distance.
+- kNN: the k nearest training proteins vote per class (majority), k = KNN_K.
+- Separation per class: the mean silhouette of the class's proteins in the one-vs-rest split of the
+  test proteins, s(i) = (b(i) - a(i)) / max(a(i), b(i)), a(i) the mean distance of protein i to the other
+  members of the class, b(i) its mean distance to the non-members; +1: tight and apart, 0: mixed in,
+  below 0: nearer the other proteins than its own class.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from data import CLASSES
+from metrics import _confusion_scores, classification_metrics
+
+KNN_K = 5  # odd: a majority vote per class never ties
+MAXSEP_NEAREST_ONLY = 5  # a cut at 0-based rank >= 5 (the 6th distance or later): only the nearest class
+
+
+def class_centres(embeddings: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Centres [8, d]: mean of embeddings [N, d] over the proteins having each class (labels [N, 8]);
+    NaN for a class without proteins."""
+    member = labels.astype(bool)
+    counts = member.sum(0)
+    sums = member.T.astype(np.float64) @ embeddings.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (sums / counts[:, None]).astype(np.float32)
+
+
+def centre_distances(embeddings: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Euclidean distances [N, 8] of embeddings [N, d] to centres [8, d]; inf for a missing centre."""
+    diff = embeddings[:, None, :].astype(np.float64) - centres[None, :, :].astype(np.float64)
+    d = np.sqrt((diff ** 2).sum(-1))
+    return np.where(np.isnan(d), np.inf, d)
+
+
+def max_separation(distances: np.ndarray) -> np.ndarray:
+    """CLEAN's max-separation rule, per protein: sort the class distances; the gaps between
+    consecutive sorted distances; cut at the first gap larger than the mean gap and predict the
+    classes before the cut; a cut at rank 6 or later, or no gap above the mean, predicts the nearest
+    class only. distances [N, C] -> predicted bool [N, C]."""
+    predicted = np.zeros(distances.shape, dtype=bool)
+    for i, row in enumerate(distances):
+        order = np.argsort(row, kind="stable")
+        finite = order[np.isfinite(row[order])]
+        keep = 1
+        if len(finite) > 1:
+            gaps = np.diff(row[finite])
+            large = np.flatnonzero(gaps > gaps.mean())
+            if len(large) and large[0] < MAXSEP_NEAREST_ONLY:
+                keep = large[0] + 1
+        predicted[i, finite[:keep]] = True
+    return predicted
+
+
+def best_threshold(y: np.ndarray, score: np.ndarray) -> float:
+    """The MCC-optimal threshold t of one class (predicted when score >= t): y bool [N], score [N].
+    Candidates: midpoints between consecutive distinct scores and both ends; ties go to the largest
+    threshold (fewest positives). Without positives: +inf (never predicted); all positive: -inf."""
+    if not y.any():
+        return float("inf")
+    if y.all():
+        return float("-inf")
+    u = np.unique(score)
+    candidates = np.concatenate([[u[0] - 1.0], (u[:-1] + u[1:]) / 2, [u[-1] + 1.0]])
+    pred = score[None, :] >= candidates[:, None]
+    tp = (pred & y).sum(1).astype(float)
+    fp = (pred & ~y).sum(1).astype(float)
+    fn = y.sum() - tp
+    tn = (~y).sum() - fp
+    mcc = _confusion_scores(tp, fp, fn, tn)[3]
+    return float(candidates[np.flatnonzero(mcc >= mcc.max() - 1e-12)[-1]])
+
+
+def tune_distance_thresholds(labels: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    """Per-class distance thresholds [8] maximising validation MCC: class c is predicted when the
+    distance to its centre is <= the threshold (score -distance >= -threshold)."""
+    labels = labels.astype(bool)
+    return np.array([-best_threshold(labels[:, c], -distances[:, c]) for c in range(labels.shape[1])])
+
+
+def knn_predict(train_emb: np.ndarray, train_labels: np.ndarray, query: np.ndarray, k: int = KNN_K) -> np.ndarray:
+    """Majority vote per class of the k nearest training proteins (Euclidean): [M, 8] bool."""
+    d = ((query[:, None, :].astype(np.float64) - train_emb[None].astype(np.float64)) ** 2).sum(-1)
+    nearest = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return train_labels.astype(bool)[nearest].sum(1) * 2 > k
+
+
+def class_silhouettes(embeddings: np.ndarray, labels: np.ndarray) -> dict:
+    """Per class: the mean silhouette of its proteins in the one-vs-rest split (see the module
+    docstring); None for a class with fewer than 2 members or no non-member."""
+    x = embeddings.astype(np.float64)
+    sq = (x ** 2).sum(1)
+    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0))
+    out = {}
+    for c, name in enumerate(CLASSES):
+        member = labels[:, c].astype(bool)
+        if member.sum() < 2 or member.all():
+            out[name] = None
+            continue
+        rows = dist[member]
+        a = rows[:, member].sum(1) / (member.sum() - 1)  # the zero self-distance is in the sum, not in the count
+        b = rows[:, ~member].mean(1)
+        out[name] = float(np.mean((b - a) / np.maximum(np.maximum(a, b), 1e-12)))
+    return out
+
+
+def fit(train_emb: np.ndarray, train_labels: np.ndarray, valid_emb: np.ndarray, valid_labels: np.ndarray) -> dict:
+    """Centres from the training split, distance thresholds tuned on validation: {'centres' [8, d],
+    'counts' [8], 'thresholds' [8]} (what a checkpoint stores for centroid prediction)."""
+    centres = class_centres(train_emb, train_labels)
+    thresholds = tune_distance_thresholds(valid_labels, centre_distances(valid_emb, centres))
+    return {"centres": centres, "counts": train_labels.astype(bool).sum(0), "thresholds": thresholds}
+
+
+def predict(embeddings: np.ndarray, fitted: dict) -> dict:
+    """Centroid prediction: {'distances' [N, 8], 'maxsep' bool [N, 8], 'threshold' bool [N, 8]}."""
+    distances = centre_distances(embeddings, fitted["centres"])
+    return {"distances": distances, "maxsep": max_separation(distances),
+            "threshold": distances <= np.asarray(fitted["thresholds"])[None, :]}
+
+
+def _macro(labels, predicted) -> dict:
+    m = classification_metrics(labels, predicted.astype(float))  # 0 / 1 scores at threshold 0.5
+    return {"macro_f1": m["macro_f1"], "macro_mcc": m["macro_mcc"],
+            "per_class_f1": {c: m["per_class"][c]["f1"] for c in CLASSES}}
+
+
+def space_metrics(train: tuple, valid: tuple, test: tuple, k: int = KNN_K) -> dict:
+    """Metrics of one embedding space on the test split; each argument is (embeddings [N, d], labels [N, 8])."""
+    fitted = fit(*train, *valid)
+    test_emb, test_labels = test
+    pred = predict(test_emb, fitted)
+    scores = classification_metrics(test_labels, np.where(np.isfinite(pred["distances"]), -pred["distances"], -1e30))
+    silhouettes = class_silhouettes(test_emb, test_labels)
+    defined = [v for v in silhouettes.values() if v is not None]
+    return {"maxsep": _macro(test_labels, pred["maxsep"]),
+            "threshold": {**_macro(test_labels, pred["threshold"]),
+                          "thresholds": dict(zip(CLASSES, map(float, fitted["thresholds"])))},
+            "macro_average_precision": scores["macro_average_precision"], "macro_roc_auc": scores["macro_roc_auc"],
+            "knn": {"k": k, **_macro(test_labels, knn_predict(*train, test_emb, k))},
+            "silhouette": silhouettes, "macro_silhouette": float(np.mean(defined)) if defined else None}

@@ -1,0 +1,155 @@
+"""Embedding-space inference (class centres, max-separation, distance thresholds) and space metrics."""
+import itertools
+
+import numpy as np
+import pytest
+from sklearn.metrics import matthews_corrcoef, silhouette_samples
+from sklearn.neighbors import KNeighborsClassifier
+
+import space
+
+
+def test_centres_are_class_means_with_multilabel_proteins():
+    emb = np.array([[0.0, 0.0], [2.0, 0.0], [4.0, 2.0], [10.0, 10.0], [1.0, 1.0]], dtype=np.float32)
+    labels = np.zeros((5, 8), dtype=np.uint8)
+    labels[0, 0] = labels[1, 0] = 1  # class 0: proteins 0, 1, 2 (2 is multi-label)
+    labels[2, [0, 3]] = 1
+    labels[3, 3] = 1  # class 3: proteins 2, 3
+    # protein 4 has no class; classes 1, 2, 4-7 have no protein
+    centres = space.class_centres(emb, labels)
+    np.testing.assert_allclose(centres[0], [2.0, 2 / 3], rtol=1e-6)
+    np.testing.assert_allclose(centres[3], [7.0, 6.0], rtol=1e-6)
+    assert np.isnan(centres[1]).all() and np.isnan(centres[7]).all()
+    d = space.centre_distances(np.array([[2.0, 2 / 3]], np.float32), centres)
+    assert d[0, 0] == pytest.approx(0.0, abs=1e-6) and d[0, 3] == pytest.approx(np.hypot(5, 16 / 3))
+    assert np.isinf(d[0, 1])
+
+
+@pytest.mark.parametrize("distances,expected", [
+    # one clear gap after the 2nd nearest: gaps .1 1.9 .1 .1 .1 .1 .1, mean .357 -> cut after rank 2
+    ([1.0, 1.1, 3.0, 3.1, 3.2, 3.3, 3.4, 3.5], [0, 1]),
+    # no gap: all distances evenly spaced (every gap equals the mean) -> the nearest only
+    ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], [0]),
+    # the first large gap comes after rank 6 (gaps .1 x5, then 5, then .1) -> the nearest only
+    ([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 6.5, 6.6], [0]),
+    # the first large gap after rank 5 -> 5 classes (the largest cut allowed); order scrambled
+    ([1.4, 1.1, 9.0, 1.0, 9.1, 1.2, 9.2, 1.3], [3, 1, 5, 7, 0]),
+    # the first gap above the mean wins, not the largest (gaps .9 .1 2 .1 .1 .1 .1, mean .486)
+    ([1.0, 1.9, 2.0, 4.0, 4.1, 4.2, 4.3, 4.4], [0]),
+])
+def test_max_separation_hand_worked(distances, expected):
+    predicted = space.max_separation(np.array([distances]))
+    assert sorted(np.flatnonzero(predicted[0]).tolist()) == sorted(expected)
+
+
+def test_max_separation_ignores_missing_centres():
+    d = np.array([[1.0, np.inf, 1.1, 5.0, np.inf, 5.1, 5.2, 5.3]])
+    assert np.flatnonzero(space.max_separation(d)[0]).tolist() == [0, 2]
+
+
+def test_threshold_tuning_hits_the_mcc_optimum():
+    rng = np.random.default_rng(0)
+    y = rng.random(60) < 0.3
+    distance = np.where(y, rng.normal(1.0, 0.5, 60), rng.normal(2.0, 0.5, 60))
+    (t,) = space.tune_distance_thresholds(y[:, None], distance[:, None])
+    got = matthews_corrcoef(y, distance <= t)
+    best = max(matthews_corrcoef(y, distance <= c) for c in np.concatenate([distance, [-1.0, 99.0]]))  # every cut
+    assert got == pytest.approx(best, abs=1e-12) and best > 0.5
+    # hand-worked: positives at 1, 2, negatives at 3, 4 -> any t in [2, 3) is perfect; the midpoint 2.5
+    (t,) = space.tune_distance_thresholds(np.array([[1], [1], [0], [0]]), np.array([[1.0], [2.0], [3.0], [4.0]]))
+    assert t == 2.5
+    # a class without validation positives is never predicted
+    assert space.tune_distance_thresholds(np.zeros((3, 1)), np.ones((3, 1)))[0] == -np.inf
+
+
+def test_knn_matches_scikit_learn():
+    rng = np.random.default_rng(1)
+    train_emb, query = rng.normal(size=(80, 6)), rng.normal(size=(30, 6))
+    labels = (rng.random((80, 8)) < 0.25).astype(np.uint8)
+    expected = KNeighborsClassifier(n_neighbors=5).fit(train_emb, labels).predict(query).astype(bool)
+    np.testing.assert_array_equal(space.knn_predict(train_emb, labels, query, 5), expected)
+
+
+def test_silhouettes_match_scikit_learn():
+    rng = np.random.default_rng(2)
+    emb = rng.normal(size=(50, 4))
+    labels = (rng.random((50, 8)) < 0.3).astype(np.uint8)
+    labels[:, 7] = 0
+    labels[3, 7] = 1  # a class with one member: undefined
+    emb[labels[:, 0] == 1] += 3.0  # class 0 moved away: well separated
+    got = space.class_silhouettes(emb.astype(np.float32), labels)
+    for c, name in enumerate(space.CLASSES[:7]):
+        member = labels[:, c] == 1
+        expected = silhouette_samples(emb, member.astype(int))[member].mean()
+        assert got[name] == pytest.approx(expected, abs=1e-5), name
+    assert got["Thylakoid"] is None
+    assert got["ER"] > 0.3 > max(v for k, v in got.items() if k not in ("ER", "Thylakoid"))
+
+
+def test_space_metrics_on_separable_clusters():
+    """Four well separated classes (one multi-label group): centroid rules and kNN are perfect."""
+    rng = np.random.default_rng(3)
+    groups = [[0], [3], [4, 5], [6]]
+
+    def sample(n):
+        labels = np.zeros((n * len(groups), 8), dtype=np.uint8)
+        emb = np.zeros((n * len(groups), 3))
+        for g, (classes, corner) in enumerate(zip(groups, itertools.product([0, 10], repeat=2))):
+            labels[g * n:(g + 1) * n, classes] = 1
+            emb[g * n:(g + 1) * n] = [*corner, 0] + rng.normal(0, 0.3, size=(n, 3))
+        return emb.astype(np.float32), labels
+    m = space.space_metrics(sample(20), sample(10), sample(10))
+    present = ["ER", "SIGNAL", "Nucleus", "Nucleus_export", "chloroplast"]
+    for rule in ("threshold", "knn"):
+        assert all(m[rule]["per_class_f1"][c] == 1.0 for c in present), rule
+    # max-separation: the 2-class group {Nucleus, Nucleus_export} sits on one centre: both predicted
+    assert all(m["maxsep"]["per_class_f1"][c] == 1.0 for c in present)
+    assert all(m["silhouette"][c] > 0.8 for c in present)
+    assert m["knn"]["k"] == 5 and m["macro_average_precision"] == pytest.approx(1.0)
+
+
+def test_run_stores_centres_and_space_metrics(tiny_run, tmp_path):
+    """best.pt holds the training split's class means (computed here another way, protein by protein);
+    test_metrics.json the space metrics; add_centroids.py recomputes the same centres for an old checkpoint."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from conftest import ROOT
+
+    import data
+    import model
+    import train
+    import utils
+    best = utils.load_checkpoint(tiny_run / "checkpoints" / "best.pt")
+    centroids = best["centroids"]
+    assert set(centroids) == {"pooled"}  # no projection head in this run
+    config = utils.resolve_config(best["config"])
+    m = model.Encoder(config, arch=best["arch"]).eval()
+    m.load_state_dict(best["model"])
+    train_set = data.build_datasets(config)["train"]
+    sums, counts = {}, {}
+    for protein in train_set.proteins:
+        one = data.LocalizationDataset([protein])
+        with torch.no_grad():
+            pooled = m(data.Collate(config.data.max_len, config.data.overlap)([one[0]]))["pooled"][0].numpy()
+        for c in np.flatnonzero(protein.labels):
+            sums[c] = sums.get(c, 0) + pooled.astype(np.float64)
+            counts[c] = counts.get(c, 0) + 1
+    for c in range(8):
+        np.testing.assert_allclose(centroids["pooled"]["centres"][c], sums[c] / counts[c], atol=1e-5)
+    assert centroids["pooled"]["counts"].tolist() == [counts[c] for c in range(8)]
+    metrics = json.loads((tiny_run / "test_metrics.json").read_text())["space"]["pooled"]
+    for key in ("maxsep", "threshold", "knn"):
+        assert 0.0 <= metrics[key]["macro_f1"] <= 1.0
+    assert set(metrics["silhouette"]) == set(space.CLASSES)
+    old = tmp_path / "old.pt"
+    del best["centroids"]
+    torch.save(best, old)
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "add_centroids.py"), str(old), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    added = utils.load_checkpoint(old)["centroids"]["pooled"]
+    np.testing.assert_allclose(added["centres"], centroids["pooled"]["centres"], atol=1e-6)
+    np.testing.assert_allclose(added["thresholds"], centroids["pooled"]["thresholds"], atol=1e-6)
