@@ -19,7 +19,7 @@ overrides() {  # the --set arguments of one configuration
     *) echo "unknown configuration $1" >&2; return 1 ;;
   esac
 }
-ORDER="baseline hard_neg hard_random supcon instance"
+ORDER=${ORDER:-"baseline hard_neg hard_random supcon instance"}
 
 jobs_list() {
   for name in $ORDER; do for fold in $FOLDS; do echo "$name $fold"; done; done
