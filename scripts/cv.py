@@ -11,8 +11,10 @@ Writes DIR/cv_summary.json:
 with <metrics> = macro_f1, macro_mcc (threshold 0.5), tuned_macro_f1, tuned_macro_mcc (per-class
 thresholds tuned on validation), macro_roc_auc, macro_average_precision (threshold-free),
 macro_site_accuracy, macro_iou, per_class_f1 {class}, per_class_mcc {class}, tuned_per_class_mcc
-{class}, per_class_average_precision {class}, site_accuracy {class}, iou {class}; and
-DIR/cv_summary.md (a Markdown table).
+{class}, per_class_average_precision {class}, site_accuracy {class}, iou {class}, and per embedding
+space S (pooled, projection; None without a projection head): S_maxsep_macro_f1 / _mcc, S_threshold_macro_f1
+/ _mcc (centroid prediction, space.py), S_centroid_macro_ap, S_knn_macro_f1 / _mcc, S_macro_silhouette,
+S_silhouette {class}; and DIR/cv_summary.md (a Markdown table).
 """
 from __future__ import annotations
 
@@ -43,7 +45,30 @@ def run_metrics(test: dict) -> dict:
             "tuned_per_class_mcc": {c: tuned["per_class"][c]["mcc"] for c in CLASSES},
             "per_class_average_precision": {c: test["per_class"][c]["average_precision"] for c in CLASSES},
             "site_accuracy": {c: residue[c]["site_accuracy"] for c in SITE_CLASSES},
-            "iou": {c: residue[c]["iou"] for c in SEGMENT_CLASSES}}
+            "iou": {c: residue[c]["iou"] for c in SEGMENT_CLASSES},
+            **space_metrics(test.get("space", {}))}
+
+
+SPACES = ("pooled", "projection")
+
+
+def space_metrics(space: dict) -> dict:
+    """The embedding-space figures of test_metrics.json's 'space' block, flat, per space (None where a
+    run has no such space: no projection head, or a run from before the space metrics)."""
+    figures = {"maxsep_macro_f1": ("maxsep", "macro_f1"), "maxsep_macro_mcc": ("maxsep", "macro_mcc"),
+               "threshold_macro_f1": ("threshold", "macro_f1"), "threshold_macro_mcc": ("threshold", "macro_mcc"),
+               "centroid_macro_ap": ("macro_average_precision",), "knn_macro_f1": ("knn", "macro_f1"),
+               "knn_macro_mcc": ("knn", "macro_mcc"), "macro_silhouette": ("macro_silhouette",)}
+    out = {}
+    for name in SPACES:
+        m = space.get(name)
+        for key, path in figures.items():
+            value = m
+            for step in path if m is not None else ():
+                value = value[step]
+            out[f"{name}_{key}"] = value
+        out[f"{name}_silhouette"] = {c: None if m is None else m["silhouette"][c] for c in CLASSES}
+    return out
 
 
 def aggregate(runs: list[dict], reducer) -> dict:

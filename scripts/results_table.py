@@ -5,7 +5,9 @@ python scripts/results_table.py NAME=SUMMARY.json [NAME=SUMMARY.json ...] [--upd
 Prints (or, with --update, writes between the `<!-- results-table:begin -->` and
 `<!-- results-table:end -->` lines of FILE) these tables: the macro metrics and wall time (mean ± std
 over runs), each run's macro-F1 / macro-MCC, per-class F1, MCC, tuned-threshold MCC and average
-precision, and per-class site accuracy (Nucleus, Nucleus_export: IoU). Every number is a value of the summaries, rounded to 3 decimals
+precision, and per-class site accuracy (Nucleus, Nucleus_export: IoU); and between the
+`<!-- space-table:begin -->` and `<!-- space-table:end -->` lines the embedding-space tables (centroid
+prediction, kNN and silhouettes of the pooled and projection spaces, space.py). Every number is a value of the summaries, rounded to 3 decimals
 (wall time to seconds), so the tables can be checked against them.
 """
 from __future__ import annotations
@@ -20,9 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cv import fmt, residue_key  # noqa: E402
 from data import CLASSES  # noqa: E402
+from space import KNN_K  # noqa: E402
 from utils import write_text_atomic  # noqa: E402
 
 BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
+SPACE_BEGIN, SPACE_END = "<!-- space-table:begin -->", "<!-- space-table:end -->"
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -67,14 +71,47 @@ def tables(summaries: dict[str, dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def update(path: Path, text: str) -> None:
-    """Replace the block between the BEGIN and END lines of `path` with `text`."""
+def space_tables(summaries: dict[str, dict]) -> str:
+    """The embedding-space tables (space.py's figures on the test split) of {name: cv_summary}."""
+    names = list(summaries)
+    out = ["Mean ± std over the same runs. *head*: the classifier's macro-MCC with validation-tuned thresholds "
+           "and its macro AP (the tables above); *max-sep* / *threshold*: macro-MCC of centroid prediction "
+           "(distances to the training split's class centres; CLEAN's max-separation rule, or one distance "
+           "threshold per class tuned on validation); *centroid AP*: macro AP of the negative distances; "
+           f"*{KNN_K}-NN*: macro-MCC of a majority vote of the {KNN_K} nearest training proteins; *silhouette*: mean over "
+           "classes of the one-vs-rest silhouette of the class's test proteins.", ""]
+    for space, what in (("pooled", "Pooled embeddings (what the heads read)"),
+                        ("projection", "Projection-head outputs (what the contrastive loss shapes)")):
+        rows = [n for n in names if summaries[n]["mean"].get(f"{space}_macro_silhouette") is not None]
+        if not rows:
+            continue
+        keys = [f"{space}_{k}" for k in ("maxsep_macro_mcc", "threshold_macro_mcc", "centroid_macro_ap",
+                                         "knn_macro_mcc", "macro_silhouette")]
+        out += [f"{what}:", ""]
+        out += table(["configuration", "head MCC (tuned)", "head AP", "max-sep MCC", "threshold MCC", "centroid AP",
+                      f"{KNN_K}-NN MCC", "silhouette"],
+                     [[n, *(fmt(summaries[n]["mean"][k], summaries[n]["std"][k])
+                            for k in ("tuned_macro_mcc", "macro_average_precision", *keys))] for n in rows])
+        out += [""]
+    out += ["Each run, pooled embeddings: silhouette / threshold MCC / head MCC (tuned), for pairwise comparison:", ""]
+    runs = [(r["fold"], r["seed"]) for r in summaries[names[0]]["runs"]]
+    keys = ("pooled_macro_silhouette", "pooled_threshold_macro_mcc", "tuned_macro_mcc")
+    out += table(["configuration"] + [f"fold {f} seed {s}" for f, s in runs],
+                 [[n] + [" / ".join(fmt(r[k], None) for k in keys) for r in s["runs"]] for n, s in summaries.items()])
+    out += ["", "Per-class silhouette of the pooled embeddings:", ""]
+    out += table(["class"] + names, [[c] + [fmt(s["mean"]["pooled_silhouette"][c], s["std"]["pooled_silhouette"][c])
+                                            for s in summaries.values()] for c in CLASSES])
+    return "\n".join(out) + "\n"
+
+
+def update(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the block between the `begin` and `end` lines of `path` with `text`."""
     doc = path.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise ValueError(f"{path}: needs the lines {BEGIN} and {END}")
-    head, rest = doc.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    write_text_atomic(path, f"{head}{BEGIN}\n{text}{END}{tail}")
+    if begin not in doc or end not in doc:
+        raise ValueError(f"{path}: needs the lines {begin} and {end}")
+    head, rest = doc.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    write_text_atomic(path, f"{head}{begin}\n{text}{end}{tail}")
 
 
 def main(argv=None) -> int:
@@ -94,13 +131,14 @@ def main(argv=None) -> int:
             print(f"error: {path}: {e}", file=sys.stderr)
             return 2
     try:
-        text = tables(summaries)
+        text, space_text = tables(summaries), space_tables(summaries)
         if args.update:
             update(Path(args.update), text)
+            update(Path(args.update), space_text, SPACE_BEGIN, SPACE_END)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(text, end="")
+    print(text + "\n" + space_text, end="")
     return 0
 
 

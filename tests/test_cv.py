@@ -71,10 +71,32 @@ def _summary(f1s, mccs):
              "macro_average_precision": 0.5, "macro_site_accuracy": 0.5, "macro_iou": 0.5,
              "per_class_f1": {c: 0.5 for c in CLASSES}, "per_class_mcc": {c: 0.5 for c in CLASSES},
              "tuned_per_class_mcc": {c: 0.5 for c in CLASSES}, "per_class_average_precision": {c: 0.5 for c in CLASSES},
-             "site_accuracy": {c: 0.5 for c in SITE_CLASSES}, "iou": {c: 0.5 for c in SEGMENT_CLASSES}}
+             "site_accuracy": {c: 0.5 for c in SITE_CLASSES}, "iou": {c: 0.5 for c in SEGMENT_CLASSES},
+             **cv.space_metrics({"pooled": _space(0.1 * (i + 1))})}
             for i, (f, m) in enumerate(zip(f1s, mccs))]
     return {"config": "c.yaml", "overrides": [], "runs": runs,
             "mean": cv.aggregate(runs, statistics.mean), "std": cv.aggregate(runs, statistics.stdev)}
+
+
+def _space(value):
+    """A test_metrics.json 'space' entry whose every figure is `value`."""
+    from data import CLASSES
+    macro = {"macro_f1": value, "macro_mcc": value}
+    return {"maxsep": macro, "threshold": macro, "knn": {"k": 5, **macro}, "macro_average_precision": value,
+            "macro_silhouette": value, "silhouette": {c: value for c in CLASSES}}
+
+
+def test_space_summary_and_table_hand_worked():
+    import results_table
+    a = _summary([0.2, 0.4, 0.6], [0.1, 0.2, 0.3])  # pooled figures 0.1, 0.2, 0.3 over the runs
+    assert a["mean"]["pooled_threshold_macro_mcc"] == pytest.approx(0.2)
+    assert a["std"]["pooled_silhouette"]["ER"] == pytest.approx(0.1)
+    assert a["mean"]["projection_macro_silhouette"] is None  # no projection head: no figure, no row
+    text = results_table.space_tables({"base": a})
+    assert "| base | 0.500 ± 0.000 | 0.500 ± 0.000 |" + " 0.200 ± 0.100 |" * 5 in text
+    assert "Projection-head outputs" not in text
+    assert "| base | 0.100 / 0.100 / 0.500 | 0.200 / 0.200 / 0.500 | 0.300 / 0.300 / 0.500 |" in text
+    assert "| Thylakoid | 0.200 ± 0.100 |" in text
 
 
 def test_results_table_hand_worked(tmp_path):
