@@ -120,7 +120,6 @@ def test_run_stores_centres_and_space_metrics(tiny_run, tmp_path):
 
     import data
     import model
-    import train
     import utils
     best = utils.load_checkpoint(tiny_run / "checkpoints" / "best.pt")
     centroids = best["centroids"]
