@@ -24,8 +24,8 @@ from data import (CLASSES, FALLBACKS, Collate, DataError, EpochShuffleSampler, L
 from loss import ClassLoss, MotifLoss, class_weights, contrastive_loss, motif_pos_weights
 from metrics import classification_metrics, format_table, residue_metrics, tune_thresholds
 from model import Encoder, FrozenCache, WeightsError, backbone_arch
-from utils import (ConfigError, load_checkpoint, load_config, resolve_config, rng_state, save_checkpoint,
-                   seed_everything, set_rng_state, setup_logging, write_text_atomic, write_yaml)
+from utils import (CheckpointError, ConfigError, load_checkpoint, load_config, resolve_config, rng_state,
+                   save_checkpoint, seed_everything, set_rng_state, setup_logging, write_text_atomic, write_yaml)
 
 
 def parse_args(argv=None):
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (ConfigError, DataError, WeightsError, FileNotFoundError) as err:
+    except (ConfigError, DataError, WeightsError, FileNotFoundError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
@@ -282,8 +282,12 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
 
 
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "best_metric", "best_epoch", "bad_epochs",
+               "rng", "config", "arch")
+
+
 def run(args) -> int:
-    resume = load_checkpoint(args.resume) if args.resume else None
+    resume = load_checkpoint(args.resume, RESUME_KEYS) if args.resume else None
     if resume is not None:
         config = resolve_config(resume["config"], args.set, where=f"{args.resume} (stored config)")
     else:

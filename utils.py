@@ -6,8 +6,8 @@ import difflib
 import logging
 import os
 import random
+import secrets
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -280,11 +280,24 @@ def setup_logging(run_dir=None, quiet: bool = False) -> logging.Logger:
     return log
 
 
+def _new_temp_file(folder: Path, name: str) -> str:
+    """Create an empty, unique temporary file in `folder` with the mode the umask gives a new
+    file (0666 & ~umask: what open() would give), unlike mkstemp's 0600; returns its path."""
+    while True:
+        tmp = str(folder / f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
 def _atomic(path, write) -> None:
+    """write(tmp) to a temporary file in path's folder, then rename it over path (never
+    half-written); the file gets the umask's ordinary mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _new_temp_file(path.parent, path.name)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -299,12 +312,25 @@ def save_checkpoint(state: dict, path) -> None:
     _atomic(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path) -> dict:
-    """Load a checkpoint written by save_checkpoint (it holds RNG states and the config)."""
+class CheckpointError(OSError):
+    """A checkpoint file that cannot be read or lacks what is needed; the message names the file."""
+
+
+def load_checkpoint(path, required=()) -> dict:
+    """Load a checkpoint written by save_checkpoint (it holds RNG states and the config).
+    A truncated, corrupt or foreign file, or one missing a `required` key: CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # zip / pickle / EOF errors of a damaged or foreign file
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt? "
+                              f"({type(err).__name__}: {err})") from None
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)})")
+    return ckpt
 
 
 def write_text_atomic(path, text: str) -> None:

@@ -1,6 +1,9 @@
 """End-to-end training: run directory contents, model selection, exact resume, losses, bad input."""
 import json
 import math
+import os
+import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -140,3 +143,53 @@ def test_frozen_cache_refused_with_augmentation(tmp_path, capsys):
     assert train.main(["--config", str(config)]) == 2
     assert "cache_frozen would be wrong with mutated sequences" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def umask_file_mode() -> int:
+    """The mode open() gives a new file under the current umask (0666 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def test_run_files_get_the_umask_mode_not_0600(tiny_run):
+    for name in ("config.yaml", "metrics.jsonl", "test_metrics.json", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert stat.S_IMODE((tiny_run / name).stat().st_mode) == umask_file_mode(), name
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077], ids=oct)
+def test_atomic_writes_get_the_mode_a_plain_file_gets(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")  # the independent expectation: what open() gives
+        utils.write_text_atomic(tmp_path / "a.txt", "x")
+        utils.write_yaml(tmp_path / "b.yaml", {"a": 1})
+        utils.save_checkpoint({"a": torch.zeros(2)}, tmp_path / "c.pt")
+        utils.write_text_atomic(tmp_path / "a.txt", "y")  # replacing an existing file too
+    finally:
+        os.umask(old)
+    plain = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert plain == 0o666 & ~mask
+    for name in ("a.txt", "b.yaml", "c.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == plain, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.yaml", "c.pt", "plain.txt"]  # no temp left
+
+
+def snapshot(folder):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def test_resume_from_truncated_or_foreign_checkpoint_exits_2(tmp_path, tiny_run, capsys):
+    whole = (tiny_run / "checkpoints" / "last.pt").read_bytes()
+    truncated, empty, foreign = tmp_path / "last.pt", tmp_path / "empty.pt", tmp_path / "weights.pt"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    empty.write_bytes(b"")
+    torch.save({"model": {}, "config": {}}, foreign)  # loads, but is no resumable train.py checkpoint
+    before, run_before = snapshot(tmp_path), snapshot(tiny_run)  # the stored config's run_dir is tiny_run
+    for path in (truncated, empty):
+        assert train.main(["--resume", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {path}: not a readable checkpoint, truncated or corrupt?" in err and "Traceback" not in err
+    assert train.main(["--resume", str(foreign)]) == 2
+    assert f"error: {foreign}: not a train.py checkpoint (missing optimizer, scheduler" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before and snapshot(tiny_run) == run_before  # nothing written
