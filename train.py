@@ -25,7 +25,8 @@ from loss import ClassLoss, MotifLoss, class_weights, contrastive_loss, motif_po
 from metrics import classification_metrics, format_table, residue_metrics, tune_thresholds
 from model import Encoder, FrozenCache, WeightsError, backbone_arch
 from utils import (CheckpointError, ConfigError, load_checkpoint, load_config, resolve_config, rng_state,
-                   save_checkpoint, seed_everything, set_rng_state, setup_logging, write_text_atomic, write_yaml)
+                   save_checkpoint, seed_everything, set_rng_state, setup_logging, warn_thread_oversubscription,
+                   write_text_atomic, write_yaml)
 
 
 def parse_args(argv=None):
@@ -321,6 +322,8 @@ def run(args) -> int:
     if config.supcon.apply and config.encoder.tune == "frozen":
         log.warning("SupCon is on but the backbone is frozen: the contrastive loss can only train the "
                     "projection head, which no prediction uses (set encoder.tune: last_k or full)")
+    if main_process:
+        warn_thread_oversubscription(log)
     log.info("data %s fold %d: train %d, valid %d, test %d proteins; %d process(es) on %s", config.data.root,
              config.data.fold, *(len(datasets[k]) for k in ("train", "valid", "test")), world, device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -280,6 +280,33 @@ def setup_logging(run_dir=None, quiet: bool = False) -> logging.Logger:
     return log
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a batch scheduler)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def thread_oversubscription(processes: int, threads: int, cores: int) -> str | None:
+    """A warning saying what to set when `processes` x `threads` (torch intra-op threads per
+    process) exceed `cores`; None when they fit."""
+    if processes * threads <= cores:
+        return None
+    per = max(cores // processes, 1)
+    fix = f"set OMP_NUM_THREADS={per} (or torch.set_num_threads({per}))"
+    if processes > cores:
+        fix += f" and run at most {cores} processes"
+    return (f"{processes} process(es) x {threads} torch threads = {processes * threads} threads on {cores} available "
+            f"core(s): the cores are oversubscribed and training slows down several-fold; {fix}. torchrun sets "
+            f"OMP_NUM_THREADS=1 only when it is not already in the environment")
+
+
+def warn_thread_oversubscription(log: logging.Logger) -> None:
+    """Log thread_oversubscription's warning for this machine's processes (LOCAL_WORLD_SIZE under torchrun)."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    warning = thread_oversubscription(processes, torch.get_num_threads(), available_cores())
+    if warning:
+        log.warning(warning)
+
+
 def _new_temp_file(folder: Path, name: str) -> str:
     """Create an empty, unique temporary file in `folder` with the mode the umask gives a new
     file (0666 & ~umask: what open() would give), unlike mkstemp's 0600; returns its path."""

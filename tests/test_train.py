@@ -193,3 +193,31 @@ def test_resume_from_truncated_or_foreign_checkpoint_exits_2(tmp_path, tiny_run,
     assert train.main(["--resume", str(foreign)]) == 2
     assert f"error: {foreign}: not a train.py checkpoint (missing optimizer, scheduler" in capsys.readouterr().err
     assert snapshot(tmp_path) == before and snapshot(tiny_run) == run_before  # nothing written
+
+
+def test_thread_oversubscription_decision():
+    assert utils.thread_oversubscription(1, 2, 2) is None
+    assert utils.thread_oversubscription(2, 1, 2) is None
+    assert utils.thread_oversubscription(2, 4, 8) is None
+    warning = utils.thread_oversubscription(2, 2, 2)  # torchrun with OMP_NUM_THREADS=2 on 2 cores
+    assert "2 process(es) x 2 torch threads = 4 threads on 2 available core(s)" in warning
+    assert "set OMP_NUM_THREADS=1 (or torch.set_num_threads(1))" in warning and "at most" not in warning
+    assert "OMP_NUM_THREADS=4" in utils.thread_oversubscription(1, 8, 4)
+    assert "OMP_NUM_THREADS=3" in utils.thread_oversubscription(2, 4, 7)
+    many = utils.thread_oversubscription(4, 1, 2)
+    assert "OMP_NUM_THREADS=1" in many and "run at most 2 processes" in many
+    assert 1 <= utils.available_cores() <= (os.cpu_count() or 1)
+
+
+def test_oversubscription_warning_is_logged(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, "available_cores", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # 3 processes on this machine (WORLD_SIZE stays 1)
+    config = write_config(tmp_path, **{"train.epochs": 1})
+    assert train.main(["--config", str(config)]) == 0
+    threads = torch.get_num_threads()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"WARNING 3 process(es) x {threads} torch threads = {3 * threads} threads on 2 available core(s)" in log
+    assert "set OMP_NUM_THREADS=1" in log
+    monkeypatch.setattr(utils, "available_cores", lambda: 3 * threads)
+    assert train.main(["--config", str(config), "--set", f"run_dir={tmp_path / 'fits'}"]) == 0
+    assert "oversubscribed" not in (tmp_path / "fits" / "train.log").read_text()
