@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import tblog
 from data import (CLASSES, FALLBACKS, Collate, DataError, EpochShuffleSampler, LengthBucketSampler,
                   LocalizationDataset, RankSlice, build_datasets, class_distance_map, length_sorted_batches, window_starts)
 from loss import ClassLoss, MotifLoss, class_weights, contrastive_loss, motif_pos_weights
@@ -141,9 +142,10 @@ def phase_of(config, epoch: int) -> str:
     return "joint" if sc.apply and sc.apply_supcon_loss else "supervised"
 
 
-def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, device, epoch: int) -> dict:
+def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, device, epoch: int,
+               tb=tblog.OFF) -> dict:
     """One epoch. Zero grads after every optimiser step, clip after AMP unscale, accumulate
-    `train.accumulate` batches per step. Returns mean losses of the epoch.
+    `train.accumulate` batches per step. Returns mean losses of the epoch; `tb` logs every batch.
 
     SupCon: a batch holding 'group_index' was extended (decided per batch, before the forward
     pass) with each anchor's positives and negatives, or with its mutated views; it adds
@@ -167,6 +169,7 @@ def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, de
         batch = to_device(batch, device)
         with autocast(device, dtype):
             loss, losses, out = step_losses(model, batch, criteria, config, heads)
+        tb.step(epoch * n_batches + step, loss, losses, scheduler.get_last_lr()[0])
         if "fallback" in batch:  # anchor / positive / negative batches (supcon.loss: hard)
             cos_pos, cos_neg = anchor_cosines(out["projection"].detach(), config.supcon.n_pos)
             sums["cos_anchor_pos"] += cos_pos
@@ -293,6 +296,7 @@ def run(args) -> int:
         config = resolve_config(resume["config"], args.set, where=f"{args.resume} (stored config)")
     else:
         config = load_config(args.config, args.set)
+    tblog.require(config)
     rank, world, device = init_distributed(config)
     main_process = rank == 0  # only the main process logs and writes files
     log = setup_logging(quiet=not main_process)
@@ -358,14 +362,15 @@ def run(args) -> int:
                        if r["epoch"] < state["epoch"]]
         log.info("resumed from %s at epoch %d (best val macro-MCC %.4f)", args.resume, state["epoch"], state["best_metric"])
 
-    training = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "distance_map": distance_map}
+    tb = tblog.open_log(config, main_process, state["epoch"], len(loader))
+    training = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "distance_map": distance_map, "tb": tb}
     for epoch in range(state["epoch"], config.train.epochs):
         start, phase = time.time(), phase_of(config, epoch)
         if distance_map is not None and config.supcon.remine_every and epoch and epoch % config.supcon.remine_every == 0:
             distance_map = training["distance_map"] = remine(model, train_set, config, device, distance_map, run_dir, log)
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch, contrastive=phase != "supervised")
-        stats = average_over_ranks(train_loop(net, loader, optimizer, scheduler, scaler, criteria, config, device, epoch))
+        stats = average_over_ranks(train_loop(net, loader, optimizer, scheduler, scaler, criteria, config, device, epoch, tb))
         if main_process:
             state = end_epoch(model, datasets["valid"], config, device, epoch, phase, stats, state, history, training,
                               start, log)
@@ -375,10 +380,12 @@ def run(args) -> int:
             state = box[0]
         if args.stop_after is not None and epoch + 1 >= args.stop_after and epoch + 1 < config.train.epochs:
             log.info("stopping after epoch %d as asked; continue with --resume %s", epoch, run_dir / "checkpoints" / "last.pt")
+            tb.close()
             return 0
         if state["bad_epochs"] >= config.train.patience:
             log.info("early stop: no val macro-MCC gain for %d epochs", config.train.patience)
             break
+    tb.close()
     if main_process:
         final_test(model, datasets, config, device, run_dir / "checkpoints", state, log)
     return 0
@@ -419,6 +426,7 @@ def end_epoch(model, valid_set, config, device, epoch: int, phase: str, stats: d
               "val_macro_site_accuracy": val["residue"]["macro_site_accuracy"],
               "val_macro_iou": val["residue"]["macro_iou"], "best": improved, "time_s": time.time() - start}
     history.append(record)
+    training["tb"].epoch(record)
     run_dir = Path(config.run_dir)
     write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     checkpoint = {"model": model.state_dict(), "optimizer": training["optimizer"].state_dict(),

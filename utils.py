@@ -90,6 +90,7 @@ DEFAULTS = {
         "out_dim": 128,
         "drop_out": 0.1,
     },
+    "log": {"tensorboard": False},
 }
 SCRATCH_DEFAULTS = {"num_layers": 2, "embed_dim": 64, "attention_heads": 4}
 NULLABLE = {"encoder.model_name": str, "encoder.revision": str, "encoder.checkpoint": str, "encoder.scratch": dict,
