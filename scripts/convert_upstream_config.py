@@ -279,8 +279,14 @@ def convert_train(c: Conversion) -> None:
     for key in ("add_sample_weight_to_position_loss", "add_sample_weight_to_class_loss_when_data_aug"):
         c.drop(ts + key, "class weighting here: train.class_weighting (inverse_count, upstream's min/count rescaled)")
     c.drop(ts + "only_use_position_loss", "the class and motif losses are always both used (train.motif_weight)")
+    ratio = ""
+    if c.has(ts + "position_loss_T") and c.has(ts + "class_loss_T"):
+        ratio = f" (here {c.number(ts + 'class_loss_T'):g} / {c.number(ts + 'position_loss_T'):g})"
     for key in ("position_loss_T", "class_loss_T"):
-        c.drop(ts + key, "no temperature on the logits here")
+        c.drop(ts + key, "upstream main divided the motif loss by position_loss_T and the class loss by class_loss_T, a "
+                         f"motif / class weight ratio of class_loss_T / position_loss_T{ratio}; its motif loss was a "
+                         "9-way cross-entropy per residue (Other included), not this project's per-class BCE, so the "
+                         "ratio does not carry over: set train.motif_weight yourself")
     c.drop(ts + "ignore_ori", "no equivalent (an option of upstream's augmentation)")
     c.drop_all(ts + "MLM", "masked-token training is not supported")
     convert_augment(c)
