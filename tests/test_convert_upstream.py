@@ -365,7 +365,7 @@ def test_train_starts_on_the_converted_config(tmp_path, text):
     up, out = tmp_path / "upstream.yaml", tmp_path / "converted.yaml"
     up.write_text(text)
     assert cuc.main([str(up), str(out)]) == 0
-    demo = ["data.root=" + str(tmp_path / "data"), "data.synthetic.generate=true", "data.synthetic.n_proteins=120",
+    demo = ["data.root=" + str(tmp_path / "data"), "data.synthetic.generate=true", "data.synthetic.n_proteins=60",
             "encoder.model_name=null", "encoder.scratch={num_layers: 1, embed_dim: 32, attention_heads: 4}",
             "device=cpu", "train.epochs=1", "run_dir=" + str(tmp_path / "run"), "data.max_len=64", "data.overlap=16"]
     assert train.main(["--config", str(out), "--set", *demo]) == 0
