@@ -7,15 +7,13 @@ the window it was computed from, under a folder named by the frozen weights them
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from data import PAD_IDX
-from utils import file_mode
+from utils import write_atomic
 
 
 class FrozenCache:
@@ -111,18 +109,10 @@ class DiskCache:
         return x.to(tokens.device, non_blocking=True)
 
     def _store(self, key: str, values: np.ndarray) -> None:
-        path = self.path(key)
-        path.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
+        def write(tmp):
+            with open(tmp, "wb") as handle:
                 np.save(handle, values)
-            os.chmod(tmp, file_mode())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(self.path(key), write)
 
 
 def model_key(backbone, first_trainable: int, fused_attention: bool, precision) -> str:

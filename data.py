@@ -381,10 +381,17 @@ class LocalizationDataset(Dataset):
         return self.lengths[self.item_protein]
 
     def get_pos_samples(self, anchor_idx: int) -> list[int]:
-        return self.sampler.sample(anchor_idx)["pos"]
+        return self._contrast_sampler().sample(anchor_idx)["pos"]
 
     def get_neg_samples(self, anchor_idx: int) -> list[int]:
-        return self.sampler.sample(anchor_idx)["neg"]
+        return self._contrast_sampler().sample(anchor_idx)["neg"]
+
+    def _contrast_sampler(self) -> "ContrastSampler":
+        if self.sampler is None:  # build_datasets does not sample, even with supcon.apply
+            raise RuntimeError(f"the {self.name!r} dataset has no positive / negative sampling: call "
+                               "train.setup_supcon(config, model, dataset, device, log) (or dataset.enable_supcon("
+                               "n_pos, n_neg, ...)) first")
+        return self.sampler
 
     def class_counts(self) -> np.ndarray:
         return self.labels.sum(0).astype(np.int64)

@@ -115,7 +115,8 @@ def positive_mask(labels: torch.Tensor, others: torch.Tensor | None = None, mult
 
 class SupConLoss(nn.Module):
     """Supervised contrastive loss (Khosla et al. 2020). forward(features [B, V, d] (L2-normalised),
-    labels [B] or multi-hot [B, C], or mask [B, B]) -> scalar.
+    labels [B] or multi-hot [B, C], or mask [B, B]) -> scalar. Features are expected L2-normalised
+    (the formula's s = <u_i, u_j> / tau assumes it), but the loss stays finite for any scale.
 
     For anchor i with positives P(i) (same label, other rows) and A(i) (all rows but i):
         L_i = -(tau / base_tau) * (1 / |P(i)|) * sum_{p in P(i)} log( exp(s_ip) / sum_{a in A(i)} exp(s_ia) )
@@ -150,8 +151,10 @@ class SupConLoss(nn.Module):
         logits = anchors @ contrast.T / self.temperature
         not_self = torch.ones_like(logits)
         not_self[torch.arange(len(anchors)), torch.arange(len(anchors))] = 0
-        logits = logits - logits.detach().max(1, keepdim=True).values  # stable; cancels in log_prob
-        log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
+        # log-sum-exp over the non-self entries only: finite at any feature scale (a row maximum
+        # taken over the self-similarity made every other term underflow for norms >= 3 at tau 0.07)
+        log_norm = torch.logsumexp(logits.masked_fill(not_self == 0, float("-inf")), dim=1, keepdim=True)
+        log_prob = logits - log_norm
         scale = -self.temperature / self.base_temperature
         if labels is not None and labels.dim() == 2 and self.multilabel == "per_label":
             y_rows = labels.float().repeat(V, 1)  # class membership of every contrast row

@@ -66,7 +66,7 @@ def read_checkpoint(path, need_thresholds: bool):
     """(checkpoint dict, stored config, thresholds [8] or None), checked against this code."""
     try:
         ckpt = load_checkpoint(path)
-    except FileNotFoundError:
+    except OSError:  # not found, or utils.CheckpointError (unreadable): the message names the file
         raise
     except Exception as err:  # pickle / zip errors of a file that is no checkpoint
         raise PredictError(f"{path}: not a readable checkpoint ({err})") from None

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import space
+import tblog
 from adapters import is_peft_parameter
 from cache import DiskCache, FrozenCache, model_key
 from data import (CLASSES, FALLBACKS, Collate, DataError, EpochShuffleSampler, LengthBucketSampler,
@@ -28,8 +29,9 @@ from loss import ClassLoss, MotifLoss, class_weights, contrastive_loss, motif_po
 from metrics import classification_metrics, format_table, residue_metrics, tune_thresholds
 from model import Encoder, backbone_arch, load_model_state
 from throughput import epoch_speed
-from utils import (ConfigError, load_checkpoint, load_config, resolve_config, rng_state, save_checkpoint,
-                   seed_everything, set_rng_state, setup_logging, write_text_atomic, write_yaml)
+from utils import (CheckpointError, ConfigError, load_checkpoint, load_config, resolve_config, rng_state,
+                   save_checkpoint, seed_everything, set_rng_state, setup_logging, warn_thread_oversubscription,
+                   write_text_atomic, write_yaml)
 from weights import WeightsError
 
 
@@ -151,9 +153,10 @@ def phase_of(config, epoch: int) -> str:
     return "joint" if sc.apply and sc.apply_supcon_loss else "supervised"
 
 
-def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, device, epoch: int) -> dict:
+def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, device, epoch: int,
+               tb=tblog.OFF) -> dict:
     """One epoch. Zero grads after every optimiser step, clip after AMP unscale, accumulate
-    `train.accumulate` batches per step. Returns mean losses of the epoch.
+    `train.accumulate` batches per step. Returns mean losses of the epoch; `tb` logs every batch.
 
     SupCon: a batch holding 'group_index' was extended (decided per batch, before the forward
     pass) with each anchor's positives and negatives, or with its mutated views; it adds
@@ -181,6 +184,7 @@ def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, de
         anchors += batch["labels"].shape[0]
         with autocast(device, dtype):
             loss, losses, out = step_losses(model, batch, criteria, config, heads)
+        tb.step(epoch * n_batches + step, loss, losses, scheduler.get_last_lr()[0])
         if "fallback" in batch:  # anchor / positive / negative batches (supcon.loss: hard)
             cos_pos, cos_neg = anchor_cosines(out["projection"].detach(), config.supcon.n_pos)
             sums["cos_anchor_pos"] += cos_pos
@@ -290,7 +294,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (ConfigError, DataError, WeightsError, FileNotFoundError) as err:
+    except (ConfigError, DataError, WeightsError, FileNotFoundError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
@@ -298,12 +302,17 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
 
 
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "best_metric", "best_epoch", "bad_epochs",
+               "rng", "config", "arch")
+
+
 def run(args) -> int:
-    resume = load_checkpoint(args.resume) if args.resume else None
+    resume = load_checkpoint(args.resume, RESUME_KEYS) if args.resume else None
     if resume is not None:
         config = resolve_config(resume["config"], args.set, where=f"{args.resume} (stored config)")
     else:
         config = load_config(args.config, args.set)
+    tblog.require(config)
     rank, world, device = init_distributed(config)
     amp_dtype(config.train.amp, device)  # an impossible train.amp fails here, before anything is written
     main_process = rank == 0  # only the main process logs and writes files
@@ -337,6 +346,8 @@ def run(args) -> int:
     if config.supcon.apply and config.encoder.tune == "frozen":
         log.warning("SupCon is on but the backbone is frozen: the contrastive loss can only train the "
                     "projection head, which no prediction uses (set encoder.tune: last_k or full)")
+    if main_process:
+        warn_thread_oversubscription(log)
     log.info("data %s fold %d: train %d, valid %d, test %d proteins; %d process(es) on %s", config.data.root,
              config.data.fold, *(len(datasets[k]) for k in ("train", "valid", "test")), world, device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -370,7 +381,8 @@ def run(args) -> int:
                        if r["epoch"] < state["epoch"]]
         log.info("resumed from %s at epoch %d (best val macro-MCC %.4f)", args.resume, state["epoch"], state["best_metric"])
 
-    training = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "distance_map": distance_map}
+    tb = tblog.open_log(config, main_process, state["epoch"], len(loader))
+    training = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "distance_map": distance_map, "tb": tb}
     for epoch in range(state["epoch"], config.train.epochs):
         start, phase = time.time(), phase_of(config, epoch)
         if distance_map is not None and config.supcon.remine_every and epoch and epoch % config.supcon.remine_every == 0:
@@ -379,7 +391,7 @@ def run(args) -> int:
         train_set.set_epoch(epoch, contrastive=phase != "supervised")
         if model.cache is not None:
             model.cache.hits = model.cache.misses = 0
-        stats = average_over_ranks(train_loop(net, loader, optimizer, scheduler, scaler, criteria, config, device, epoch))
+        stats = average_over_ranks(train_loop(net, loader, optimizer, scheduler, scaler, criteria, config, device, epoch, tb))
         counts = {k[6:]: stats.pop(k) for k in list(stats) if k.startswith("count_")}
         stats.update(epoch_speed(counts, counts.pop("train_time_s"), backbone_arch(model.backbone),
                                  model.first_trainable, config.encoder.tune, device))
@@ -394,10 +406,12 @@ def run(args) -> int:
             state = box[0]
         if args.stop_after is not None and epoch + 1 >= args.stop_after and epoch + 1 < config.train.epochs:
             log.info("stopping after epoch %d as asked; continue with --resume %s", epoch, run_dir / "checkpoints" / "last.pt")
+            tb.close()
             return 0
         if state["bad_epochs"] >= config.train.patience:
             log.info("early stop: no val macro-MCC gain for %d epochs", config.train.patience)
             break
+    tb.close()
     if main_process:
         final_test(model, datasets, config, device, run_dir / "checkpoints", state, log)
     return 0
@@ -439,6 +453,7 @@ def end_epoch(model, valid_set, config, device, epoch: int, phase: str, stats: d
               "val_macro_site_accuracy": val["residue"]["macro_site_accuracy"],
               "val_macro_iou": val["residue"]["macro_iou"], "best": improved, "time_s": time.time() - start}
     history.append(record)
+    training["tb"].epoch(record)
     run_dir = Path(config.run_dir)
     write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     checkpoint = {"model": model.state_dict(), "optimizer": training["optimizer"].state_dict(),

@@ -6,8 +6,8 @@ import difflib
 import logging
 import os
 import random
+import secrets
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +90,7 @@ DEFAULTS = {
         "out_dim": 128,
         "drop_out": 0.1,
     },
+    "log": {"tensorboard": False},
 }
 LORA_TARGETS = ("q", "k", "v", "out", "fc1", "fc2")  # query, key, value, attention output, feed-forward in / out
 SCRATCH_DEFAULTS = {"num_layers": 2, "embed_dim": 64, "attention_heads": 4}
@@ -292,18 +293,51 @@ def setup_logging(run_dir=None, quiet: bool = False) -> logging.Logger:
     return log
 
 
-def file_mode() -> int:
-    """The mode a new file gets under the current umask (0666 & ~umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a batch scheduler)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _atomic(path, write) -> None:
+def thread_oversubscription(processes: int, threads: int, cores: int) -> str | None:
+    """A warning saying what to set when `processes` x `threads` (torch intra-op threads per
+    process) exceed `cores`; None when they fit."""
+    if processes * threads <= cores:
+        return None
+    per = max(cores // processes, 1)
+    fix = f"set OMP_NUM_THREADS={per} (or torch.set_num_threads({per}))"
+    if processes > cores:
+        fix += f" and run at most {cores} processes"
+    return (f"{processes} process(es) x {threads} torch threads = {processes * threads} threads on {cores} available "
+            f"core(s): the cores are oversubscribed and training slows down several-fold; {fix}. torchrun sets "
+            f"OMP_NUM_THREADS=1 only when it is not already in the environment")
+
+
+def warn_thread_oversubscription(log: logging.Logger) -> None:
+    """Log thread_oversubscription's warning for this machine's processes (LOCAL_WORLD_SIZE under torchrun)."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    warning = thread_oversubscription(processes, torch.get_num_threads(), available_cores())
+    if warning:
+        log.warning(warning)
+
+
+def _new_temp_file(folder: Path, name: str) -> str:
+    """Create an empty, unique temporary file in `folder` with the mode the umask gives a new
+    file (0666 & ~umask: what open() would give), unlike mkstemp's 0600; returns its path."""
+    while True:
+        tmp = str(folder / f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def write_atomic(path, write) -> None:
+    """write(tmp) to a temporary file in path's folder, then rename it over path (never
+    half-written); the file gets the umask's ordinary mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _new_temp_file(path.parent, path.name)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -315,22 +349,35 @@ def _atomic(path, write) -> None:
 
 def save_checkpoint(state: dict, path) -> None:
     """torch.save to a temporary file in the same folder, then rename (never half-written)."""
-    _atomic(path, lambda tmp: torch.save(state, tmp))
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path) -> dict:
-    """Load a checkpoint written by save_checkpoint (it holds RNG states and the config)."""
+class CheckpointError(OSError):
+    """A checkpoint file that cannot be read or lacks what is needed; the message names the file."""
+
+
+def load_checkpoint(path, required=()) -> dict:
+    """Load a checkpoint written by save_checkpoint (it holds RNG states and the config).
+    A truncated, corrupt or foreign file, or one missing a `required` key: CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # zip / pickle / EOF errors of a damaged or foreign file
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt? "
+                              f"({type(err).__name__}: {err})") from None
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)})")
+    return ckpt
 
 
 def write_text_atomic(path, text: str) -> None:
     def write(tmp):
         with open(tmp, "w") as handle:
             handle.write(text)
-    _atomic(path, write)
+    write_atomic(path, write)
 
 
 def write_yaml(path, tree: dict) -> None:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import DataError, build_datasets  # noqa: E402
 from model import Encoder, WeightsError  # noqa: E402
 from train import distance_map_of, resolve_device  # noqa: E402
-from utils import (ConfigError, load_checkpoint, load_config, resolve_config, seed_everything,  # noqa: E402
+from utils import (CheckpointError, ConfigError, load_checkpoint, load_config, resolve_config, seed_everything,  # noqa: E402
                    write_text_atomic)
 
 
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     try:
         config = load_config(args.config, args.set)
         distances = build_map(config, args.checkpoint, args.device)
-    except (ConfigError, DataError, WeightsError, FileNotFoundError) as err:
+    except (ConfigError, DataError, WeightsError, FileNotFoundError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_text_atomic(args.out, json.dumps(distances, indent=1) + "\n")

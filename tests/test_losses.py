@@ -215,3 +215,52 @@ def test_queue_trains_and_is_checkpointed(tmp_path):
     assert train.main(["--config", str(config)]) == 0
     state = utils.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
     assert int(state["queue.filled"]) == 32 and state["queue.embeddings"].abs().sum() > 0
+
+
+def stable_reference_supcon(features, labels, tau, base_tau):
+    """Khosla's L_i in float64 plain Python with a log-sum-exp shifted by the maximum over the
+    non-self rows only (finite for any feature scale); all V views are anchors."""
+    B, V, _ = features.shape
+    rows = [(v, i) for v in range(V) for i in range(B)]
+    vec = {r: [float(x) for x in features[r[1], r[0]].double().tolist()] for r in rows}
+    losses = []
+    for a in rows:
+        others = [r for r in rows if r != a]
+        positives = [r for r in others if labels[a[1]] == labels[r[1]]]
+        if not positives:
+            continue
+        s = {r: sum(x * y for x, y in zip(vec[a], vec[r])) / tau for r in others}
+        top = max(s.values())
+        log_denominator = top + math.log(sum(math.exp(s[r] - top) for r in others))
+        losses.append(-(tau / base_tau) * sum(s[p] - log_denominator for p in positives) / len(positives))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("norm", [1.0, 3.0, 10.0, 40.0])
+def test_supcon_finite_and_correct_for_large_feature_norms(norm):
+    """Non-unit features at the default temperature 0.07: the row maximum must not include the
+    self-similarity (it made every other term underflow: log(0), NaN, from norm 3 on)."""
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    feats = (unit(6, 2, 8, seed=3) * norm).requires_grad_()
+    got = loss.SupConLoss(0.07, "all", 0.07)(feats, labels)
+    assert math.isfinite(got.item())
+    expected = stable_reference_supcon(feats.detach(), labels.tolist(), 0.07, 0.07)
+    assert got.item() == pytest.approx(expected, rel=1e-4, abs=1e-3)
+    got.backward()
+    assert torch.isfinite(feats.grad).all()
+    # MulSupCon (per_label) shares the denominator: finite and equal to a stable float64 loop too
+    feats7 = unit(7, 2, 8, seed=4).double() * norm
+    got = loss.SupConLoss(0.07, "all", 0.07, multilabel="per_label")(feats7.float(), MULTI)
+    rows = [(v, i) for v in range(2) for i in range(7)]
+    terms = []
+    for a in rows:
+        others = [r for r in rows if r != a]
+        s = {r: float(feats7[a[1], a[0]] @ feats7[r[1], r[0]]) / 0.07 for r in others}
+        top = max(s.values())
+        log_den = top + math.log(sum(math.exp(v - top) for v in s.values()))
+        for c in range(3):
+            positives = [r for r in others if MULTI[r[1], c]]
+            if MULTI[a[1], c] and positives:
+                terms.append(-sum(s[p] - log_den for p in positives) / len(positives))
+    assert math.isfinite(float(got))
+    assert float(got) == pytest.approx(sum(terms) / len(terms), rel=1e-4, abs=1e-3)

@@ -1,5 +1,6 @@
 """predict.py on the tiny training run: FASTA / CSV input, ensembles, outputs and errors."""
 import json
+import stat
 
 import numpy as np
 import pytest
@@ -71,6 +72,9 @@ def test_fasta_json_and_tsv(tmp_path, ckpt, capsys):
         assert set(r["segments"]) == {c for c in r["predicted"] if c in data.SEGMENT_CLASSES}
         for runs in r["segments"].values():
             assert all(1 <= s <= e <= r["length"] for s, e in runs)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("")  # outputs get the mode open() gives under the umask, not mkstemp's 0600
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(tsv.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
     lines = tsv.read_text().splitlines()
     header = lines[0].split("\t")
     assert header[:3] == ["id", "length", "predicted"]
@@ -222,3 +226,11 @@ def test_classes_mismatch(tmp_path, ckpt, capsys):
     odd = tmp_path / "odd.pt"
     torch.save(state, odd)
     check_failure(capsys, tmp_path, ["--checkpoint", odd, "--fasta", write_fasta(tmp_path / "in.fa")], str(odd), "classes")
+
+
+def test_truncated_checkpoint(tmp_path, ckpt, capsys):
+    whole = (ckpt / "best.pt").read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole[: len(whole) // 3])
+    check_failure(capsys, tmp_path, ["--checkpoint", cut, "--fasta", write_fasta(tmp_path / "in.fa")], str(cut),
+                  "not a readable checkpoint")

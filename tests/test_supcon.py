@@ -309,3 +309,19 @@ def test_initial_distance_map_ignores_augmentation(tmp_path):
     assert train.main(["--config", str(plain)]) == 0 and train.main(["--config", str(augmented)]) == 0
     maps = [json.loads((tmp_path / d / "run" / "distance_map.json").read_text()) for d in ("plain", "aug")]
     assert maps[0] == maps[1]
+
+
+def test_sampling_before_setup_supcon_says_what_to_call(tmp_path):
+    """build_datasets with supcon.apply leaves sampling off (the distance map may need the model):
+    asking for positives then names the call to make, instead of an AttributeError on None."""
+    config = utils.load_config(write_config(tmp_path, **{"supcon.apply": True}))
+    train_set = data.build_datasets(config)["train"]
+    for ask in (train_set.get_pos_samples, train_set.get_neg_samples):
+        with pytest.raises(RuntimeError, match=r"call train\.setup_supcon\(config, model, dataset"):
+            ask(0)
+    train.setup_supcon(config, None, train_set, torch.device("cpu"), None)
+    positives, negatives = train_set.get_pos_samples(0), train_set.get_neg_samples(0)
+    member = membership(train_set.labels)
+    assert len(positives) == config.supcon.n_pos and len(negatives) == config.supcon.n_neg
+    assert all((member[p] & member[0]).any() for p in positives)
+    assert not any((member[n] & member[0]).any() for n in negatives)

@@ -1,6 +1,9 @@
 """End-to-end training: run directory contents, model selection, exact resume, losses, bad input."""
 import json
+import logging
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -161,3 +164,89 @@ def test_cpu_bf16_autocast_close_to_fp32(tmp_path):
     assert train.amp_dtype("auto", torch.device("cpu")) is None
     with pytest.raises(utils.ConfigError, match="fp16 needs CUDA"):
         train.amp_dtype("fp16", torch.device("cpu"))
+
+
+def umask_file_mode() -> int:
+    """The mode open() gives a new file under the current umask (0666 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def test_run_files_get_the_umask_mode_not_0600(tiny_run):
+    for name in ("config.yaml", "metrics.jsonl", "test_metrics.json", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert stat.S_IMODE((tiny_run / name).stat().st_mode) == umask_file_mode(), name
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077], ids=oct)
+def test_atomic_writes_get_the_mode_a_plain_file_gets(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")  # the independent expectation: what open() gives
+        utils.write_text_atomic(tmp_path / "a.txt", "x")
+        utils.write_yaml(tmp_path / "b.yaml", {"a": 1})
+        utils.save_checkpoint({"a": torch.zeros(2)}, tmp_path / "c.pt")
+        utils.write_text_atomic(tmp_path / "a.txt", "y")  # replacing an existing file too
+    finally:
+        os.umask(old)
+    plain = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert plain == 0o666 & ~mask
+    for name in ("a.txt", "b.yaml", "c.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == plain, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.yaml", "c.pt", "plain.txt"]  # no temp left
+
+
+def snapshot(folder):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def test_resume_from_truncated_or_foreign_checkpoint_exits_2(tmp_path, tiny_run, capsys):
+    whole = (tiny_run / "checkpoints" / "last.pt").read_bytes()
+    truncated, empty, foreign = tmp_path / "last.pt", tmp_path / "empty.pt", tmp_path / "weights.pt"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    empty.write_bytes(b"")
+    torch.save({"model": {}, "config": {}}, foreign)  # loads, but is no resumable train.py checkpoint
+    before, run_before = snapshot(tmp_path), snapshot(tiny_run)  # the stored config's run_dir is tiny_run
+    for path in (truncated, empty):
+        assert train.main(["--resume", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {path}: not a readable checkpoint, truncated or corrupt?" in err and "Traceback" not in err
+    assert train.main(["--resume", str(foreign)]) == 2
+    assert f"error: {foreign}: not a train.py checkpoint (missing optimizer, scheduler" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before and snapshot(tiny_run) == run_before  # nothing written
+
+
+def test_thread_oversubscription_decision():
+    assert utils.thread_oversubscription(1, 2, 2) is None
+    assert utils.thread_oversubscription(2, 1, 2) is None
+    assert utils.thread_oversubscription(2, 4, 8) is None
+    warning = utils.thread_oversubscription(2, 2, 2)  # torchrun with OMP_NUM_THREADS=2 on 2 cores
+    assert "2 process(es) x 2 torch threads = 4 threads on 2 available core(s)" in warning
+    assert "set OMP_NUM_THREADS=1 (or torch.set_num_threads(1))" in warning and "at most" not in warning
+    assert "OMP_NUM_THREADS=4" in utils.thread_oversubscription(1, 8, 4)
+    assert "OMP_NUM_THREADS=3" in utils.thread_oversubscription(2, 4, 7)
+    many = utils.thread_oversubscription(4, 1, 2)
+    assert "OMP_NUM_THREADS=1" in many and "run at most 2 processes" in many
+    assert 1 <= utils.available_cores() <= (os.cpu_count() or 1)
+
+
+def test_oversubscription_warning_is_logged(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, "available_cores", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # 3 processes on this machine (WORLD_SIZE stays 1)
+    config = write_config(tmp_path, **{"train.epochs": 1})
+    assert train.main(["--config", str(config)]) == 0
+    threads = torch.get_num_threads()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"WARNING 3 process(es) x {threads} torch threads = {3 * threads} threads on 2 available core(s)" in log
+    assert "set OMP_NUM_THREADS=1" in log
+    records = []  # when the threads fit, nothing is logged; one core fewer, the warning
+    logger = logging.getLogger("test_threads")
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    monkeypatch.setattr(utils, "available_cores", lambda: 3 * threads)
+    utils.warn_thread_oversubscription(logger)
+    monkeypatch.setattr(utils, "available_cores", lambda: 3 * threads - 1)
+    utils.warn_thread_oversubscription(logger)
+    logger.removeHandler(handler)
+    assert [r.levelname for r in records] == ["WARNING"]

@@ -1,0 +1,82 @@
+"""TensorBoard scalars of a training run (config `log.tensorboard`), under run_dir/tensorboard/:
+
+- `step/`  (x: global batch index = epoch * batches per epoch + batch): `loss`, `class_loss`,
+  `motif_loss`, `supcon_loss` (those the batch computed) and `lr`, per training batch;
+- `epoch/` (x: epoch): every number of that epoch's metrics.jsonl record (`train_*`, `val_*`,
+  `lr`, `grad_norm`, `time_s`, SupCon fallback counts).
+
+Each lives in a folder of its own (TensorBoard shows them as the runs `step` and `epoch`), so that
+each has one x axis. Only the main process writes. Every writer starts by telling TensorBoard to
+drop what an earlier session wrote from its first step on: a resumed run continues the same
+curves without duplicate steps, even after a crash in the middle of an epoch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from utils import ConfigError
+
+
+def require(config) -> None:
+    """At start-up: with log.tensorboard on, the tensorboard package must be importable."""
+    if not config.log.tensorboard:
+        return
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (imports the tensorboard package)
+    except ImportError as err:
+        raise ConfigError(f"log.tensorboard is true but the tensorboard package cannot be imported ({err}); "
+                          "install it (pip install tensorboard) or set log.tensorboard: false") from None
+
+
+class Off:
+    """No TensorBoard log: every call does nothing."""
+
+    def step(self, global_step: int, loss, losses: dict, lr: float) -> None:
+        pass
+
+    def epoch(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+OFF = Off()
+
+
+class TensorBoardLog(Off):
+    """The step and epoch writers of one training session starting at `start_epoch`."""
+
+    def __init__(self, run_dir, start_epoch: int, batches_per_epoch: int):
+        from torch.utils.tensorboard import SummaryWriter
+        root = Path(run_dir) / "tensorboard"
+        # purge_step: TensorBoard's readers drop earlier events at or after this step
+        self.steps = SummaryWriter(str(root / "step"), purge_step=start_epoch * batches_per_epoch)
+        self.epochs = SummaryWriter(str(root / "epoch"), purge_step=start_epoch)
+
+    def step(self, global_step: int, loss, losses: dict, lr: float) -> None:
+        """One training batch: total loss, its parts ({name: scalar tensor}) and the learning rate."""
+        self.steps.add_scalar("step/loss", float(loss.detach()), global_step)
+        for name, value in losses.items():
+            self.steps.add_scalar(f"step/{name}", float(value.detach()), global_step)
+        self.steps.add_scalar("step/lr", lr, global_step)
+
+    def epoch(self, record: dict) -> None:
+        """One metrics.jsonl record (undefined metrics, null there, are left out); on disk before
+        the epoch's checkpoint is."""
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.epochs.add_scalar(f"epoch/{key}", value, record["epoch"])
+        self.steps.flush()
+        self.epochs.flush()
+
+    def close(self) -> None:
+        self.steps.close()
+        self.epochs.close()
+
+
+def open_log(config, main_process: bool, start_epoch: int, batches_per_epoch: int) -> Off:
+    """TensorBoardLog on the main process with log.tensorboard, else OFF."""
+    if not (main_process and config.log.tensorboard):
+        return OFF
+    return TensorBoardLog(config.run_dir, start_epoch, batches_per_epoch)
