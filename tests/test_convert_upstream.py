@@ -376,3 +376,19 @@ def test_train_starts_on_the_converted_config(tmp_path, text):
     assert stored.train.batch_size == yaml.safe_load(text)["train_settings"]["batch_size"]
     assert stored.supcon.apply == yaml.safe_load(text)["supcon"]["apply"]
     assert (run / "tensorboard" / "step").is_dir()  # upstream logged to TensorBoard; the converted config does too
+
+
+@pytest.mark.parametrize("peft,extra", [("lora", {"lora_lr_num": 1}), ("Adapter", {"adapter_lr_num": 1})])
+def test_converted_lora_and_adapter_configs_train_with_their_mode(tmp_path, peft, extra):
+    """Upstream's lora / Adapter modes become tune: lora / adapter, and train.py trains exactly the adapters."""
+    up, out = tmp_path / "upstream.yaml", tmp_path / "converted.yaml"
+    up.write_text(yaml.safe_dump({"encoder": {"model_name": "facebook/esm2_t6_8M_UR50D", **extra}, "PEFT": peft}))
+    assert cuc.main([str(up), str(out)]) == 0
+    demo = ["data.root=" + str(tmp_path / "data"), "data.synthetic.generate=true", "data.synthetic.n_proteins=60",
+            "encoder.model_name=null", "encoder.scratch={num_layers: 2, embed_dim: 32, attention_heads: 4}",
+            "encoder.adapter.dim=8", "device=cpu", "train.epochs=1", "run_dir=" + str(tmp_path / "run"),
+            "data.max_len=64", "data.overlap=16"]
+    assert train.main(["--config", str(out), "--set", *demo]) == 0
+    ckpt = utils.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    adapted = [k for k in ckpt["model"] if ".lora_" in k or ".adapter." in k]
+    assert adapted and all(k.startswith("backbone.layers.1.") for k in adapted)  # the last lora_lr_num = 1 layer
