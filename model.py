@@ -14,7 +14,6 @@ from utils import ConfigError
 from weights import WeightsError, load_pretrained  # noqa: F401  (WeightsError: re-exported)
 
 
-
 def build_backbone(encoder_cfg, arch: dict | None = None) -> esm.model.esm2.ESM2:
     """The configured ESM-2 (see weights.py for the sources). With `arch` (from a checkpoint) only
     the architecture is built: the checkpoint holds the weights."""
@@ -141,7 +140,7 @@ class Encoder(nn.Module):
         self.chunk_tokens, self.chunk_max_padding = enc["chunk_tokens"], enc["chunk_max_padding"]
         self.token_counts = {"tokens": 0, "padding": 0, "attention": 0}  # what the backbone ran (throughput.py)
         self.fused_attention = enc["fused_attention"]
-        self.cache = None  # FrozenCache, attached by the trainer when encoder.cache_frozen
+        self.cache = None  # cache.FrozenCache / DiskCache, attached by the trainer (encoder.cache_frozen / cache_dir)
         d = self.backbone.embed_dim
         self.decoders = ParallelLinearDecoders(d, NUM_CLASSES, dec["hidden_dim"], dec["dropout"])
         self.class_dropout = nn.Dropout(dec["class_dropout"])
@@ -222,6 +221,7 @@ class Encoder(nn.Module):
         encoder.fused_attention: false runs fair-esm's own layer code instead (explicit attention)."""
         keep = keep if not keep.all() else None
         padding = None if keep is None else ~keep[:, 0, 0, :]
+
         def layer(i, x):
             if self.fused_attention:
                 return transformer_layer(self.backbone.layers[i], x, keep)
