@@ -31,7 +31,7 @@ from train import autocast
 from utils import load_checkpoint, resolve_config
 
 WIDTH_STEP = 32  # window widths (tokens, BOS and EOS included) are rounded up to a multiple of this
-MIN_ROWS = 32  # head inputs are padded to at least this many rows
+MIN_ROWS = 256  # head inputs are padded to at least this many rows
 ROW_ALIGN = 16  # each protein's residue rows start at a multiple of this row in the heads' input
 
 

@@ -85,28 +85,33 @@ def fasta(tmp_path_factory):
     return write_fasta(tmp_path_factory.mktemp("input") / "proteome.fa", proteome())
 
 
-ALL_OUTPUTS = ("out.json", "out.jsonl", "out.tsv", "out.gff3", "emb.npz")
+OUTPUTS = ("out.json", "out.tsv", "out.gff3", "emb.npz")
 
 
-def predict_all(capsys, folder, ckpt_paths, fasta, *extra):
-    """Every streamable output into `folder`; returns {name: bytes}."""
+def predict_all(capsys, folder, ckpt_paths, fasta, *extra, jsonl=False):
+    """Every streamable output into `folder` (JSON Lines too with jsonl); returns {name: bytes}."""
     code, err = run(capsys, "--checkpoint", *ckpt_paths, "--fasta", fasta, "--out", folder / "out.json",
                     "--tsv", folder / "out.tsv", "--gff3", folder / "out.gff3", "--embeddings", folder / "emb.npz",
                     "--device", "cpu", *extra)
     assert code == 0, err
-    code, err = run(capsys, "--checkpoint", *ckpt_paths, "--fasta", fasta, "--out", folder / "out.jsonl",
-                    "--device", "cpu", *extra)
-    assert code == 0, err
-    return {name: (folder / name).read_bytes() for name in ALL_OUTPUTS}
+    if jsonl:
+        code, err = run(capsys, "--checkpoint", *ckpt_paths, "--fasta", fasta, "--out", folder / "out.jsonl",
+                        "--device", "cpu", *extra)
+        assert code == 0, err
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
 # --------------------------------------------------------------------------- streaming
 def test_small_chunks_equal_one_chunk(tmp_path, ckpts, fasta, capsys):
-    whole = predict_all(capsys, tmp_path / "whole", [ckpts["a"]], fasta, "--chunk-size", 1000, "--max-tokens", 100000)
-    for chunk, tokens, extra in [(1, 16384, []), (4, 300, ["--batch-size", "2"]), (7, 96, [])]:
-        streamed = predict_all(capsys, tmp_path / f"c{chunk}", [ckpts["a"]], fasta, "--chunk-size", chunk,
-                               "--max-tokens", tokens, *extra)
-        for name in ALL_OUTPUTS:
+    """Chunks of 1 and of 7 proteins, token budgets that make one batch of everything, one window per
+    batch (96 tokens: the tiny model's 64-residue windows are 96 wide) and at most 2 proteins."""
+    whole = predict_all(capsys, tmp_path / "whole", [ckpts["a"]], fasta, "--chunk-size", 1000, "--max-tokens", 100000,
+                        jsonl=True)
+    for chunk, extra in [(1, []), (7, ["--max-tokens", 96, "--batch-size", 2])]:
+        streamed = predict_all(capsys, tmp_path / f"c{chunk}", [ckpts["a"]], fasta, "--chunk-size", chunk, *extra,
+                               jsonl=chunk == 7)
+        assert streamed.keys() <= whole.keys() and set(OUTPUTS) <= streamed.keys()
+        for name in streamed:
             assert streamed[name] == whole[name], (chunk, name)
     records = records_of(tmp_path / "whole" / "out.json")
     assert [r["id"] for r in records] == [i for i, _ in proteome()]  # input order
@@ -118,6 +123,22 @@ def test_small_chunks_equal_one_chunk(tmp_path, ckpts, fasta, capsys):
     assert z["ids"].tolist() == [r["id"] for r in records]
     assert z["pooled"].shape == (len(records), 32) and z["projection"].shape == (len(records), 8)
     assert z["pooled"].dtype == np.float32
+
+
+def test_results_do_not_depend_on_batching(ckpts):
+    """Each protein's probabilities, tracks and embeddings are bit-identical however it is batched:
+    all in one batch, one window per batch, 3 proteins per batch, or in chunks of 5."""
+    proteins = [data.make_protein(i, s, "", i) for i, s in proteome()]
+    cpu = torch.device("cpu")
+    members = inference.load_ensemble([ckpts["a"]], cpu)
+    ref = inference.predict_chunk(members, proteins, cpu, max_tokens=10 ** 6)
+    runs = [inference.predict_chunk(members, proteins, cpu, max_tokens=96),
+            inference.predict_chunk(members, proteins, cpu, max_proteins=3),
+            sum((inference.predict_chunk(members, proteins[i:i + 5], cpu) for i in range(0, len(proteins), 5)), [])]
+    for results in runs:
+        for a, b in zip(ref, results):
+            for key in ("probs", "motif", "pooled", "projection"):
+                assert np.array_equal(getattr(a, key), getattr(b, key)), key
 
 
 def test_identical_sequences_are_predicted_once(ckpts, monkeypatch):
@@ -179,19 +200,18 @@ def test_projection_left_out_when_heads_differ(tmp_path, ckpts, fasta, capsys):
 
 
 def test_torchrun_two_processes_write_the_same_files(tmp_path, ckpts, fasta, capsys):
+    """2 gloo processes (one thread each under torchrun) against 1 process, a 2-checkpoint ensemble."""
     one = predict_all(capsys, tmp_path / "one", [ckpts["a"], ckpts["b"]], fasta, "--chunk-size", 6, "--max-tokens", 200)
     two = tmp_path / "two"
-    args = ["--checkpoint", ckpts["a"], ckpts["b"], "--fasta", fasta, "--device", "cpu", "--chunk-size", 6,
-            "--max-tokens", 200]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / "predict.py"]
-    for outs in (["--out", two / "out.json", "--tsv", two / "out.tsv", "--gff3", two / "out.gff3",
-                  "--embeddings", two / "emb.npz"], ["--out", two / "out.jsonl"]):
-        done = subprocess.run([str(a) for a in launcher + args + outs], cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-    for name in ALL_OUTPUTS:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / "predict.py",
+           "--checkpoint", ckpts["a"], ckpts["b"], "--fasta", fasta, "--device", "cpu", "--chunk-size", 6,
+           "--max-tokens", 200, "--out", two / "out.json", "--tsv", two / "out.tsv", "--gff3", two / "out.gff3",
+           "--embeddings", two / "emb.npz"]
+    done = subprocess.run([str(a) for a in cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in two.iterdir()) == sorted(OUTPUTS)  # no temporary files
+    for name in OUTPUTS:
         assert (two / name).read_bytes() == one[name], name
-    assert sorted(p.name for p in two.iterdir()) == sorted(ALL_OUTPUTS)  # no temporary files
 
 
 # --------------------------------------------------------------------------- GFF3
