@@ -2,19 +2,18 @@
 deduplicated, length-sorted, batched by a token budget and run through every checkpoint.
 
 A protein's result does not depend on the batch it ran in, so outputs are byte-identical whatever
-the chunk size or the number of processes (on the CPU; GPU kernels give no such guarantee):
+the chunk size or the number of processes (on the CPU; GPU kernels give no such guarantee). CPU
+kernels pick their code path, and so their rounding, by the shapes and by where an element sits:
   - every window is padded to a canonical width (its token count rounded up to WIDTH_STEP) and one
     backbone call holds windows of one width only;
   - windows are stitched, and pooled, per protein;
-  - the heads run on the rows of the whole batch, padded to at least MIN_ROWS rows: CPU BLAS
-    libraries use other kernels, with other rounding, for products of a few rows, and which one
-    depends on the thread count;
-  - each protein's residue rows start at a multiple of ROW_ALIGN rows (zero rows in between), as
-    matrix-vector kernels treat a row by its position modulo a small block size;
+  - the heads run on the rows of the whole batch, padded to at least MIN_ROWS rows (products of a
+    few rows take other kernels, and which ones depends on the thread count);
+  - each protein's residue rows start at a multiple of ROW_ALIGN rows (zero rows in between):
+    matrix-vector kernels treat a row by its position modulo a small block;
   - sigmoids are taken per protein (vectorised exp rounds differently in a tensor's tail).
-What remains is that products of enough rows give each row the same result whatever the other
-rows hold, and that one thread count is used throughout a run; the tests check the outputs
-byte for byte, with one and with two processes.
+tests/test_stream.py checks results bit for bit across batchings (each of the last three measures
+is needed there) and the files of one against two processes (one thread each under torchrun).
 """
 from __future__ import annotations
 
@@ -184,6 +183,18 @@ class Batch:
         self.tokens = tokens.to(device)
 
 
+def run_backbone(model: Encoder, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens [W, T] -> representations [W, T, d], in calls of power-of-two window counts (largest
+    first): oneDNN caches a kernel per tensor shape it sees (about 90 kB each, GELU on the CPU), so
+    the shapes must come from a small set, or memory grows with the number of batches."""
+    parts, start = [], 0
+    while start < tokens.shape[0]:
+        size = 1 << ((tokens.shape[0] - start).bit_length() - 1)
+        parts.append(model.backbone_forward(tokens[start:start + size]))
+        start += size
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """x [n, d] with zero rows appended up to `rows` rows (unchanged if n >= rows)."""
     return x if x.shape[0] >= rows else torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])])
@@ -217,7 +228,7 @@ def run_member(model: Encoder, batch: Batch, dtype=None) -> dict:
     projection [B, k] (None without a projection head). Probabilities are sigmoids of fp32 logits."""
     B = len(batch.lengths)
     with autocast(batch.tokens.device, dtype):
-        reps = model.backbone_forward(batch.tokens).float()  # [W, T, d]
+        reps = run_backbone(model, batch.tokens).float()  # [W, T, d]
         residues = [stitch(reps, spans, n) for spans, n in zip(batch.spans, batch.lengths)]
         pooled = torch.stack([r.mean(0) for r in residues])  # [B, d]
         starts = np.cumsum([0] + [-(-n // ROW_ALIGN) * ROW_ALIGN for n in batch.lengths])

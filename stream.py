@@ -14,6 +14,7 @@ metrics need them.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import sys
 import time
@@ -33,6 +34,19 @@ from train import init_distributed, score
 from utils import Config
 
 SHOWN_SKIPPED = 20  # skipped records listed on stderr (all of them go to the report file)
+MMAP_THRESHOLD = 1 << 20  # bytes: larger allocations get pages of their own, returned when freed
+
+
+def return_freed_memory() -> None:
+    """Have glibc serve allocations of MMAP_THRESHOLD bytes and more with mmap, so that freed tensors
+    go back to the system. By default glibc raises that threshold whenever such a block is freed
+    (up to 32 MiB), after which the batches' tensors of ever different sizes fragment the heap and
+    memory grows chunk after chunk (demo model: peak RSS 526 MB at 1000 proteins, 817 MB at 3000).
+    A no-op where the C library is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 class Progress:
@@ -149,6 +163,7 @@ def report_skipped(scan, path) -> None:
 
 def predict(args) -> None:
     """Run predict.py's options `args`; raises DataError / PredictError / ConfigError / OSError."""
+    return_freed_memory()
     rank, world, device = init_distributed(Config({"device": args.device}))
     try:
         run(args, rank, world, device)
