@@ -161,11 +161,13 @@ def plan_batches(lengths, max_len: int, overlap: int, max_tokens: int, max_prote
 
 class Batch:
     """Windows of a few proteins for the backbone: tokens [W, T] (BOS, residues, EOS, padding; T a
-    multiple of WIDTH_STEP) and, per protein, its windows as (row, start, residues)."""
+    multiple of WIDTH_STEP), per protein its windows as (row, start, residues), and `full`, the
+    window count of a batch that fills the token budget at this width."""
 
-    def __init__(self, sequences: list[str], max_len: int, overlap: int, device):
+    def __init__(self, sequences: list[str], max_len: int, overlap: int, device, max_tokens: int = 16384):
         self.lengths = [len(s) for s in sequences]
         width = window_width(max(self.lengths), max_len)
+        self.full = max(1, max_tokens // width)
         self.spans, pieces = [], []
         for seq in sequences:
             toks = data.tokenize(seq)
@@ -183,14 +185,21 @@ class Batch:
         self.tokens = tokens.to(device)
 
 
-def run_backbone(model: Encoder, tokens: torch.Tensor) -> torch.Tensor:
-    """tokens [W, T] -> representations [W, T, d], in calls of power-of-two window counts (largest
-    first): oneDNN caches a kernel per tensor shape it sees (about 90 kB each, GELU on the CPU), so
-    the shapes must come from a small set, or memory grows with the number of batches."""
+def call_sizes(windows: int, full: int) -> list[int]:
+    """Window counts of the backbone calls for a batch of `windows` windows: one call when the batch
+    is full, else powers of two, largest first. oneDNN (GELU on the CPU) compiles and keeps a kernel
+    for every tensor shape it meets, about 90 kB each and never freed: shapes from this small set
+    keep memory flat however many batches run."""
+    if windows == full:
+        return [full]
+    return [1 << b for b in reversed(range(windows.bit_length())) if windows >> b & 1]
+
+
+def run_backbone(model: Encoder, batch: Batch) -> torch.Tensor:
+    """The batch's windows through the backbone, in calls of call_sizes: [W, T, d]."""
     parts, start = [], 0
-    while start < tokens.shape[0]:
-        size = 1 << ((tokens.shape[0] - start).bit_length() - 1)
-        parts.append(model.backbone_forward(tokens[start:start + size]))
+    for size in call_sizes(batch.tokens.shape[0], batch.full):
+        parts.append(model.backbone_forward(batch.tokens[start:start + size]))
         start += size
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -228,7 +237,7 @@ def run_member(model: Encoder, batch: Batch, dtype=None) -> dict:
     projection [B, k] (None without a projection head). Probabilities are sigmoids of fp32 logits."""
     B = len(batch.lengths)
     with autocast(batch.tokens.device, dtype):
-        reps = run_backbone(model, batch.tokens).float()  # [W, T, d]
+        reps = run_backbone(model, batch).float()  # [W, T, d]
         residues = [stitch(reps, spans, n) for spans, n in zip(batch.spans, batch.lengths)]
         pooled = torch.stack([r.mean(0) for r in residues])  # [B, d]
         starts = np.cumsum([0] + [-(-n // ROW_ALIGN) * ROW_ALIGN for n in batch.lengths])
@@ -256,9 +265,10 @@ class Result:
     projection: np.ndarray | None
 
 
-def run_ensemble(members: list[Member], sequences: list[str], device, dtype=None) -> list[Result]:
+def run_ensemble(members: list[Member], sequences: list[str], device, dtype=None,
+                 max_tokens: int = 16384) -> list[Result]:
     """Every checkpoint on one batch of sequences; means over the checkpoints, in checkpoint order."""
-    batch = Batch(sequences, members[0].max_len, members[0].overlap, device)
+    batch = Batch(sequences, members[0].max_len, members[0].overlap, device, max_tokens)
     outs = [run_member(m.model, batch, dtype) for m in members]
     n = len(outs)
     keep_projection = all(o["projection"] is not None for o in outs) and len({o["projection"].shape for o in outs}) == 1
@@ -288,7 +298,8 @@ def predict_chunk(members: list[Member], proteins, device, dtype=None, max_token
                            max_tokens, max_proteins)
     results = {}
     for batch in batches[rank::world]:
-        results.update(zip(batch, run_ensemble(members, [sequences[i] for i in batch], device, dtype)))
+        results.update(zip(batch, run_ensemble(members, [sequences[i] for i in batch], device, dtype,
+                                                    max_tokens)))
         if on_batch is not None:
             on_batch(int(copies[batch].sum()))
     if world > 1:

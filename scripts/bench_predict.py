@@ -1,7 +1,7 @@
 """Prediction benchmark: streaming predict.py against the former one-shot path, on synthetic proteomes.
 
 python scripts/bench_predict.py [--sizes 1000 10000 100000] [--modes stream one_shot] [--data-root DIR]
-                                [--work DIR] [--json OUT.json] [--device cpu]
+                                [--work DIR] [--json OUT.json] [--device cpu] [--threads N]
 
 Proteomes: N proteins whose lengths are drawn (with replacement, seed 0) from the lengths of the real
 data's CSVs (data.root), residues uniform over the 20 standard amino acids. Model: the demo
@@ -12,6 +12,8 @@ Modes, each size and mode in its own process (so that peak RSS is its own), outp
   one_shot: the former predict.py: every protein read, run_inference (batches of 16) per checkpoint
             over the whole input, every output text built in memory, then written.
 Time: from reading the input to the files written (imports excluded). Peak RSS: ru_maxrss.
+On a CPU shared with other jobs, --threads 1 avoids measuring thread start-up waits: with 2 threads
+on 2 busy cores every operation of the small demo model waited ~8 ms for the second thread.
 """
 from __future__ import annotations
 
@@ -123,8 +125,11 @@ def main(argv=None) -> int:
     p.add_argument("--work", help="folder for the proteomes, the checkpoint and the outputs (default: a temporary one)")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch threads in each measured process (default: torch's own)")
     p.add_argument("--child", nargs=4, metavar=("MODE", "CKPT", "FASTA", "OUT_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(child(*args.child, args.device)))
         return 0
@@ -144,7 +149,8 @@ def main(argv=None) -> int:
             fasta = work / f"proteome_{n}.fa"
             write_proteome(fasta, n, lengths)
             for mode in args.modes:
-                done = subprocess.run([sys.executable, __file__, "--device", args.device, "--child", mode,
+                threads = ["--threads", str(args.threads)] if args.threads else []
+                done = subprocess.run([sys.executable, __file__, "--device", args.device, *threads, "--child", mode,
                                        str(checkpoint), str(fasta), str(work)], capture_output=True, text=True)
                 if done.returncode != 0:
                     print(done.stderr[-3000:], file=sys.stderr)

@@ -141,6 +141,15 @@ def test_results_do_not_depend_on_batching(ckpts):
                 assert np.array_equal(getattr(a, key), getattr(b, key)), key
 
 
+def test_backbone_call_sizes():
+    """A batch runs in one call when full, else in power-of-two calls: few distinct shapes."""
+    for full in (1, 5, 16, 170):
+        for windows in range(1, full + 1):
+            sizes = inference.call_sizes(windows, full)
+            assert sum(sizes) == windows and sizes == sorted(sizes, reverse=True)
+            assert sizes == [full] if windows == full else all(s & (s - 1) == 0 for s in sizes)
+
+
 def test_identical_sequences_are_predicted_once(ckpts, monkeypatch):
     seen = []
     original = inference.run_ensemble
