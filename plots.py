@@ -34,7 +34,9 @@ def draw(path, record: dict, motif: np.ndarray, thresholds) -> None:
         if c in record["sites"]:
             site = record["sites"][c]
             ax.axvline(site, color="black", ls="--", lw=0.8)
-            ax.annotate(f"site {site}", (site, 0.95), xytext=(3, 0), textcoords="offset points", va="top", fontsize=7)
+            left = site > 0.85 * length  # label on the side with room
+            ax.annotate(f"site {site}", (site, 0.95), xytext=(-3 if left else 3, 0), textcoords="offset points",
+                        ha="right" if left else "left", va="top", fontsize=7)
         ax.set_ylim(-0.03, 1.03)
         ax.set_yticks([0, 1])
         ax.tick_params(labelsize=7)
@@ -50,7 +52,9 @@ def draw(path, record: dict, motif: np.ndarray, thresholds) -> None:
     bars.barh(rows, probs, color=[COLORS[i] if c in record["predicted"] else "#bbbbbb" for i, c in enumerate(CLASSES)])
     bars.scatter(thresholds, rows, marker="|", s=120, color="black", label="threshold")
     for row, p in zip(rows, probs):
-        bars.text(min(p + 0.02, 0.75), row, f"{p:.3f}", va="center", fontsize=7)
+        inside = p > 0.75
+        bars.text(p - 0.02 if inside else p + 0.02, row, f"{p:.3f}", va="center", ha="right" if inside else "left",
+                  color="white" if inside else "black", fontsize=7)
     bars.set_yticks(rows)
     bars.set_yticklabels(CLASSES, fontsize=8)
     bars.set_xlim(0, 1)
