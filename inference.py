@@ -140,7 +140,8 @@ def window_width(length: int, max_len: int) -> int:
     return -(-(min(length, max_len) + 2) // WIDTH_STEP) * WIDTH_STEP
 
 
-def plan_batches(lengths, max_len: int, overlap: int, max_tokens: int, max_proteins: int | None = None) -> list[list[int]]:
+def plan_batches(lengths, max_len: int, overlap: int, max_tokens: int,
+                 max_proteins: int | None = None) -> list[list[int]]:
     """Indices of `lengths` in batches: length-sorted, one window width per batch, at most
     max_tokens padded tokens (windows x width; a protein longer than that runs alone) and at most
     max_proteins proteins."""

@@ -54,7 +54,8 @@ class Progress:
     every `interval` seconds and a summary at the end."""
 
     def __init__(self, total: int, stream=None, interval: float = 30.0, enabled: bool = True, clock=time.monotonic):
-        self.total, self.stream, self.interval, self.enabled, self.clock = total, stream or sys.stderr, interval, enabled, clock
+        self.total, self.stream, self.interval = total, stream or sys.stderr, interval
+        self.enabled, self.clock = enabled, clock
         self.done = 0
         self.start = self.last = clock()
         tty = hasattr(self.stream, "isatty") and self.stream.isatty()

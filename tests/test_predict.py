@@ -175,6 +175,11 @@ def test_csv_metrics(tmp_path, ckpt, capsys):
                     "--metrics", metrics_path, "--device", "cpu")
     assert code == 0, err
     records, metrics = load(out), load(metrics_path)
+    chunked = tmp_path / "metrics_chunked.json"  # streamed in chunks of 2: the same metrics
+    code, err = run(capsys, "--checkpoint", ckpt / "best.pt", "--csv", csv, "--metrics", chunked, "--device", "cpu",
+                    "--chunk-size", 2)
+    assert code == 0, err
+    assert load(chunked) == metrics
     assert [r["id"] for r in records] == [r[0] for r in rows]
     assert {"macro_f1", "macro_mcc", "residue"} <= set(metrics)
     assert list(metrics["per_class"]) == CLASSES

@@ -141,6 +141,16 @@ def test_results_do_not_depend_on_batching(ckpts):
                 assert np.array_equal(getattr(a, key), getattr(b, key)), key
 
 
+def test_plan_batches_hand_worked():
+    """Windows of 64 residues overlapping by 16; widths (residues + BOS + EOS) rounded up to 32 tokens:
+    10 -> 1 x 32, 30 -> 1 x 32, 40 -> 1 x 64, 100 -> 2 x 96 (starts 0, 36), 200 -> 4 x 96 tokens."""
+    lengths = [10, 100, 40, 30, 200]
+    assert [inference.window_width(n, 64) for n in lengths] == [32, 96, 64, 32, 96]
+    assert inference.plan_batches(lengths, 64, 16, max_tokens=200) == [[0, 3], [2], [1], [4]]  # 200: over budget, alone
+    assert inference.plan_batches(lengths, 64, 16, max_tokens=10 ** 6) == [[0, 3], [2], [1, 4]]
+    assert inference.plan_batches(lengths, 64, 16, max_tokens=10 ** 6, max_proteins=1) == [[0], [3], [2], [1], [4]]
+
+
 def test_backbone_call_sizes():
     """A batch runs in one call when full, else in power-of-two calls: few distinct shapes."""
     for full in (1, 5, 16, 170):
