@@ -9,8 +9,8 @@ of today's files keep working.
 
 Every file goes to a temporary file in its target folder (Staging) and is renamed into place by
 commit(), with the mode the umask gives a new file; on any error abort() removes the temporary
-files and the folders the run created. Nothing but the embeddings' running row files is kept
-between chunks, and those are on disk.
+files and the folders the run created. Nothing is held in memory between chunks: records go
+straight to their files, embedding rows to temporary files on disk until the .npz is assembled.
 """
 from __future__ import annotations
 

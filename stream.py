@@ -80,10 +80,10 @@ class Progress:
             print(f"predict: {self.done}/{self.total} proteins ({100 * self.done / self.total:.0f}%), "
                   f"{rate:.1f} proteins/s, about {left:.0f} s left", file=self.stream, flush=True)
 
-    def close(self) -> None:
+    def close(self, summary: bool = True) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled:
+        elif self.enabled and summary:
             now = self.clock()
             print(f"predict: {self.done} proteins in {now - self.start:.1f} s ({self._rate(now):.1f} proteins/s)",
                   file=self.stream, flush=True)
@@ -218,9 +218,9 @@ def run(args, rank: int, world: int, device) -> None:
                                thresholds=dict(zip(CLASSES, map(float, thresholds))))
                 writers.write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
             writers.commit()
+        progress.close()
     except BaseException:
+        progress.close(summary=False)
         if writers is not None:
             writers.abort()
         raise
-    finally:
-        progress.close()
