@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import data
+import inference
+import outputs
 import predict
 from metrics import classification_metrics
 
@@ -79,18 +81,22 @@ def test_fasta_json_and_tsv(tmp_path, ckpt, capsys):
     header = lines[0].split("\t")
     assert header[:3] == ["id", "length", "predicted"]
     assert header[3:11] == [f"prob_{c}" for c in CLASSES]
-    assert header[11:] == [f"site_{c}" for c in data.SITE_CLASSES]
+    assert header[11:17] == [f"site_{c}" for c in data.SITE_CLASSES]
+    assert header[17:] == [f"segments_{c}" for c in data.SEGMENT_CLASSES]
     assert len(lines) == 1 + len(SEQS)
     for line, r in zip(lines[1:], records):
         cells = line.split("\t")
         assert len(cells) == len(header)
         assert cells[:3] == [r["id"], str(r["length"]), ",".join(r["predicted"])]
+        assert [float(x) for x in cells[3:11]] == [r["probabilities"][c] for c in CLASSES]
+        assert cells[11:17] == [str(r["sites"][c]) if c in r["sites"] else "" for c in data.SITE_CLASSES]
+        assert cells[17:] == [",".join(f"{s}-{e}" for s, e in r["segments"].get(c, [])) for c in data.SEGMENT_CLASSES]
 
 
 def test_segments_runs():
     mask = np.array([0, 1, 1, 0, 1, 0, 0, 1], bool)
-    assert predict.segments(mask) == [[2, 3], [5, 5], [8, 8]]
-    assert predict.segments(np.zeros(4, bool)) == []
+    assert outputs.segments(mask) == [[2, 3], [5, 5], [8, 8]]
+    assert outputs.segments(np.zeros(4, bool)) == []
 
 
 def test_ensemble_is_mean(tmp_path, ckpt, capsys):
@@ -112,14 +118,16 @@ def test_ensemble_is_mean(tmp_path, ckpt, capsys):
     np.testing.assert_allclose(predict_with("both", best, last), (p_best + p_last) / 2, atol=1.1e-4)
 
     # motif tracks are averaged too
-    ds = data.LocalizationDataset([data.make_protein(k, s, "", k) for k, s in SEQS.items()])
+    proteins = [data.make_protein(k, s, "", k) for k, s in SEQS.items()]
     cpu = torch.device("cpu")
-    single = [predict.ensemble([p], ds, cpu, 2, False)[0] for p in (best, last)]
-    both, thr = predict.ensemble([best, last], ds, cpu, 2, False)
-    np.testing.assert_array_equal(thr, 0.5)
-    for i in range(len(ds)):
-        np.testing.assert_allclose(both["motif_probs"][i],
-                                   (single[0]["motif_probs"][i] + single[1]["motif_probs"][i]) / 2, atol=1e-6)
+    single = [inference.predict_chunk(inference.load_ensemble([p], cpu), proteins, cpu, max_tokens=200)
+              for p in (best, last)]
+    members = inference.load_ensemble([best, last], cpu)
+    np.testing.assert_array_equal(inference.ensemble_thresholds(members, False), 0.5)
+    both = inference.predict_chunk(members, proteins, cpu, max_tokens=200)
+    for i in range(len(proteins)):
+        np.testing.assert_allclose(both[i].motif, (single[0][i].motif + single[1][i].motif) / 2, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(both[i].probs, (single[0][i].probs + single[1][i].probs) / 2, rtol=0, atol=1e-12)
 
 
 def test_tuned_thresholds(tmp_path, ckpt, capsys):
@@ -141,8 +149,9 @@ def test_sites_and_segments(tmp_path, ckpt, capsys):
     code, err = run(capsys, "--checkpoint", model, "--fasta", write_fasta(tmp_path / "in.fa"), "--out", out,
                     "--device", "cpu")
     assert code == 0, err
-    ds = data.LocalizationDataset([data.make_protein(k, s, "", k) for k, s in SEQS.items()])
-    motifs = predict.ensemble([model], ds, torch.device("cpu"), 2, False)[0]["motif_probs"]
+    proteins = [data.make_protein(k, s, "", k) for k, s in SEQS.items()]
+    cpu = torch.device("cpu")
+    motifs = [r.motif for r in inference.predict_chunk(inference.load_ensemble([model], cpu), proteins, cpu)]
     for r, motif in zip(load(out), motifs):
         assert r["predicted"] == CLASSES
         assert r["sites"] == {c: int(np.argmax(motif[CLASSES.index(c)])) + 1 for c in CLASSES if c in data.SITE_CLASSES}
@@ -170,6 +179,11 @@ def test_csv_metrics(tmp_path, ckpt, capsys):
                     "--metrics", metrics_path, "--device", "cpu")
     assert code == 0, err
     records, metrics = load(out), load(metrics_path)
+    chunked = tmp_path / "metrics_chunked.json"  # streamed in chunks of 2: the same metrics
+    code, err = run(capsys, "--checkpoint", ckpt / "best.pt", "--csv", csv, "--metrics", chunked, "--device", "cpu",
+                    "--chunk-size", 2)
+    assert code == 0, err
+    assert load(chunked) == metrics
     assert [r["id"] for r in records] == [r[0] for r in rows]
     assert {"macro_f1", "macro_mcc", "residue"} <= set(metrics)
     assert list(metrics["per_class"]) == CLASSES

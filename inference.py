@@ -1,0 +1,302 @@
+"""Ensemble inference of predict.py: checkpoints loaded and checked once, each chunk of proteins
+deduplicated, length-sorted, batched by a token budget and run through every checkpoint.
+
+A protein's result does not depend on the batch it ran in, so outputs are byte-identical whatever
+the chunk size or the number of processes (on the CPU; GPU kernels give no such guarantee). CPU
+kernels pick their code path, and so their rounding, by the shapes and by where an element sits:
+  - every window is padded to a canonical width (its token count rounded up to WIDTH_STEP) and one
+    backbone call holds windows of one width only;
+  - windows are stitched, and pooled, per protein;
+  - the heads run on the rows of the whole batch, padded to at least MIN_ROWS rows (products of a
+    few rows take other kernels, and which ones depends on the thread count);
+  - each protein's residue rows start at a multiple of ROW_ALIGN rows (zero rows in between):
+    matrix-vector kernels treat a row by its position modulo a small block;
+  - sigmoids are taken per protein (vectorised exp rounds differently in a tensor's tail).
+tests/test_stream.py checks results bit for bit across batchings (each of the last three measures
+is needed there) and the files of one against two processes (one thread each under torchrun).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+from data import CLASSES
+from model import Encoder, load_model_state
+from train import autocast
+from utils import load_checkpoint, resolve_config
+
+WIDTH_STEP = 32  # window widths (tokens, BOS and EOS included) are rounded up to a multiple of this
+MIN_ROWS = 256  # head inputs are padded to at least this many rows
+ROW_ALIGN = 16  # each protein's residue rows start at a multiple of this row in the heads' input
+
+
+class PredictError(ValueError):
+    """A checkpoint or option that cannot be used; the message names it."""
+
+
+# --------------------------------------------------------------------------- checkpoints
+def read_checkpoint(path, need_thresholds: bool):
+    """(checkpoint dict, stored config, thresholds [8] or None), checked against this code."""
+    ckpt = load_checkpoint(path, ("model", "config", "arch", "classes"))  # unreadable: CheckpointError
+    if list(ckpt["classes"]) != CLASSES:
+        raise PredictError(f"{path}: checkpoint classes {list(ckpt['classes'])} differ from {CLASSES}")
+    thresholds = None
+    if need_thresholds:
+        stored = ckpt.get("thresholds") or {}
+        if set(stored) != set(CLASSES):
+            raise PredictError(f"{path}: no tuned thresholds stored (only best.pt of a finished run has "
+                               f"them); drop --tuned-thresholds")
+        thresholds = np.array([stored[c] for c in CLASSES], dtype=np.float64)
+    return ckpt, resolve_config(ckpt["config"], where=f"{path} (stored config)"), thresholds
+
+
+def load_model(path, ckpt, config, device) -> Encoder:
+    model = Encoder(config, arch=ckpt["arch"])
+    load_model_state(model, ckpt["model"], path)  # weights that do not fit: ConfigError naming the file
+    return model.to(device).eval()
+
+
+@dataclass
+class Member:
+    """One checkpoint of the ensemble: its model (eval mode, on the device), windowing, thresholds."""
+
+    path: str
+    model: Encoder
+    max_len: int
+    overlap: int
+    thresholds: np.ndarray | None
+
+
+def load_ensemble(paths, device, tuned: bool = False) -> list[Member]:
+    """Every checkpoint loaded once. All must be readable and agree on the classes (checked against
+    this code's) and on the windowing (data.max_len, data.overlap: the windows are built once per
+    batch for all of them); errors name the file."""
+    members = []
+    for path in paths:
+        ckpt, config, thresholds = read_checkpoint(path, tuned)
+        window = (config.data.max_len, config.data.overlap)
+        if members and window != (members[0].max_len, members[0].overlap):
+            first = members[0]
+            raise PredictError(f"{path}: windowing data.max_len={window[0]}, data.overlap={window[1]} differs from "
+                               f"{first.path} (data.max_len={first.max_len}, data.overlap={first.overlap}); "
+                               f"the checkpoints of an ensemble must share it")
+        members.append(Member(str(path), load_model(path, ckpt, config, device), *window, thresholds))
+        del ckpt
+    return members
+
+
+def ensemble_thresholds(members: list[Member], tuned: bool) -> np.ndarray:
+    """Mean of the checkpoints' tuned thresholds [8], or 0.5 for every class."""
+    if tuned:
+        return np.mean([m.thresholds for m in members], axis=0)
+    return np.full(len(CLASSES), 0.5)
+
+
+def embedding_dims(members: list[Member]) -> tuple[int, int | None, str]:
+    """(pooled size, projection size or None, note). Pooled embeddings of different sizes cannot be
+    averaged (PredictError naming the file); the projection is averaged only when every checkpoint has
+    a projection head of one size, else left out and the note says why."""
+    dim = members[0].model.backbone.embed_dim
+    for m in members[1:]:
+        if m.model.backbone.embed_dim != dim:
+            raise PredictError(f"{m.path}: pooled embeddings of size {m.model.backbone.embed_dim} differ from "
+                               f"{members[0].path} ({dim}); --embeddings needs checkpoints of one backbone size")
+    heads = [None if m.model.projection is None else m.model.projection.net[-1].out_features for m in members]
+    if all(h is None for h in heads):
+        return dim, None, ""
+    if None in heads or len(set(heads)) > 1:
+        return dim, None, ("projection embeddings left out: the checkpoints' projection heads differ "
+                           f"({', '.join(f'{m.path}: {h}' for m, h in zip(members, heads))})")
+    return dim, heads[0], ""
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """fp32 -> None; bf16 -> bfloat16 (CUDA or CPU); auto -> bfloat16 on CUDA when supported, else None."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
+# --------------------------------------------------------------------------- batches
+def window_width(length: int, max_len: int) -> int:
+    """Padded token width of a protein's windows: min(length, max_len) + BOS + EOS, rounded up to WIDTH_STEP."""
+    return -(-(min(length, max_len) + 2) // WIDTH_STEP) * WIDTH_STEP
+
+
+def plan_batches(lengths, max_len: int, overlap: int, max_tokens: int,
+                 max_proteins: int | None = None) -> list[list[int]]:
+    """Indices of `lengths` in batches: length-sorted, one window width per batch, at most
+    max_tokens padded tokens (windows x width; a protein longer than that runs alone) and at most
+    max_proteins proteins."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    batches, current, width, tokens = [], [], None, 0
+    for i in order.tolist():
+        w = window_width(lengths[i], max_len)
+        n = len(data.window_starts(lengths[i], max_len, overlap)) * w
+        if current and (w != width or tokens + n > max_tokens or (max_proteins and len(current) >= max_proteins)):
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        width, tokens = w, tokens + n
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Batch:
+    """Windows of a few proteins for the backbone: tokens [W, T] (BOS, residues, EOS, padding; T a
+    multiple of WIDTH_STEP), per protein its windows as (row, start, residues), and `full`, the
+    window count of a batch that fills the token budget at this width."""
+
+    def __init__(self, sequences: list[str], max_len: int, overlap: int, device, max_tokens: int = 16384):
+        self.lengths = [len(s) for s in sequences]
+        width = window_width(max(self.lengths), max_len)
+        self.full = max(1, max_tokens // width)
+        self.spans, pieces = [], []
+        for seq in sequences:
+            toks = data.tokenize(seq)
+            spans = []
+            for s in data.window_starts(len(seq), max_len, overlap):
+                piece = toks[s:s + max_len]
+                spans.append((len(pieces), s, len(piece)))
+                pieces.append(piece)
+            self.spans.append(spans)
+        tokens = torch.full((len(pieces), width), data.PAD_IDX, dtype=torch.long)
+        for row, piece in enumerate(pieces):
+            tokens[row, 0] = data.BOS_IDX
+            tokens[row, 1:len(piece) + 1] = torch.from_numpy(piece)
+            tokens[row, len(piece) + 1] = data.EOS_IDX
+        self.tokens = tokens.to(device)
+
+
+def call_sizes(windows: int, full: int) -> list[int]:
+    """Window counts of the backbone calls for a batch of `windows` windows: one call when the batch
+    is full, else powers of two, largest first. oneDNN (GELU on the CPU) compiles and keeps a kernel
+    for every tensor shape it meets, about 90 kB each and never freed: shapes from this small set
+    keep memory flat however many batches run."""
+    if windows == full:
+        return [full]
+    return [1 << b for b in reversed(range(windows.bit_length())) if windows >> b & 1]
+
+
+def run_backbone(model: Encoder, batch: Batch) -> torch.Tensor:
+    """The batch's windows through the backbone, in calls of call_sizes: [W, T, d]."""
+    parts, start = [], 0
+    for size in call_sizes(batch.tokens.shape[0], batch.full):
+        parts.append(model.backbone_forward(batch.tokens[start:start + size]))
+        start += size
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [n, d] with zero rows appended up to `rows` rows (unchanged if n >= rows)."""
+    return x if x.shape[0] >= rows else torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])])
+
+
+def stitch(reps: torch.Tensor, spans, length: int) -> torch.Tensor:
+    """Residue representations of one protein [length, d] from its windows' [W, T, d] (overlaps averaged)."""
+    if len(spans) == 1:
+        row, _, n = spans[0]
+        return reps[row, 1:n + 1]
+    total = reps.new_zeros(length, reps.shape[-1])
+    count = reps.new_zeros(length, 1)
+    for row, s, n in spans:
+        total[s:s + n] += reps[row, 1:n + 1]
+        count[s:s + n] += 1
+    return total / count
+
+
+def sigmoid_each(logits: torch.Tensor, begins, ends) -> list[np.ndarray]:
+    """Probabilities of column slices [:, a:b] of logits [C, N], each slice on its own: vectorised
+    transcendental functions round differently in a tensor's body and in its tail, so a protein's
+    probabilities must not depend on where its columns sit in the batch."""
+    logits = logits.float().cpu()
+    return [torch.sigmoid(logits[:, a:b].contiguous()).numpy() for a, b in zip(begins, ends)]
+
+
+@torch.inference_mode()
+def run_member(model: Encoder, batch: Batch, dtype=None) -> dict:
+    """One checkpoint on one batch of B proteins (what Encoder.forward computes in eval mode).
+    Returns float32 numpy arrays: probs [B, 8], motif (list of [8, L_i]), pooled [B, d],
+    projection [B, k] (None without a projection head). Probabilities are sigmoids of fp32 logits."""
+    B = len(batch.lengths)
+    with autocast(batch.tokens.device, dtype):
+        reps = run_backbone(model, batch).float()  # [W, T, d]
+        residues = [stitch(reps, spans, n) for spans, n in zip(batch.spans, batch.lengths)]
+        pooled = torch.stack([r.mean(0) for r in residues])  # [B, d]
+        starts = np.cumsum([0] + [-(-n // ROW_ALIGN) * ROW_ALIGN for n in batch.lengths])
+        flat = reps.new_zeros(max(int(starts[-1]), MIN_ROWS), reps.shape[-1])
+        for r, a in zip(residues, starts):
+            flat[a:a + len(r)] = r
+        motif_logits = model.decoders(flat[None])[0]  # [8, rows]
+        heads_in = pad_rows(pooled, MIN_ROWS)
+        class_logits = model.classifier(model.class_dropout(heads_in))[:B]  # [B, 8]
+        projection = None if model.projection is None else model.projection(heads_in)[:B].float().cpu().numpy()
+    return {"probs": np.concatenate(sigmoid_each(class_logits.T, range(B), range(1, B + 1)), axis=1).T,
+            "motif": sigmoid_each(motif_logits, starts[:-1], starts[:-1] + np.array(batch.lengths)),
+            "pooled": pooled.cpu().numpy(), "projection": projection}
+
+
+@dataclass
+class Result:
+    """The ensemble's output for one sequence: probs [8] and motif [8, L] (float64 means of the
+    checkpoints' probabilities), pooled [d] and projection [k] (float32 means; projection None
+    unless every checkpoint has a projection head of one size)."""
+
+    probs: np.ndarray
+    motif: np.ndarray
+    pooled: np.ndarray
+    projection: np.ndarray | None
+
+
+def run_ensemble(members: list[Member], sequences: list[str], device, dtype=None,
+                 max_tokens: int = 16384) -> list[Result]:
+    """Every checkpoint on one batch of sequences; means over the checkpoints, in checkpoint order."""
+    batch = Batch(sequences, members[0].max_len, members[0].overlap, device, max_tokens)
+    outs = [run_member(m.model, batch, dtype) for m in members]
+    n = len(outs)
+    keep_projection = all(o["projection"] is not None for o in outs) and len({o["projection"].shape for o in outs}) == 1
+
+    def mean(key, i):
+        return sum(o[key][i].astype(np.float64) for o in outs) / n
+
+    return [Result(mean("probs", i), mean("motif", i), mean("pooled", i).astype(np.float32),
+                   mean("projection", i).astype(np.float32) if keep_projection else None)
+            for i in range(len(sequences))]
+
+
+def predict_chunk(members: list[Member], proteins, device, dtype=None, max_tokens: int = 16384,
+                  max_proteins: int | None = None, rank: int = 0, world: int = 1, on_batch=None):
+    """Results for `proteins` (list of data.Protein), in their order, on rank 0 (None on other ranks).
+
+    Identical sequences are predicted once. The distinct sequences are length-sorted and batched
+    (plan_batches); with world > 1 processes, rank r runs batches r, r + world, ... and rank 0
+    gathers the results. on_batch(n) is called after each of this rank's batches with the number
+    of proteins (duplicates included) it covered."""
+    unique, of_protein = {}, []
+    for p in proteins:
+        of_protein.append(unique.setdefault(p.sequence, len(unique)))
+    sequences = list(unique)
+    copies = np.bincount(of_protein, minlength=len(sequences))
+    batches = plan_batches([len(s) for s in sequences], members[0].max_len, members[0].overlap,
+                           max_tokens, max_proteins)
+    results = {}
+    for batch in batches[rank::world]:
+        results.update(zip(batch, run_ensemble(members, [sequences[i] for i in batch], device, dtype,
+                                                    max_tokens)))
+        if on_batch is not None:
+            on_batch(int(copies[batch].sum()))
+    if world > 1:
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(results, gathered, dst=0)
+        if rank != 0:
+            return None
+        for part in gathered:
+            results.update(part)
+    return [results[u] for u in of_protein]

@@ -1,0 +1,330 @@
+"""Output files of predict.py, written while the chunks stream past and renamed into place at the end.
+
+Per-protein record (the JSON / JSON Lines output; the other formats are derived from it):
+    id, length, probabilities {class: p, 4 decimals}, predicted [classes with p >= threshold],
+    sites {site class: 1-based residue}, segments {segment class: [[start, end], ...]}.
+These are the classification heads' fields. Another prediction method adds its fields under a key
+of its own (e.g. record["centroid"] = {...}), so the heads' fields keep their meaning and readers
+of today's files keep working.
+
+Every file goes to a temporary file in its target folder (Staging) and is renamed into place by
+commit(), with the mode the umask gives a new file; on any error abort() removes the temporary
+files and the folders the run created. Nothing is held in memory between chunks: records go
+straight to their files, embedding rows to temporary files on disk until the .npz is assembled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from data import CLASS_INDEX, CLASSES, SEGMENT_CLASSES, SITE_CLASSES
+
+# GFF3 feature type per class: Sequence Ontology terms (so.obo): signal_peptide SO:0000418,
+# transit_peptide SO:0000725, ER_retention_signal SO:0001806, nuclear_localization_signal SO:0001528,
+# nuclear_export_signal SO:0001531; SO has no peroxisomal targeting signal term, so PTS1 / PTS2 take
+# their parent, peptide_localization_signal SO:0001527 (the attribute signal= tells which).
+SO_TYPES = {"SIGNAL": "signal_peptide", "Mitochondrion": "transit_peptide", "chloroplast": "transit_peptide",
+            "Thylakoid": "transit_peptide", "ER": "ER_retention_signal", "Peroxisome": "peptide_localization_signal",
+            "Nucleus": "nuclear_localization_signal", "Nucleus_export": "nuclear_export_signal"}
+GFF3_SOURCE = "MUTarget"
+SEQID_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.:^*$@!+_?-|")
+
+
+# --------------------------------------------------------------------------- records
+def segments(mask: np.ndarray) -> list[list[int]]:
+    """Runs of True as 1-based inclusive [start, end] pairs."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return [[int(s) + 1, int(e)] for s, e in zip(edges[::2], edges[1::2])]
+
+
+def protein_record(entry: str, probs: np.ndarray, motif: np.ndarray, thresholds) -> dict:
+    """The heads' record of one protein from its class probabilities [8] and motif tracks [8, L]."""
+    predicted = [c for i, c in enumerate(CLASSES) if probs[i] >= thresholds[i]]
+    return {"id": entry, "length": int(motif.shape[1]),
+            "probabilities": {c: round(float(probs[i]), 4) for i, c in enumerate(CLASSES)},
+            "predicted": predicted,
+            "sites": {c: int(np.argmax(motif[CLASS_INDEX[c]])) + 1 for c in predicted if c in SITE_CLASSES},
+            "segments": {c: segments(motif[CLASS_INDEX[c]] > 0.5) for c in predicted if c in SEGMENT_CLASSES}}
+
+
+# --------------------------------------------------------------------------- staging
+def new_file_mode() -> int:
+    """The mode open() gives a new file under the current umask (mkstemp's files are 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+class Staging:
+    """Temporary files beside their targets; commit() renames them into place, abort() removes them."""
+
+    def __init__(self):
+        self.pending = []  # (temporary file, target)
+        self.scratch = []  # temporary files that never become outputs
+        self.handles = []
+        self.created = []  # folders this run created, parents first
+
+    def _folder(self, folder: Path) -> None:
+        missing, p = [], folder.absolute()
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        self.created += reversed(missing)
+
+    def temp(self, target, scratch: bool = False) -> Path:
+        """A new empty temporary file in target's folder (created if missing), registered."""
+        target = Path(target)
+        if target.is_dir():
+            raise IsADirectoryError(f"{target}: is a folder, not a file name")
+        self._folder(target.parent)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        if scratch:
+            self.scratch.append(Path(tmp))
+        else:
+            self.pending.append((Path(tmp), target))
+        return Path(tmp)
+
+    def open(self, target, binary: bool = False, scratch: bool = False):
+        path = self.temp(target, scratch)
+        handle = open(path, "wb") if binary else open(path, "w", encoding="utf-8", newline="\n")
+        self.handles.append(handle)
+        return handle
+
+    def commit(self) -> None:
+        for handle in self.handles:
+            handle.close()
+        mode, done = new_file_mode(), []
+        try:
+            for tmp, target in self.pending:
+                os.chmod(tmp, mode)
+                os.replace(tmp, target)
+                done.append(target)
+        except OSError:
+            for target in done:
+                os.unlink(target)
+            self.abort()
+            raise
+        self.pending = []
+        self.abort()  # scratch files only now
+
+    def abort(self) -> None:
+        for handle in self.handles:
+            try:
+                handle.close()
+            except OSError:
+                pass
+        for tmp in [t for t, _ in self.pending] + self.scratch:
+            if tmp.exists():
+                tmp.unlink()
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: other files were put there meanwhile
+                pass
+        self.pending, self.scratch, self.created = [], [], []
+
+
+# --------------------------------------------------------------------------- writers
+class JsonWriter:
+    """--out: a JSON array with one record per line, or JSON Lines when the name ends in .jsonl."""
+
+    def __init__(self, staging: Staging, path):
+        self.handle = staging.open(path)
+        self.lines = Path(path).suffix.lower() == ".jsonl"
+        self.n = 0
+
+    def add(self, record: dict, result) -> None:
+        text = json.dumps(record)
+        self.handle.write(text + "\n" if self.lines else ("[\n" if self.n == 0 else ",\n") + text)
+        self.n += 1
+
+    def finish(self) -> None:
+        if not self.lines:
+            self.handle.write("\n]\n" if self.n else "[]\n")
+
+
+def tsv_cell(text: str) -> str:
+    """Tabs and line breaks (possible in CSV Entry fields) as %09, %0A, %0D."""
+    return text.replace("\t", "%09").replace("\n", "%0A").replace("\r", "%0D")
+
+
+def format_runs(runs) -> str:
+    return ",".join(f"{s}-{e}" for s, e in runs)
+
+
+TSV_HEADER = (["id", "length", "predicted"] + [f"prob_{c}" for c in CLASSES] + [f"site_{c}" for c in SITE_CLASSES]
+              + [f"segments_{c}" for c in SEGMENT_CLASSES])
+
+
+class TsvWriter:
+    """--tsv: one line per protein (columns TSV_HEADER; several classes or runs joined by commas)."""
+
+    def __init__(self, staging: Staging, path):
+        self.handle = staging.open(path)
+        self.handle.write("\t".join(TSV_HEADER) + "\n")
+
+    def add(self, record: dict, result) -> None:
+        cells = ([tsv_cell(record["id"]), str(record["length"]), ",".join(record["predicted"])]
+                 + [f"{record['probabilities'][c]:.4f}" for c in CLASSES]
+                 + [str(record["sites"].get(c, "")) for c in SITE_CLASSES]
+                 + [format_runs(record["segments"].get(c, [])) for c in SEGMENT_CLASSES])
+        self.handle.write("\t".join(cells) + "\n")
+
+    def finish(self) -> None:
+        pass
+
+
+def gff3_seqid(entry: str) -> str:
+    """Column 1 of GFF3: characters outside [a-zA-Z0-9.:^*$@!+_?-|] percent-encoded (UTF-8 bytes)."""
+    return "".join(ch if ch in SEQID_SAFE else "".join(f"%{b:02X}" for b in ch.encode("utf-8")) for ch in entry)
+
+
+def gff3_value(text: str) -> str:
+    """A column-9 tag or value: percent, control characters (tab, line breaks...) and ; = & , encoded."""
+    return "".join(f"%{ord(ch):02X}" if ch in "%;=&," or ord(ch) < 0x20 or ord(ch) == 0x7F else ch for ch in text)
+
+
+def gff3_features(record: dict) -> list[tuple]:
+    """(SO type, start, end, score, attributes) of the predicted signals, 1-based inclusive, sorted by
+    position: N-terminal peptides (SIGNAL, Mitochondrion, chloroplast, Thylakoid, Peroxisome PTS2)
+    1..site; C-terminal motifs (ER, Peroxisome PTS1) site..length; NLS / NES their runs. A Peroxisome
+    site in the first half of the sequence is read as PTS2 (the end of an N-terminal signal), else as
+    PTS1 (the first residue of a C-terminal one). Score = the class probability."""
+    length, features = record["length"], []
+    for c in record["predicted"]:
+        score, attributes = record["probabilities"][c], {"class": c}
+        if c in record["sites"]:
+            site = record["sites"][c]
+            c_terminal = c == "ER" or (c == "Peroxisome" and site > length // 2)
+            if c == "Peroxisome":
+                attributes["signal"] = "PTS1" if c_terminal else "PTS2"
+            features.append((SO_TYPES[c], site if c_terminal else 1, length if c_terminal else site, score, attributes))
+        for start, end in record["segments"].get(c, []):
+            features.append((SO_TYPES[c], start, end, score, attributes))
+    return sorted(features, key=lambda f: (f[1], f[2], CLASS_INDEX[f[4]["class"]]))
+
+
+class Gff3Writer:
+    """--gff3: '##gff-version 3', then per protein with a predicted signal a ##sequence-region line
+    and one feature line per signal (9 tab-separated columns; strand and phase '.')."""
+
+    def __init__(self, staging: Staging, path):
+        self.handle = staging.open(path)
+        self.handle.write("##gff-version 3\n")
+
+    def add(self, record: dict, result) -> None:
+        features = gff3_features(record)
+        if not features:
+            return
+        seqid = gff3_seqid(record["id"])
+        lines = [f"##sequence-region {seqid} 1 {record['length']}"]
+        for kind, start, end, score, attributes in features:
+            column9 = ";".join(f"{gff3_value(k)}={gff3_value(v)}" for k, v in attributes.items())
+            lines.append("\t".join([seqid, GFF3_SOURCE, kind, str(start), str(end), f"{score:.4f}", ".", ".", column9]))
+        self.handle.write("\n".join(lines) + "\n")
+
+    def finish(self) -> None:
+        pass
+
+
+class EmbeddingWriter:
+    """--embeddings FILE.npz: ids [N] (unicode), pooled [N, d] float32 and, when the ensemble has
+    projection heads, projection [N, k] float32. Rows are appended to temporary files chunk by chunk
+    and the .npz (a zip of .npy files, fixed timestamps: same input, same bytes) is assembled at the
+    end, copying block by block."""
+
+    def __init__(self, staging: Staging, path, dim: int, projection_dim: int | None):
+        self.staging, self.path = staging, Path(path)
+        self.ids = staging.open(path, scratch=True)
+        self.arrays = {"pooled": (staging.open(path, binary=True, scratch=True), dim)}
+        if projection_dim is not None:
+            self.arrays["projection"] = (staging.open(path, binary=True, scratch=True), projection_dim)
+        self.n, self.id_width = 0, 1
+
+    def add(self, record: dict, result) -> None:
+        self.ids.write(json.dumps(record["id"]) + "\n")
+        self.id_width = max(self.id_width, len(record["id"]))
+        self.arrays["pooled"][0].write(np.ascontiguousarray(result.pooled, dtype="<f4").tobytes())
+        if "projection" in self.arrays:
+            self.arrays["projection"][0].write(np.ascontiguousarray(result.projection, dtype="<f4").tobytes())
+        self.n += 1
+
+    def finish(self, block: int = 4096) -> None:
+        self.ids.close()
+        for handle, _ in self.arrays.values():
+            handle.close()
+        out = self.staging.open(self.path, binary=True)
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            ids_dtype = np.dtype(f"<U{self.id_width}")
+            with self._member(zf, "ids", ids_dtype, (self.n,)) as member, open(self.ids.name, encoding="utf-8") as ids:
+                while True:
+                    lines = [json.loads(line) for _, line in zip(range(block), ids)]
+                    if not lines:
+                        break
+                    member.write(np.array(lines, dtype=ids_dtype).tobytes())
+            for name, (handle, dim) in self.arrays.items():
+                with self._member(zf, name, np.dtype("<f4"), (self.n, dim)) as member, open(handle.name, "rb") as rows:
+                    while chunk := rows.read(1 << 20):
+                        member.write(chunk)
+        out.close()
+
+    @staticmethod
+    def _member(zf, name: str, dtype, shape):
+        info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+        member = zf.open(info, "w", force_zip64=True)
+        np.lib.format.write_array_header_1_0(member, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                      "fortran_order": False, "shape": shape})
+        return member
+
+
+def plot_name(entry: str, used: set) -> str:
+    """File name for an id: characters other than ASCII letters and digits become '_' (as SignalP
+    does), at most 100 of them; a name already taken (ignoring case) gets _2, _3, ..."""
+    base = re.sub(r"[^A-Za-z0-9]", "_", entry)[:100]
+    name, k = base, 1
+    while name.lower() in used:
+        k += 1
+        name = f"{base}_{k}"
+    used.add(name.lower())
+    return f"{name}.png"
+
+
+class PlotWriter:
+    """--plot-dir: one PNG per chosen protein (the ids in `ids`, or else the first `limit` proteins)."""
+
+    def __init__(self, staging: Staging, folder, thresholds, ids=None, limit: int = 100):
+        self.staging, self.folder, self.thresholds = staging, Path(folder), thresholds
+        if self.folder.exists() and not self.folder.is_dir():
+            raise NotADirectoryError(f"{self.folder}: exists and is not a folder")
+        self.ids, self.left = (set(ids), None) if ids else (None, limit)
+        self.used = set()
+
+    def add(self, record: dict, result) -> None:
+        if self.ids is not None and record["id"] not in self.ids:
+            return
+        if self.ids is None:
+            if self.left <= 0:
+                return
+            self.left -= 1
+        import plots  # matplotlib only when plotting
+        tmp = self.staging.temp(self.folder / plot_name(record["id"], self.used))
+        plots.draw(tmp, record, result.motif, self.thresholds)
+
+    def finish(self) -> None:
+        pass
+
+
+def write_skipped(staging: Staging, path, skipped) -> None:
+    """--skip-invalid report: id, line, reason per skipped record (header only if none)."""
+    handle = staging.open(path)
+    handle.write("id\tline\treason\n")
+    for s in skipped:
+        handle.write(f"{tsv_cell(s.entry)}\t{s.line}\t{tsv_cell(s.reason)}\n")

@@ -1,0 +1,66 @@
+"""The per-protein picture of predict.py --plot-dir: eight per-residue tracks with the predicted sites
+and segments marked, beside the class probabilities. matplotlib's Agg canvas, no pyplot state."""
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from data import CLASSES
+
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+
+
+def plain(text: str) -> str:
+    """Text that matplotlib shows as is ('$' would start mathtext)."""
+    return text.replace("$", r"\$")
+
+
+def draw(path, record: dict, motif: np.ndarray, thresholds) -> None:
+    """PNG of one protein: record (outputs.protein_record), motif probabilities [8, L], thresholds [8]."""
+    length = record["length"]
+    fig = Figure(figsize=(11, 8))
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(len(CLASSES), 2, width_ratios=[4, 1.2], hspace=0.12, wspace=0.32,
+                            left=0.11, right=0.97, top=0.92, bottom=0.07)
+    x = np.arange(1, length + 1)
+    first = None
+    for i, c in enumerate(CLASSES):
+        ax = fig.add_subplot(grid[i, 0], sharex=first)
+        first = first or ax
+        ax.plot(x, motif[i], color=COLORS[i], lw=0.9)
+        for start, end in record["segments"].get(c, []):
+            ax.axvspan(start - 0.5, end + 0.5, color=COLORS[i], alpha=0.25, lw=0)
+        if c in record["sites"]:
+            site = record["sites"][c]
+            ax.axvline(site, color="black", ls="--", lw=0.8)
+            left = site > 0.85 * length  # label on the side with room
+            ax.annotate(f"site {site}", (site, 0.95), xytext=(-3 if left else 3, 0), textcoords="offset points",
+                        ha="right" if left else "left", va="top", fontsize=7)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_yticks([0, 1])
+        ax.tick_params(labelsize=7)
+        ax.set_ylabel(c, rotation=0, ha="right", va="center", fontsize=8,
+                      fontweight="bold" if c in record["predicted"] else "normal")
+        if i < len(CLASSES) - 1:
+            ax.tick_params(labelbottom=False)
+    first.set_xlim(0.5, length + 0.5)
+    ax.set_xlabel("residue", fontsize=8)
+    bars = fig.add_subplot(grid[:, 1])
+    probs = [record["probabilities"][c] for c in CLASSES]
+    rows = np.arange(len(CLASSES))[::-1]
+    bars.barh(rows, probs, color=[COLORS[i] if c in record["predicted"] else "#bbbbbb" for i, c in enumerate(CLASSES)])
+    bars.scatter(thresholds, rows, marker="|", s=120, color="black", label="threshold")
+    for row, p in zip(rows, probs):
+        inside = p > 0.75
+        bars.text(p - 0.02 if inside else p + 0.02, row, f"{p:.3f}", va="center", ha="right" if inside else "left",
+                  color="white" if inside else "black", fontsize=7)
+    bars.set_yticks(rows)
+    bars.set_yticklabels(CLASSES, fontsize=8)
+    bars.set_xlim(0, 1)
+    bars.set_xlabel("probability", fontsize=8)
+    bars.tick_params(labelsize=7)
+    bars.legend(fontsize=7, loc="lower right")
+    predicted = ", ".join(record["predicted"]) or "Other"
+    fig.suptitle(plain(f"{record['id']}  ({length} residues; predicted: {predicted})"), fontsize=10)
+    fig.savefig(path, format="png", dpi=90)
