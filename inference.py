@@ -26,6 +26,7 @@ import torch.distributed as dist
 import data
 from data import CLASSES
 from model import Encoder, load_model_state
+from space import centre_distances
 from train import autocast
 from utils import load_checkpoint, resolve_config
 
@@ -69,6 +70,8 @@ class Member:
     max_len: int
     overlap: int
     thresholds: np.ndarray | None
+    centroids: dict | None = None  # train.py's class centres per embedding space (best.pt), if stored
+    space: str | None = None  # the space of centroid prediction, set by use_centroids
 
 
 def load_ensemble(paths, device, tuned: bool = False) -> list[Member]:
@@ -84,9 +87,33 @@ def load_ensemble(paths, device, tuned: bool = False) -> list[Member]:
             raise PredictError(f"{path}: windowing data.max_len={window[0]}, data.overlap={window[1]} differs from "
                                f"{first.path} (data.max_len={first.max_len}, data.overlap={first.overlap}); "
                                f"the checkpoints of an ensemble must share it")
-        members.append(Member(str(path), load_model(path, ckpt, config, device), *window, thresholds))
+        members.append(Member(str(path), load_model(path, ckpt, config, device), *window, thresholds,
+                              ckpt.get("centroids")))
         del ckpt
     return members
+
+
+def use_centroids(members: list[Member], space: str) -> str:
+    """Prepare centroid prediction in `space` (pooled | projection | auto: projection when every
+    checkpoint has a projection head, else pooled); returns the space used. A checkpoint without the
+    space's centres is a PredictError naming it and the remedy."""
+    if space == "auto":
+        space = "projection" if all(m.model.projection is not None for m in members) else "pooled"
+    for m in members:
+        if space == "projection" and m.model.projection is None:
+            raise PredictError(f"{m.path}: --space projection, but this model has no projection head (it was "
+                               f"trained without SupCon); use --space pooled")
+        if not m.centroids or space not in m.centroids:
+            raise PredictError(f"{m.path}: no class centres of the {space} space stored (checkpoints written before "
+                               f"train.py stored them, or last.pt); add them with: python scripts/add_centroids.py "
+                               f"{m.path}")
+        m.space = space
+    return space
+
+
+def centroid_thresholds(members: list[Member]) -> np.ndarray:
+    """Mean of the checkpoints' validation-tuned distance thresholds [8] in their centroid space."""
+    return np.mean([m.centroids[m.space]["thresholds"] for m in members], axis=0)
 
 
 def ensemble_thresholds(members: list[Member], tuned: bool) -> np.ndarray:
@@ -247,12 +274,14 @@ def run_member(model: Encoder, batch: Batch, dtype=None) -> dict:
 class Result:
     """The ensemble's output for one sequence: probs [8] and motif [8, L] (float64 means of the
     checkpoints' probabilities), pooled [d] and projection [k] (float32 means; projection None
-    unless every checkpoint has a projection head of one size)."""
+    unless every checkpoint has a projection head of one size), distances [8] (mean over the
+    checkpoints of the Euclidean distances to each one's class centres; None without use_centroids)."""
 
     probs: np.ndarray
     motif: np.ndarray
     pooled: np.ndarray
     projection: np.ndarray | None
+    distances: np.ndarray | None = None
 
 
 def run_ensemble(members: list[Member], sequences: list[str], device, dtype=None,
@@ -263,11 +292,16 @@ def run_ensemble(members: list[Member], sequences: list[str], device, dtype=None
     n = len(outs)
     keep_projection = all(o["projection"] is not None for o in outs) and len({o["projection"].shape for o in outs}) == 1
 
+    for m, o in zip(members, outs):
+        if m.space is not None:  # distances of each protein to this checkpoint's own class centres
+            o["distances"] = centre_distances(o[m.space], m.centroids[m.space]["centres"])
+
     def mean(key, i):
         return sum(o[key][i].astype(np.float64) for o in outs) / n
 
     return [Result(mean("probs", i), mean("motif", i), mean("pooled", i).astype(np.float32),
-                   mean("projection", i).astype(np.float32) if keep_projection else None)
+                   mean("projection", i).astype(np.float32) if keep_projection else None,
+                   mean("distances", i) if members[0].space is not None else None)
             for i in range(len(sequences))]
 
 

@@ -3,9 +3,9 @@
 Per-protein record (the JSON / JSON Lines output; the other formats are derived from it):
     id, length, probabilities {class: p, 4 decimals}, predicted [classes with p >= threshold],
     sites {site class: 1-based residue}, segments {segment class: [[start, end], ...]}.
-These are the classification heads' fields. Another prediction method adds its fields under a key
-of its own (e.g. record["centroid"] = {...}), so the heads' fields keep their meaning and readers
-of today's files keep working.
+These are the classification heads' fields. Centroid prediction (--method centroid | both) adds its
+fields under record["centroid"] (centroid_fields), so the heads' fields keep their meaning and readers
+of today's files keep working; --method centroid leaves the heads' fields out.
 
 Every file goes to a temporary file in its target folder (Staging) and is renamed into place by
 commit(), with the mode the umask gives a new file; on any error abort() removes the temporary
@@ -19,11 +19,13 @@ import os
 import re
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from data import CLASS_INDEX, CLASSES, SEGMENT_CLASSES, SITE_CLASSES
+from space import max_separation
 
 # GFF3 feature type per class: Sequence Ontology terms (so.obo): signal_peptide SO:0000418,
 # transit_peptide SO:0000725, ER_retention_signal SO:0001806, nuclear_localization_signal SO:0001528,
@@ -43,14 +45,51 @@ def segments(mask: np.ndarray) -> list[list[int]]:
     return [[int(s) + 1, int(e)] for s, e in zip(edges[::2], edges[1::2])]
 
 
+def locate(predicted: list, motif: np.ndarray) -> dict:
+    """Where the predicted classes' signals sit on the motif tracks [8, L]: sites {site class: 1-based
+    argmax of its track}, segments {segment class: runs of probability > 0.5}."""
+    return {"sites": {c: int(np.argmax(motif[CLASS_INDEX[c]])) + 1 for c in predicted if c in SITE_CLASSES},
+            "segments": {c: segments(motif[CLASS_INDEX[c]] > 0.5) for c in predicted if c in SEGMENT_CLASSES}}
+
+
 def protein_record(entry: str, probs: np.ndarray, motif: np.ndarray, thresholds) -> dict:
     """The heads' record of one protein from its class probabilities [8] and motif tracks [8, L]."""
     predicted = [c for i, c in enumerate(CLASSES) if probs[i] >= thresholds[i]]
     return {"id": entry, "length": int(motif.shape[1]),
             "probabilities": {c: round(float(probs[i]), 4) for i, c in enumerate(CLASSES)},
-            "predicted": predicted,
-            "sites": {c: int(np.argmax(motif[CLASS_INDEX[c]])) + 1 for c in predicted if c in SITE_CLASSES},
-            "segments": {c: segments(motif[CLASS_INDEX[c]] > 0.5) for c in predicted if c in SEGMENT_CLASSES}}
+            "predicted": predicted, **locate(predicted, motif)}
+
+
+@dataclass
+class Centroid:
+    """Centroid prediction settings: the embedding space, the distance thresholds [8] and the rule
+    ('threshold' or 'maxsep') whose classes are 'predicted' (and go to the TSV, GFF3 and plots)."""
+
+    space: str
+    thresholds: np.ndarray
+    rule: str = "threshold"
+
+
+def centroid_fields(distances: np.ndarray, motif: np.ndarray, centroid: Centroid) -> dict:
+    """record['centroid']: space, rule, distances {class: Euclidean distance to its centre}, the
+    classes of both rules (maxsep: CLEAN's max-separation; threshold: distance <= the class's
+    validation-tuned threshold), predicted (the chosen rule's) and their sites / segments."""
+    by_rule = {"maxsep": max_separation(distances[None])[0], "threshold": distances <= centroid.thresholds}
+    chosen = {rule: [c for i, c in enumerate(CLASSES) if hit[i]] for rule, hit in by_rule.items()}
+    return {"space": centroid.space, "rule": centroid.rule,
+            "distances": {c: round(float(distances[i]), 4) for i, c in enumerate(CLASSES)},
+            "maxsep": chosen["maxsep"], "threshold": chosen["threshold"], "predicted": chosen[centroid.rule],
+            **locate(chosen[centroid.rule], motif)}
+
+
+def make_record(entry: str, result, method: str, thresholds, centroid: Centroid | None) -> dict:
+    """A protein's record for predict.py --method head | centroid | both: the heads' fields at the top
+    (head, both) and the centroid prediction under 'centroid' (centroid, both)."""
+    head = protein_record(entry, result.probs, result.motif, thresholds)
+    record = head if method != "centroid" else {"id": head["id"], "length": head["length"]}
+    if method != "head":
+        record["centroid"] = centroid_fields(result.distances, result.motif, centroid)
+    return record
 
 
 # --------------------------------------------------------------------------- staging
@@ -162,20 +201,32 @@ def format_runs(runs) -> str:
 
 TSV_HEADER = (["id", "length", "predicted"] + [f"prob_{c}" for c in CLASSES] + [f"site_{c}" for c in SITE_CLASSES]
               + [f"segments_{c}" for c in SEGMENT_CLASSES])
+TSV_CENTROID = (["centroid_predicted", "centroid_maxsep", "centroid_threshold"] + [f"distance_{c}" for c in CLASSES]
+                + [f"centroid_site_{c}" for c in SITE_CLASSES] + [f"centroid_segments_{c}" for c in SEGMENT_CLASSES])
 
 
 class TsvWriter:
-    """--tsv: one line per protein (columns TSV_HEADER; several classes or runs joined by commas)."""
+    """--tsv: one line per protein, several classes or runs joined by commas. Columns: TSV_HEADER
+    (the heads; --method head, both), then TSV_CENTROID (--method centroid, both; without the heads:
+    id, length, then TSV_CENTROID)."""
 
-    def __init__(self, staging: Staging, path):
-        self.handle = staging.open(path)
-        self.handle.write("\t".join(TSV_HEADER) + "\n")
+    def __init__(self, staging: Staging, path, method: str = "head"):
+        self.handle, self.method = staging.open(path), method
+        header = TSV_HEADER if method != "centroid" else TSV_HEADER[:2]
+        self.handle.write("\t".join(header + (TSV_CENTROID if method != "head" else [])) + "\n")
 
     def add(self, record: dict, result) -> None:
-        cells = ([tsv_cell(record["id"]), str(record["length"]), ",".join(record["predicted"])]
-                 + [f"{record['probabilities'][c]:.4f}" for c in CLASSES]
-                 + [str(record["sites"].get(c, "")) for c in SITE_CLASSES]
-                 + [format_runs(record["segments"].get(c, [])) for c in SEGMENT_CLASSES])
+        cells = [tsv_cell(record["id"]), str(record["length"])]
+        if self.method != "centroid":
+            cells += ([",".join(record["predicted"])] + [f"{record['probabilities'][c]:.4f}" for c in CLASSES]
+                      + [str(record["sites"].get(c, "")) for c in SITE_CLASSES]
+                      + [format_runs(record["segments"].get(c, [])) for c in SEGMENT_CLASSES])
+        if self.method != "head":
+            cen = record["centroid"]
+            cells += ([",".join(cen[k]) for k in ("predicted", "maxsep", "threshold")]
+                      + [f"{cen['distances'][c]:.4f}" for c in CLASSES]
+                      + [str(cen["sites"].get(c, "")) for c in SITE_CLASSES]
+                      + [format_runs(cen["segments"].get(c, [])) for c in SEGMENT_CLASSES])
         self.handle.write("\t".join(cells) + "\n")
 
     def finish(self) -> None:
@@ -193,23 +244,39 @@ def gff3_value(text: str) -> str:
 
 
 def gff3_features(record: dict) -> list[tuple]:
-    """(SO type, start, end, score, attributes) of the predicted signals, 1-based inclusive, sorted by
-    position: N-terminal peptides (SIGNAL, Mitochondrion, chloroplast, Thylakoid, Peroxisome PTS2)
-    1..site; C-terminal motifs (ER, Peroxisome PTS1) site..length; NLS / NES their runs. A Peroxisome
-    site in the first half of the sequence is read as PTS2 (the end of an N-terminal signal), else as
-    PTS1 (the first residue of a C-terminal one). Score = the class probability."""
-    length, features = record["length"], []
-    for c in record["predicted"]:
-        score, attributes = record["probabilities"][c], {"class": c}
-        if c in record["sites"]:
-            site = record["sites"][c]
+    """(source, SO type, start, end, score, attributes) of the predicted signals, 1-based inclusive,
+    sorted by position: N-terminal peptides (SIGNAL, Mitochondrion, chloroplast, Thylakoid, Peroxisome
+    PTS2) 1..site; C-terminal motifs (ER, Peroxisome PTS1) site..length; NLS / NES their runs. A
+    Peroxisome site in the first half of the sequence is read as PTS2 (the end of an N-terminal
+    signal), else as PTS1 (the first residue of a C-terminal one). The heads' features: source
+    MUTarget, score = the class probability; centroid prediction's: source MUTarget-centroid, score
+    '.', the distance to the class centre and the rule in the attributes."""
+    features = []
+    if "predicted" in record:
+        features += _features(record["length"], record, GFF3_SOURCE, lambda c: (record["probabilities"][c], {}))
+    if "centroid" in record:
+        cen = record["centroid"]
+        features += _features(record["length"], cen, GFF3_SOURCE + "-centroid", lambda c: (
+            None, {"distance": f"{cen['distances'][c]:.4f}", "rule": cen["rule"], "space": cen["space"]}))
+    return sorted(features, key=lambda f: (f[2], f[3], CLASS_INDEX[f[5]["class"]], f[0]))
+
+
+def _features(length: int, fields: dict, source: str, score_of) -> list[tuple]:
+    """gff3_features of one prediction's fields (predicted, sites, segments)."""
+    features = []
+    for c in fields["predicted"]:
+        score, extra = score_of(c)
+        attributes = {"class": c, **extra}
+        if c in fields["sites"]:
+            site = fields["sites"][c]
             c_terminal = c == "ER" or (c == "Peroxisome" and site > length // 2)
             if c == "Peroxisome":
                 attributes["signal"] = "PTS1" if c_terminal else "PTS2"
-            features.append((SO_TYPES[c], site if c_terminal else 1, length if c_terminal else site, score, attributes))
-        for start, end in record["segments"].get(c, []):
-            features.append((SO_TYPES[c], start, end, score, attributes))
-    return sorted(features, key=lambda f: (f[1], f[2], CLASS_INDEX[f[4]["class"]]))
+            features.append((source, SO_TYPES[c], site if c_terminal else 1, length if c_terminal else site, score,
+                             attributes))
+        for start, end in fields["segments"].get(c, []):
+            features.append((source, SO_TYPES[c], start, end, score, attributes))
+    return features
 
 
 class Gff3Writer:
@@ -226,9 +293,10 @@ class Gff3Writer:
             return
         seqid = gff3_seqid(record["id"])
         lines = [f"##sequence-region {seqid} 1 {record['length']}"]
-        for kind, start, end, score, attributes in features:
+        for source, kind, start, end, score, attributes in features:
             column9 = ";".join(f"{gff3_value(k)}={gff3_value(v)}" for k, v in attributes.items())
-            lines.append("\t".join([seqid, GFF3_SOURCE, kind, str(start), str(end), f"{score:.4f}", ".", ".", column9]))
+            score = "." if score is None else f"{score:.4f}"
+            lines.append("\t".join([seqid, source, kind, str(start), str(end), score, ".", ".", column9]))
         self.handle.write("\n".join(lines) + "\n")
 
     def finish(self) -> None:
@@ -236,25 +304,25 @@ class Gff3Writer:
 
 
 class EmbeddingWriter:
-    """--embeddings FILE.npz: ids [N] (unicode), pooled [N, d] float32 and, when the ensemble has
-    projection heads, projection [N, k] float32. Rows are appended to temporary files chunk by chunk
+    """--embeddings FILE.npz: ids [N] (unicode), pooled [N, d] float32, when the ensemble has
+    projection heads projection [N, k] float32, and with centroid prediction centroid_distances [N, 8]. Rows are appended to temporary files chunk by chunk
     and the .npz (a zip of .npy files, fixed timestamps: same input, same bytes) is assembled at the
     end, copying block by block."""
 
-    def __init__(self, staging: Staging, path, dim: int, projection_dim: int | None):
+    def __init__(self, staging: Staging, path, dim: int, projection_dim: int | None, distances: bool = False):
         self.staging, self.path = staging, Path(path)
         self.ids = staging.open(path, scratch=True)
-        self.arrays = {"pooled": (staging.open(path, binary=True, scratch=True), dim)}
-        if projection_dim is not None:
-            self.arrays["projection"] = (staging.open(path, binary=True, scratch=True), projection_dim)
+        sizes = {"pooled": dim, "projection": projection_dim, "centroid_distances": len(CLASSES) if distances else None}
+        self.arrays = {name: (staging.open(path, binary=True, scratch=True), size)
+                       for name, size in sizes.items() if size is not None}
         self.n, self.id_width = 0, 1
 
     def add(self, record: dict, result) -> None:
         self.ids.write(json.dumps(record["id"]) + "\n")
         self.id_width = max(self.id_width, len(record["id"]))
-        self.arrays["pooled"][0].write(np.ascontiguousarray(result.pooled, dtype="<f4").tobytes())
-        if "projection" in self.arrays:
-            self.arrays["projection"][0].write(np.ascontiguousarray(result.projection, dtype="<f4").tobytes())
+        values = {"pooled": result.pooled, "projection": result.projection, "centroid_distances": result.distances}
+        for name, (handle, _) in self.arrays.items():
+            handle.write(np.ascontiguousarray(values[name], dtype="<f4").tobytes())
         self.n += 1
 
     def finish(self, block: int = 4096) -> None:
@@ -316,7 +384,9 @@ class PlotWriter:
             self.left -= 1
         import plots  # matplotlib only when plotting
         tmp = self.staging.temp(self.folder / plot_name(record["id"], self.used))
-        plots.draw(tmp, record, result.motif, self.thresholds)
+        head = record if "predicted" in record else protein_record(record["id"], result.probs, result.motif,
+                                                                    self.thresholds)
+        plots.draw(tmp, head, result.motif, self.thresholds, record.get("centroid"))
 
     def finish(self) -> None:
         pass

@@ -16,8 +16,9 @@ def plain(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def draw(path, record: dict, motif: np.ndarray, thresholds) -> None:
-    """PNG of one protein: record (outputs.protein_record), motif probabilities [8, L], thresholds [8]."""
+def draw(path, record: dict, motif: np.ndarray, thresholds, centroid: dict | None = None) -> None:
+    """PNG of one protein: record (outputs.protein_record), motif probabilities [8, L], thresholds [8];
+    with centroid (outputs.centroid_fields) its predicted classes in the title."""
     length = record["length"]
     fig = Figure(figsize=(11, 8))
     FigureCanvasAgg(fig)
@@ -62,5 +63,8 @@ def draw(path, record: dict, motif: np.ndarray, thresholds) -> None:
     bars.tick_params(labelsize=7)
     bars.legend(fontsize=7, loc="lower right")
     predicted = ", ".join(record["predicted"]) or "Other"
-    fig.suptitle(plain(f"{record['id']}  ({length} residues; predicted: {predicted})"), fontsize=10)
+    title = f"{record['id']}  ({length} residues; predicted: {predicted})"
+    if centroid is not None:
+        title += f"\ncentroid prediction ({centroid['space']}, {centroid['rule']}): {', '.join(centroid['predicted']) or 'Other'}"
+    fig.suptitle(plain(title), fontsize=10)
     fig.savefig(path, format="png", dpi=90)

@@ -5,6 +5,7 @@ python predict.py --checkpoint CKPT [CKPT ...] (--fasta IN.fa | --csv LABELLED.c
                   [--plot-dir DIR [--plot-limit N | --plot-ids ID ...]] [--metrics METRICS.json]
                   [--skip-invalid [--skipped FILE]] [--chunk-size 1000] [--max-tokens 16384]
                   [--precision auto] [--device auto] [--batch-size N] [--tuned-thresholds]
+                  [--method head|centroid|both [--space auto|pooled|projection] [--centroid-rule threshold|maxsep]]
 torchrun --nproc_per_node=K predict.py ...   (K processes share the work; same files as one process)
 
 The input is read and written in chunks (stream.py); see the README's Prediction section.
@@ -47,6 +48,17 @@ def parse_args(argv=None):
                      help="plot the first N proteins (default 100; 0: none)")
     out.add_argument("--plot-ids", nargs="+", metavar="ID", help="plot exactly these proteins instead")
     out.add_argument("--metrics", help="with --csv: write the metrics of the predictions (JSON)")
+    method = p.add_argument_group("prediction method")
+    method.add_argument("--method", choices=("head", "centroid", "both"), default="head",
+                        help="head: the classifier (default); centroid: distances to the training split's class "
+                             "centres (CLEAN's inference, stored in best.pt); both: each in fields of its own")
+    method.add_argument("--space", choices=("auto", "pooled", "projection"), default="auto",
+                        help="embedding space of centroid prediction (auto: projection when every checkpoint has a "
+                             "projection head, else pooled)")
+    method.add_argument("--centroid-rule", choices=("threshold", "maxsep"), default="threshold",
+                        help="which centroid rule gives the centroid's predicted classes (TSV, GFF3, plots): "
+                             "validation-tuned distance thresholds (can say 'no signal') or CLEAN's max-separation; "
+                             "the JSON holds both")
     bad = p.add_argument_group("bad records")
     bad.add_argument("--skip-invalid", action="store_true",
                      help="skip records with invalid residues or no sequence (listed on stderr and in --skipped) "

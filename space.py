@@ -123,30 +123,28 @@ def fit(train_emb: np.ndarray, train_labels: np.ndarray, valid_emb: np.ndarray, 
     return {"centres": centres, "counts": train_labels.astype(bool).sum(0), "thresholds": thresholds}
 
 
-def predict(embeddings: np.ndarray, fitted: dict) -> dict:
-    """Centroid prediction: {'distances' [N, 8], 'maxsep' bool [N, 8], 'threshold' bool [N, 8]}."""
-    distances = centre_distances(embeddings, fitted["centres"])
-    return {"distances": distances, "maxsep": max_separation(distances),
-            "threshold": distances <= np.asarray(fitted["thresholds"])[None, :]}
-
-
 def _macro(labels, predicted) -> dict:
     m = classification_metrics(labels, predicted.astype(float))  # 0 / 1 scores at threshold 0.5
     return {"macro_f1": m["macro_f1"], "macro_mcc": m["macro_mcc"],
             "per_class_f1": {c: m["per_class"][c]["f1"] for c in CLASSES}}
 
 
+def centroid_metrics(labels: np.ndarray, distances: np.ndarray, thresholds: np.ndarray) -> dict:
+    """Centroid prediction scored against labels [N, 8] from distances [N, 8]: macro-F1 / MCC (and
+    per-class F1) of both rules, and macro AP / ROC-AUC of the scores -distance."""
+    scores = classification_metrics(labels, np.where(np.isfinite(distances), -distances, -1e30))
+    return {"maxsep": _macro(labels, max_separation(distances)),
+            "threshold": {**_macro(labels, distances <= np.asarray(thresholds)[None, :]),
+                          "thresholds": dict(zip(CLASSES, map(float, thresholds)))},
+            "macro_average_precision": scores["macro_average_precision"], "macro_roc_auc": scores["macro_roc_auc"]}
+
+
 def space_metrics(train: tuple, valid: tuple, test: tuple, k: int = KNN_K) -> dict:
     """Metrics of one embedding space on the test split; each argument is (embeddings [N, d], labels [N, 8])."""
     fitted = fit(*train, *valid)
     test_emb, test_labels = test
-    pred = predict(test_emb, fitted)
-    scores = classification_metrics(test_labels, np.where(np.isfinite(pred["distances"]), -pred["distances"], -1e30))
     silhouettes = class_silhouettes(test_emb, test_labels)
     defined = [v for v in silhouettes.values() if v is not None]
-    return {"maxsep": _macro(test_labels, pred["maxsep"]),
-            "threshold": {**_macro(test_labels, pred["threshold"]),
-                          "thresholds": dict(zip(CLASSES, map(float, fitted["thresholds"])))},
-            "macro_average_precision": scores["macro_average_precision"], "macro_roc_auc": scores["macro_roc_auc"],
+    return {**centroid_metrics(test_labels, centre_distances(test_emb, fitted["centres"]), fitted["thresholds"]),
             "knn": {"k": k, **_macro(test_labels, knn_predict(*train, test_emb, k))},
             "silhouette": silhouettes, "macro_silhouette": float(np.mean(defined)) if defined else None}

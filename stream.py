@@ -28,8 +28,17 @@ from tqdm import tqdm
 import inputs
 import outputs
 from data import CLASSES, DataError
-from inference import (PredictError, autocast_dtype, embedding_dims, ensemble_thresholds, load_ensemble,
-                       predict_chunk)
+from inference import (
+    PredictError,
+    autocast_dtype,
+    centroid_thresholds,
+    embedding_dims,
+    ensemble_thresholds,
+    load_ensemble,
+    predict_chunk,
+    use_centroids,
+)
+from space import centroid_metrics
 from train import init_distributed, score
 from utils import Config
 
@@ -93,10 +102,11 @@ class LabelledOutputs:
     """With --metrics: what train.score needs, kept for every protein (labelled inputs only)."""
 
     def __init__(self):
-        self.probs, self.motif, self.labels, self.targets, self.masks = [], [], [], [], []
+        self.probs, self.motif, self.labels, self.targets, self.masks, self.distances = [], [], [], [], [], []
 
     def add(self, protein, result) -> None:
         self.probs.append(result.probs)
+        self.distances.append(result.distances)
         self.motif.append(result.motif)
         self.labels.append(protein.labels)
         self.targets.append(protein.targets)
@@ -121,14 +131,15 @@ class Writers:
             if args.out:
                 self.writers.append(outputs.JsonWriter(self.staging, args.out))
             if args.tsv:
-                self.writers.append(outputs.TsvWriter(self.staging, args.tsv))
+                self.writers.append(outputs.TsvWriter(self.staging, args.tsv, args.method))
             if args.gff3:
                 self.writers.append(outputs.Gff3Writer(self.staging, args.gff3))
             if args.embeddings:
                 dim, projection_dim, note = embedding_dims(members)
                 if note:
                     print(f"warning: {note}", file=sys.stderr)
-                self.writers.append(outputs.EmbeddingWriter(self.staging, args.embeddings, dim, projection_dim))
+                self.writers.append(outputs.EmbeddingWriter(self.staging, args.embeddings, dim, projection_dim,
+                                                            distances=args.method != "head"))
             if args.plot_dir:
                 self.writers.append(outputs.PlotWriter(self.staging, args.plot_dir, thresholds, args.plot_ids,
                                                        args.plot_limit))
@@ -187,6 +198,10 @@ def run(args, rank: int, world: int, device) -> None:
         raise PredictError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bfloat16")
     members = load_ensemble(args.checkpoint, device, args.tuned_thresholds)
     thresholds = ensemble_thresholds(members, args.tuned_thresholds)
+    centroid = None
+    if args.method != "head":
+        space = use_centroids(members, args.space)
+        centroid = outputs.Centroid(space, centroid_thresholds(members), args.centroid_rule)
     dtype = autocast_dtype(args.precision, device)
     writers = labelled = None
     if rank == 0:
@@ -208,7 +223,7 @@ def run(args, rank: int, world: int, device) -> None:
                 continue
             progress.update(len(chunk) - counted[0])  # the other processes' share
             for protein, result in zip(chunk, results):
-                writers.add(outputs.protein_record(protein.entry, result.probs, result.motif, thresholds), result)
+                writers.add(outputs.make_record(protein.entry, result, args.method, thresholds, centroid), result)
                 if labelled is not None:
                     labelled.add(protein, result)
         if rank == 0:
@@ -216,6 +231,9 @@ def run(args, rank: int, world: int, device) -> None:
                 metrics = score(labelled.as_outputs(), thresholds if args.tuned_thresholds else None)
                 metrics.update(n_proteins=len(labelled.probs), checkpoints=[str(p) for p in args.checkpoint],
                                thresholds=dict(zip(CLASSES, map(float, thresholds))))
+                if centroid is not None:  # centroid prediction scored too (space.py)
+                    metrics["centroid"] = {"space": centroid.space, **centroid_metrics(
+                        np.stack(labelled.labels), np.stack(labelled.distances), centroid.thresholds)}
                 writers.write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
             writers.commit()
         progress.close()

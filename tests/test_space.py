@@ -152,3 +152,96 @@ def test_run_stores_centres_and_space_metrics(tiny_run, tmp_path):
     added = utils.load_checkpoint(old)["centroids"]["pooled"]
     np.testing.assert_allclose(added["centres"], centroids["pooled"]["centres"], atol=1e-6)
     np.testing.assert_allclose(added["thresholds"], centroids["pooled"]["thresholds"], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def supcon_run(tmp_path_factory):
+    """A finished tiny SupCon run (projection head; centres of both spaces in best.pt)."""
+    import train
+    from conftest import write_config
+    tmp = tmp_path_factory.mktemp("supcon_run")
+    config = write_config(tmp, **{"supcon.apply": True, "supcon.hidden_dim": 16, "supcon.out_dim": 8})
+    assert train.main(["--config", str(config)]) == 0
+    return tmp / "run"
+
+
+def predict_both(capsys, tmp_path, ckpt, fasta, *extra):
+    import predict
+    out = {k: tmp_path / f"out.{k}" for k in ("json", "tsv", "gff3", "npz")}
+    code = predict.main(["--checkpoint", str(ckpt), "--fasta", str(fasta), "--out", str(out["json"]), "--tsv",
+                         str(out["tsv"]), "--gff3", str(out["gff3"]), "--embeddings", str(out["npz"]), "--plot-dir",
+                         str(tmp_path / "plots"), "--device", "cpu", "--method", "both", *map(str, extra)])
+    return code, capsys.readouterr().err, out
+
+
+def test_predict_method_both_writes_head_and_centroid_everywhere(supcon_run, tmp_path, capsys):
+    import json
+
+    import data
+    import predict
+    import utils
+    proteins = data.build_datasets(utils.load_config(supcon_run / "config.yaml"))["test"].proteins[:12]
+    fasta = tmp_path / "in.fa"
+    fasta.write_text("".join(f">{p.entry}\n{p.sequence}\n" for p in proteins))
+    ckpt = supcon_run / "checkpoints" / "best.pt"
+    code, err, out = predict_both(capsys, tmp_path, ckpt, fasta, "--centroid-rule", "maxsep")
+    assert code == 0, err
+    centroids = utils.load_checkpoint(ckpt)["centroids"]["projection"]  # auto: the projection space
+    npz = np.load(out["npz"])
+    expected = space.centre_distances(npz["projection"], centroids["centres"])  # independent of predict's path
+    np.testing.assert_allclose(npz["centroid_distances"], expected, rtol=1e-4, atol=1e-4)
+    records = [json.loads(line.rstrip(",[]\n")) for line in out["json"].read_text().splitlines() if line.strip("[]\n")]
+    assert [r["id"] for r in records] == [p.entry for p in proteins]
+    maxsep = space.max_separation(expected)
+    for r, row, hit in zip(records, expected, maxsep):
+        assert {"probabilities", "predicted", "sites", "segments"} <= set(r)  # the heads' fields stay
+        cen = r["centroid"]
+        assert cen["space"] == "projection" and cen["rule"] == "maxsep"
+        assert cen["maxsep"] == [c for c, h in zip(space.CLASSES, hit) if h] == cen["predicted"]
+        assert cen["threshold"] == [c for c, d, t in zip(space.CLASSES, row, centroids["thresholds"]) if d <= t]
+        assert [cen["distances"][c] for c in space.CLASSES] == pytest.approx(row, abs=2e-4)
+    header = out["tsv"].read_text().splitlines()[0].split("\t")
+    assert header[:3] == ["id", "length", "predicted"] and "centroid_maxsep" in header and "distance_ER" in header
+    gff = out["gff3"].read_text()
+    assert "\tMUTarget-centroid\t" in gff and "\tMUTarget\t" in gff or not any(r["predicted"] for r in records)
+    n_centroid_features = sum(len(r["centroid"]["sites"]) + sum(len(v) for v in r["centroid"]["segments"].values())
+                              for r in records)
+    assert gff.count("\tMUTarget-centroid\t") == n_centroid_features > 0
+    assert len(list((tmp_path / "plots").glob("*.png"))) == len(records)
+    # labelled input: --metrics scores the centroid prediction as space.centroid_metrics does
+    csv = tmp_path / "labelled.csv"
+    csv.write_text("Entry,MOTIF,Sequence\n" + "".join(
+        f"{p.entry},{'|'.join(f'{s}-{e}:{lab}' for lab, s, e in p.annotations)},{p.sequence}\n" for p in proteins))
+    metrics_path = tmp_path / "metrics.json"
+    assert predict.main(["--checkpoint", str(ckpt), "--csv", str(csv), "--metrics", str(metrics_path), "--device",
+                         "cpu", "--method", "both"]) == 0
+    metrics = json.loads(metrics_path.read_text())["centroid"]
+    want = space.centroid_metrics(np.stack([p.labels for p in proteins]), expected, centroids["thresholds"])
+    assert metrics["space"] == "projection"
+    for rule in ("maxsep", "threshold"):
+        assert metrics[rule]["macro_mcc"] == pytest.approx(want[rule]["macro_mcc"], abs=1e-9)
+    # centroid only: the heads' fields are left out; the pooled space on request
+    only = tmp_path / "only.json"
+    assert predict.main(["--checkpoint", str(ckpt), "--fasta", str(fasta), "--out", str(only), "--device", "cpu",
+                         "--method", "centroid", "--space", "pooled"]) == 0
+    first = json.loads(only.read_text().splitlines()[1].rstrip(","))
+    assert set(first) == {"id", "length", "centroid"} and first["centroid"]["space"] == "pooled"
+
+
+def test_centroid_prediction_refusals(tiny_run, tmp_path, capsys):
+    import torch
+
+    import utils
+    fasta = tmp_path / "in.fa"
+    fasta.write_text(">A\nMKTAYIAKQRQISFVKSHFSRQ\n")
+    ckpt = tiny_run / "checkpoints" / "best.pt"  # a baseline run: no projection head
+    code, err, out = predict_both(capsys, tmp_path, ckpt, fasta, "--space", "projection")
+    assert code == 2 and f"{ckpt}: --space projection, but this model has no projection head" in err
+    assert not any(p.exists() for p in out.values())
+    old = tmp_path / "old.pt"
+    state = utils.load_checkpoint(ckpt)
+    del state["centroids"]
+    torch.save(state, old)
+    code, err, out = predict_both(capsys, tmp_path, old, fasta)
+    assert code == 2 and f"{old}: no class centres of the pooled space stored" in err
+    assert f"scripts/add_centroids.py {old}" in err and not any(p.exists() for p in out.values())

@@ -244,7 +244,8 @@ VALUE = re.compile(r"^(?:[^;=&,%\t\n\r\x00-\x1f\x7f]|%[0-9A-Fa-f]{2})+$")  # col
 
 def check_gff3(text: str, lengths: dict) -> list[tuple]:
     """Check a GFF3 file against the specification (gff3.md of The-Sequence-Ontology/Specifications);
-    `lengths` maps sequence ids (unescaped) to lengths. Returns (id, type, start, end, score, attributes)."""
+    `lengths` maps sequence ids (unescaped) to lengths. Returns (id, source, type, start, end, score or None
+    for '.', attributes)."""
     assert text.endswith("\n")
     lines = text[:-1].split("\n")
     assert re.fullmatch(r"##gff-version 3(\.\d+){0,2}", lines[0]), lines[0]
@@ -269,14 +270,14 @@ def check_gff3(text: str, lengths: dict) -> list[tuple]:
         assert 1 <= start <= end <= lengths[name], line
         lo, hi = regions[seqid]  # a ##sequence-region precedes the features and bounds them
         assert lo <= start and end <= hi and hi == lengths[name]
-        score = float(score)
+        score = None if score == "." else float(score)
         assert strand in {"+", "-", ".", "?"} and phase == "."  # phase: CDS features only
         pairs = {}
         for pair in attributes.split(";"):
             tag, value = pair.split("=")  # exactly one unescaped '='
             assert VALUE.match(tag) and VALUE.match(value), pair
             pairs[urllib.parse.unquote(tag)] = urllib.parse.unquote(value)
-        features.append((name, kind, start, end, score, pairs))
+        features.append((name, source, kind, start, end, score, pairs))
     return features
 
 
@@ -293,9 +294,10 @@ def test_gff3_follows_the_specification(tmp_path, ckpts, capsys):
     features = check_gff3(gff.read_text(encoding="utf-8"), lengths)
     records = records_of(out)
     assert len(features) > 20 and {f[0] for f in features} >= {"we;ird=id,a&b%c", ">starts_with_gt", "tab\there"}
-    expected = [(r["id"], kind, s, e, round(p, 4), a) for r in records for kind, s, e, p, a in outputs.gff3_features(r)]
-    assert [(n, k, s, e, round(p, 4), a) for n, k, s, e, p, a in features] == expected
-    for name, kind, start, end, score, attributes in features:
+    expected = [(r["id"], src, kind, s, e, round(p, 4), a) for r in records
+                for src, kind, s, e, p, a in outputs.gff3_features(r)]
+    assert [(n, src, k, s, e, round(p, 4), a) for n, src, k, s, e, p, a in features] == expected
+    for name, source, kind, start, end, score, attributes in features:
         record = records[[r["id"] for r in records].index(name)]
         assert attributes["class"] in record["predicted"] and score == record["probabilities"][attributes["class"]]
     assert tsv.read_text(encoding="utf-8").count("tab%09here") == 1  # TSV cells escape tabs too
@@ -307,14 +309,19 @@ def test_gff3_features_hand_worked():
               "sites": {"ER": 97, "Peroxisome": 12, "SIGNAL": 23},
               "segments": {"Nucleus": [[30, 35], [60, 60]], "Nucleus_export": []}}
     assert outputs.gff3_features(record) == [
-        ("peptide_localization_signal", 1, 12, 0.7, {"class": "Peroxisome", "signal": "PTS2"}),
-        ("signal_peptide", 1, 23, 0.9876, {"class": "SIGNAL"}),
-        ("nuclear_localization_signal", 30, 35, 0.55, {"class": "Nucleus"}),
-        ("nuclear_localization_signal", 60, 60, 0.55, {"class": "Nucleus"}),
-        ("ER_retention_signal", 97, 100, 0.61, {"class": "ER"})]
+        ("MUTarget", "peptide_localization_signal", 1, 12, 0.7, {"class": "Peroxisome", "signal": "PTS2"}),
+        ("MUTarget", "signal_peptide", 1, 23, 0.9876, {"class": "SIGNAL"}),
+        ("MUTarget", "nuclear_localization_signal", 30, 35, 0.55, {"class": "Nucleus"}),
+        ("MUTarget", "nuclear_localization_signal", 60, 60, 0.55, {"class": "Nucleus"}),
+        ("MUTarget", "ER_retention_signal", 97, 100, 0.61, {"class": "ER"})]
     record["sites"]["Peroxisome"] = 98  # C-terminal half: PTS1, from its first residue to the end
-    assert outputs.gff3_features(record)[-1] == ("peptide_localization_signal", 98, 100, 0.7,
+    assert outputs.gff3_features(record)[-1] == ("MUTarget", "peptide_localization_signal", 98, 100, 0.7,
                                                  {"class": "Peroxisome", "signal": "PTS1"})
+    # centroid prediction's features: their own source, no score, the distance in the attributes
+    record["centroid"] = {"space": "pooled", "rule": "maxsep", "distances": {"SIGNAL": 0.25}, "predicted": ["SIGNAL"],
+                          "sites": {"SIGNAL": 20}, "segments": {}}
+    assert ("MUTarget-centroid", "signal_peptide", 1, 20, None,
+            {"class": "SIGNAL", "distance": "0.2500", "rule": "maxsep", "space": "pooled"}) in outputs.gff3_features(record)
     assert outputs.gff3_seqid("sp|P1|A_B.1") == "sp|P1|A_B.1"
     assert outputs.gff3_seqid(">a b%é~") == "%3Ea%20b%25%C3%A9%7E"
     assert outputs.gff3_value("a;b=c&d,e%f\tg h") == "a%3Bb%3Dc%26d%2Ce%25f%09g h"
