@@ -168,12 +168,14 @@ def read_csv_file(path: Path) -> list[Protein]:
     return proteins
 
 
-def read_fasta(path: Path) -> list[tuple[str, str, str]]:
-    """FASTA -> [(id, description, raw sequence)]; multi-line records and blank lines allowed."""
+def iter_fasta(path: Path):
+    """FASTA records one by one as (id, description, raw sequence, header line); multi-line records
+    and blank lines allowed. Errors: missing file, header without id, sequence before the first
+    header, no record at all."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    records, header, chunks = [], None, []
+    header, chunks, header_line = None, [], 0
     with open(path, encoding="utf-8", errors="replace") as handle:
         for lineno, line in enumerate(handle, start=1):
             line = line.strip()
@@ -181,19 +183,23 @@ def read_fasta(path: Path) -> list[tuple[str, str, str]]:
                 continue
             if line.startswith(">"):
                 if header is not None:
-                    records.append((*header, "".join(chunks)))
+                    yield (*header, "".join(chunks), header_line)
                 parts = line[1:].split(None, 1)
                 if not parts:
                     raise DataError(f"{path}: line {lineno}: header without an identifier")
-                header, chunks = (parts[0], parts[1] if len(parts) > 1 else ""), []
+                header, chunks, header_line = (parts[0], parts[1] if len(parts) > 1 else ""), [], lineno
             elif header is None:
                 raise DataError(f"{path}: line {lineno}: sequence data before the first '>' header")
             else:
                 chunks.append(line)
-    if header is not None:
-        records.append((*header, "".join(chunks)))
-    if not records:
+    if header is None:
         raise DataError(f"{path}: no FASTA records found")
+    yield (*header, "".join(chunks), header_line)
+
+
+def read_fasta(path: Path) -> list[tuple[str, str, str]]:
+    """FASTA -> [(id, description, raw sequence)] (see iter_fasta); duplicate ids are an error."""
+    records = [record[:3] for record in iter_fasta(path)]
     ids = [r[0] for r in records]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:

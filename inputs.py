@@ -62,33 +62,9 @@ class Scan:
 
 
 def fasta_records(path: Path) -> Iterator[Record]:
-    """FASTA records one by one (multi-line records and blank lines allowed), with the errors of
-    data.read_fasta: missing file, header without id, sequence before the first header, no records."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    header, chunks, n = None, [], 0
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            if line.startswith(">"):
-                if header is not None:
-                    n += 1
-                    yield Record(header[0], "", "".join(chunks), header[1], f"{path}: record {header[0]!r}")
-                parts = line[1:].split(None, 1)
-                if not parts:
-                    raise DataError(f"{path}: line {lineno}: header without an identifier")
-                header, chunks = (parts[0], lineno), []
-            elif header is None:
-                raise DataError(f"{path}: line {lineno}: sequence data before the first '>' header")
-            else:
-                chunks.append(line)
-    if header is not None:
-        n += 1
-        yield Record(header[0], "", "".join(chunks), header[1], f"{path}: record {header[0]!r}")
-    if n == 0:
-        raise DataError(f"{path}: no FASTA records found")
+    """FASTA records one by one, with the errors of data.iter_fasta."""
+    for ident, _, raw, line in data.iter_fasta(path):
+        yield Record(ident, "", raw, line, f"{path}: record {ident!r}")
 
 
 def csv_records(path: Path, rows_per_read: int = 10000) -> Iterator[Record]:
