@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 
 from data import CLASS_INDEX, CLASSES, SEGMENT_CLASSES, SITE_CLASSES
 from space import max_separation
+from utils import new_temp_file
 
 # GFF3 feature type per class: Sequence Ontology terms (so.obo): signal_peptide SO:0000418,
 # transit_peptide SO:0000725, ER_retention_signal SO:0001806, nuclear_localization_signal SO:0001528,
@@ -93,13 +93,6 @@ def make_record(entry: str, result, method: str, thresholds, centroid: Centroid 
 
 
 # --------------------------------------------------------------------------- staging
-def new_file_mode() -> int:
-    """The mode open() gives a new file under the current umask (mkstemp's files are 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 class Staging:
     """Temporary files beside their targets; commit() renames them into place, abort() removes them."""
 
@@ -123,8 +116,7 @@ class Staging:
         if target.is_dir():
             raise IsADirectoryError(f"{target}: is a folder, not a file name")
         self._folder(target.parent)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
+        tmp = new_temp_file(target.parent, target.name)  # the umask's mode, ready for the rename
         if scratch:
             self.scratch.append(Path(tmp))
         else:
@@ -140,10 +132,9 @@ class Staging:
     def commit(self) -> None:
         for handle in self.handles:
             handle.close()
-        mode, done = new_file_mode(), []
+        done = []
         try:
             for tmp, target in self.pending:
-                os.chmod(tmp, mode)
                 os.replace(tmp, target)
                 done.append(target)
         except OSError:

@@ -320,7 +320,7 @@ def warn_thread_oversubscription(log: logging.Logger) -> None:
         log.warning(warning)
 
 
-def _new_temp_file(folder: Path, name: str) -> str:
+def new_temp_file(folder: Path, name: str) -> str:
     """Create an empty, unique temporary file in `folder` with the mode the umask gives a new
     file (0666 & ~umask: what open() would give), unlike mkstemp's 0600; returns its path."""
     while True:
@@ -337,7 +337,7 @@ def write_atomic(path, write) -> None:
     half-written); the file gets the umask's ordinary mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_temp_file(path.parent, path.name)
+    tmp = new_temp_file(path.parent, path.name)
     try:
         write(tmp)
         os.replace(tmp, path)
