@@ -72,7 +72,11 @@ def tables(summaries: dict[str, dict]) -> str:
 
 
 def space_tables(summaries: dict[str, dict]) -> str:
-    """The embedding-space tables (space.py's figures on the test split) of {name: cv_summary}."""
+    """The embedding-space tables (space.py's figures on the test split) of {name: cv_summary}; summaries
+    written before the space figures existed are left out."""
+    summaries = {n: s for n, s in summaries.items() if s["mean"].get("pooled_macro_silhouette") is not None}
+    if not summaries:
+        return "No summary holds embedding-space figures.\n"
     names = list(summaries)
     out = ["Mean ± std over the same runs. *head*: the classifier's macro-MCC with validation-tuned thresholds "
            "and its macro AP (the tables above); *max-sep* / *threshold*: macro-MCC of centroid prediction "
@@ -82,7 +86,7 @@ def space_tables(summaries: dict[str, dict]) -> str:
            "classes of the one-vs-rest silhouette of the class's test proteins.", ""]
     for space, what in (("pooled", "Pooled embeddings (what the heads read)"),
                         ("projection", "Projection-head outputs (what the contrastive loss shapes)")):
-        rows = [n for n in names if summaries[n]["mean"].get(f"{space}_macro_silhouette") is not None]
+        rows = [n for n in names if summaries[n]["mean"][f"{space}_macro_silhouette"] is not None]
         if not rows:
             continue
         keys = [f"{space}_{k}" for k in ("maxsep_macro_mcc", "threshold_macro_mcc", "centroid_macro_ap",

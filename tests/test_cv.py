@@ -97,6 +97,8 @@ def test_space_summary_and_table_hand_worked():
     assert "Projection-head outputs" not in text
     assert "| base | 0.100 / 0.100 / 0.500 | 0.200 / 0.200 / 0.500 | 0.300 / 0.300 / 0.500 |" in text
     assert "| Thylakoid | 0.200 ± 0.100 |" in text
+    old = {**a, "mean": {k: v for k, v in a["mean"].items() if not k.startswith(("pooled", "projection"))}}
+    assert results_table.space_tables({"base": a, "old": old}) == text  # a summary without space figures: left out
 
 
 def test_results_table_hand_worked(tmp_path):
@@ -130,6 +132,8 @@ def test_results_md_tables_match_committed_summaries():
     summaries = {n: json.loads((ROOT / "docs" / "results" / f"cv_cpu_{n}.json").read_text()) for n in names}
     assert all(len(s["runs"]) >= 3 for s in summaries.values())
     assert block == results_table.tables(summaries)
+    space_block = doc.split(results_table.SPACE_BEGIN + "\n", 1)[1].split(results_table.SPACE_END, 1)[0]
+    assert space_block == results_table.space_tables(summaries)
     # every image RESULTS.md shows is committed
     for image in re.findall(r"\]\((img/[^)]+\.png)\)", doc):
         assert (ROOT / "docs" / image).is_file(), image
