@@ -51,3 +51,14 @@ def epoch_speed(counts: dict, seconds: float, arch: dict, first_trainable: int, 
         flops = backbone_flops(arch, first_trainable, tune in ("last_k", "full"), counts["tokens"], counts["attention"])
         speed["mfu"] = flops / seconds / (peak * world)
     return speed
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM on Linux, which starts afresh at exec
+    (ru_maxrss would carry over the peak of the process that forked it); ru_maxrss elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

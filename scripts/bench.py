@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import loss  # noqa: E402
 import train  # noqa: E402
 from cache import FrozenCache  # noqa: E402
 from model import Encoder  # noqa: E402
+from throughput import peak_rss_mb  # noqa: E402
 from utils import resolve_config  # noqa: E402
 
 
@@ -105,7 +105,7 @@ def run_mode(mode: str, data_root, seconds: float, device: str) -> dict:
     counts = model.token_counts
     return {"anchors_per_s": anchors / (data_time + step_time), "tokens_per_anchor": counts["tokens"] / anchors,
             "padding_fraction": counts["padding"] / counts["tokens"], "data_time_fraction": data_time / (data_time + step_time),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "steps": steps, "anchors": anchors}
+            "peak_rss_mb": peak_rss_mb(), "steps": steps, "anchors": anchors}
 
 
 def run_cache(data_root, n_proteins: int, device: str) -> dict:

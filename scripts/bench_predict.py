@@ -12,7 +12,7 @@ Modes, each size and mode in its own process (so that peak RSS is its own), outp
   one_shot: the former predict.py: every protein read, run_inference (batches of 16) per checkpoint
             over the whole input, every output text built in memory, then written (its memory grows
             by about 0.23 MB per protein: some 23 GB at 100k; --modes stream leaves it out).
-Time: from reading the input to the files written (imports excluded). Peak RSS: ru_maxrss.
+Time: from reading the input to the files written (imports excluded). Peak RSS: VmHWM (throughput.peak_rss_mb).
 On a CPU shared with other jobs, --threads 1 avoids measuring thread start-up waits: with 2 threads
 on 2 busy cores every operation of the small demo model waited ~8 ms for the second thread.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import outputs  # noqa: E402
 import predict  # noqa: E402
 from data import CLASSES, SITE_CLASSES  # noqa: E402
 from model import Encoder, backbone_arch  # noqa: E402
+from throughput import peak_rss_mb  # noqa: E402
 from train import run_inference  # noqa: E402
 from utils import load_config, write_text_atomic  # noqa: E402
 
@@ -115,7 +115,17 @@ def child(mode: str, checkpoint: str, fasta: str, out_dir: str, device: str) -> 
     seconds = time.perf_counter() - t0
     n = sum(1 for line in open(fasta) if line.startswith(">"))
     return {"mode": mode, "n": n, "seconds": seconds, "proteins_per_s": n / seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def projected_rss(runs: list, n: int) -> str:
+    """The one-shot path's peak RSS at n proteins, extrapolated linearly from its two largest measured sizes."""
+    measured = sorted((r["n"], r["peak_rss_mb"]) for r in runs if r["mode"] == "one_shot" and "peak_rss_mb" in r)
+    if len(measured) < 2:
+        return f"above --one-shot-limit ({n} proteins)"
+    (n0, m0), (n1, m1) = measured[-2:]
+    per = (m1 - m0) / (n1 - n0)
+    return f"projected peak RSS {m1 + per * (n - n1):.0f} MB ({per:.3f} MB per protein from {n0} and {n1} proteins)"
 
 
 def main(argv=None) -> int:
@@ -127,6 +137,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch threads in each measured process (default: torch's own)")
+    p.add_argument("--one-shot-limit", type=int, default=20000, metavar="N",
+                   help="run the one-shot path only up to N proteins: above, its memory (about 0.23 MB per protein) "
+                        "would outgrow the machine; the projection from the measured sizes is reported instead")
     p.add_argument("--child", nargs=4, metavar=("MODE", "CKPT", "FASTA", "OUT_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
@@ -150,6 +163,10 @@ def main(argv=None) -> int:
             fasta = work / f"proteome_{n}.fa"
             write_proteome(fasta, n, lengths)
             for mode in args.modes:
+                if mode == "one_shot" and n > args.one_shot_limit:
+                    print(f"{n:9d} {mode:>9}   not run: {projected_rss(results['runs'], n)}", flush=True)
+                    results["runs"].append({"mode": mode, "n": n, "not_run": projected_rss(results["runs"], n)})
+                    continue
                 threads = ["--threads", str(args.threads)] if args.threads else []
                 done = subprocess.run([sys.executable, __file__, "--device", args.device, *threads, "--child", mode,
                                        str(checkpoint), str(fasta), str(work)], capture_output=True, text=True)

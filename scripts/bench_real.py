@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ import loss  # noqa: E402
 import train  # noqa: E402
 import weights  # noqa: E402
 from model import Encoder  # noqa: E402
+from throughput import peak_rss_mb  # noqa: E402
 from utils import resolve_config  # noqa: E402
 
 ARCHS = {"esm2_t6_8M_UR50D": (6, 320, 20), "esm2_t12_35M_UR50D": (12, 480, 20), "esm2_t30_150M_UR50D": (30, 640, 20),
@@ -45,9 +45,8 @@ MODES = {"last_k": {"tune": "last_k", "trainable_layers": 2},
 
 
 def peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak GPU memory allocated (CUDA), else this process's peak RSS."""
+    return torch.cuda.max_memory_allocated() / 2 ** 20 if device.startswith("cuda") else peak_rss_mb()
 
 
 def write_weights(arch_name: str, folder: Path) -> dict:

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cv import fmt, residue_key  # noqa: E402
+
 from data import CLASSES  # noqa: E402
 from space import KNN_K  # noqa: E402
 from utils import write_text_atomic  # noqa: E402
