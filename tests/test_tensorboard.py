@@ -2,6 +2,7 @@
 import json
 import math
 import sys
+import time
 
 import pytest
 from conftest import write_config
@@ -42,9 +43,14 @@ def test_scalars_read_back_and_resume_continues_the_curves(tmp_path):
     n = batches_per_epoch(config)
     # leftovers of a session killed in the middle of epoch 1, after last.pt of epoch 0
     from torch.utils.tensorboard import SummaryWriter
+    # TensorBoard reads a folder's event files in name order: <whole seconds>.<host>.<pid>.<counter>. In one
+    # process within one second the counter decides, compared as text ("10" < "9"): real sessions are
+    # seconds apart, so the test waits a second between its sessions too.
+    time.sleep(1.1)
     with SummaryWriter(str(run / "tensorboard" / "step")) as stale:
         for step in range(n, n + 2):
             stale.add_scalar("step/loss", 999.0, step)
+    time.sleep(1.1)
     assert train.main(["--resume", str(run / "checkpoints" / "last.pt")]) == 0
 
     records = read_metrics(run)
