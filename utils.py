@@ -38,7 +38,7 @@ DEFAULTS = {
         "adapter": {"dim": 64},
         "activation_checkpointing": False,
         "chunk_tokens": 16384,
-        "chunk_max_padding": 0.1,
+        "chunk_max_padding": "auto",
         "fused_attention": True,
         "cache_frozen": False,
         "cache_dtype": "float16",
@@ -105,6 +105,7 @@ CHOICES = {
     "train.amp": ("auto", "bf16", "fp16", "none"),
     "train.class_weighting": ("inverse_count", "none"),
 }
+FLOAT_OR_AUTO = {"encoder.chunk_max_padding"}  # a number, or "auto" (chosen by the device at run time)
 POSITIVE = {"data.max_len", "train.epochs", "train.batch_size", "train.eval_batch_size", "train.accumulate",
             "supcon.n_pos", "supcon.n_neg", "supcon.hidden_dim", "supcon.out_dim", "supcon.n_clusters",
             "train.augment.max_copies", "train.augment.views"}
@@ -158,9 +159,11 @@ def _unknown_key(key: str, where: str) -> ConfigError:
 
 def _check_value(key: str, value, default, where: str):
     """Validate one leaf value against its default's type; returns the (coerced) value."""
-    expected = NULLABLE.get(key, type(default))
+    expected = NULLABLE.get(key, float if key in FLOAT_OR_AUTO else type(default))
     if value is None and (key in NULLABLE):
         return None
+    if key in FLOAT_OR_AUTO and value == "auto":
+        return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))

@@ -42,6 +42,26 @@ def test_backbone_forward_equals_fair_esm(fused):
     assert torch.allclose(ours[real], theirs[real], atol=1e-5)
 
 
+def test_fused_attention_never_takes_cudnn(monkeypatch):
+    """cuDNN's attention builds a plan per new sequence length (150-350 ms each on an H100, measured
+    with bf16): the backbone's attention must run with that backend switched off, while leaving the
+    process-wide setting as it found it."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    m = model.Encoder(make_config()).eval()
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with torch.no_grad():
+        m.backbone_forward(batch_of([5, 18, 11], max_len=30)["tokens"])
+    assert seen == [False, False]  # both layers
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
 def test_stitching_long_protein_equals_average_of_window_outputs():
     torch.manual_seed(0)
     m = model.Encoder(make_config()).eval()
@@ -173,6 +193,25 @@ def test_chunked_backbone_equals_single_call():
     assert ga.keys() == gb.keys()
     for name in ga:
         assert torch.allclose(ga[name], gb[name], atol=1e-5), name
+
+
+def test_chunk_max_padding_auto_is_the_cpu_value_on_the_cpu(monkeypatch):
+    """encoder.chunk_max_padding: auto chunks as 0.1 on the CPU; a looser bound gives fewer chunks;
+    the key takes a number or auto, nothing else."""
+    batch = batch_of([20, 150, 33, 90, 61, 7, 44, 120], max_len=64, overlap=16)
+    calls = {}
+    for value in ("auto", 0.1, 0.5):
+        m = model.Encoder(make_config(chunk_tokens=4096, chunk_max_padding=value)).eval()
+        count = []
+        real = m._backbone
+        monkeypatch.setattr(m, "_backbone", lambda tokens, keys=None, real=real: count.append(1) or real(tokens, keys))
+        with torch.no_grad():
+            m.embed(batch)
+        calls[value] = len(count)
+    assert calls["auto"] == calls[0.1] > calls[0.5] >= 1
+    assert make_config(chunk_max_padding=1).encoder.chunk_max_padding == 1.0
+    with pytest.raises(ConfigError, match="chunk_max_padding"):
+        make_config(chunk_max_padding="fast")
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 2e-2)])
