@@ -76,8 +76,8 @@ def run_mode(mode: str, data_root, seconds: float, device: str) -> dict:
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=data.LengthBucketSampler(train_set.lengths, 8, 0),
                                              collate_fn=collate)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    criteria = (loss.ClassLoss(loss.class_weights(train_set.class_counts())),
-                loss.MotifLoss(loss.motif_pos_weights(*train_set.residue_counts())))
+    criteria = (loss.ClassLoss(loss.class_weights(train_set.class_counts())).to(device),
+                loss.MotifLoss(loss.motif_pos_weights(*train_set.residue_counts())).to(device))
     model.train()
     anchors = steps = 0
     data_time = step_time = 0.0
@@ -94,6 +94,8 @@ def run_mode(mode: str, data_root, seconds: float, device: str) -> dict:
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         t2 = time.perf_counter()
         if step == 0:  # warm-up step: not counted
             model.token_counts.update(tokens=0, padding=0)
@@ -124,7 +126,7 @@ def run_cache(data_root, n_proteins: int, device: str) -> dict:
         loader = torch.utils.data.DataLoader(subset, batch_sampler=data.LengthBucketSampler(subset.lengths, 8, 0),
                                              collate_fn=data.Collate())
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        criterion = loss.ClassLoss(loss.class_weights(subset.class_counts()))
+        criterion = loss.ClassLoss(loss.class_weights(subset.class_counts())).to(device)
         model.train()
         epochs = []
         for epoch in range(2 if cached else 1):
