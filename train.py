@@ -467,7 +467,7 @@ def end_epoch(model, valid_set, config, device, epoch: int, phase: str, stats: d
         (ckpt_dir / ".best.pt.tmp").replace(ckpt_dir / "best.pt")
     losses = ", ".join(f"{k[6:]} {v:.4f}" for k, v in stats.items() if k.endswith("_loss") and k != "train_loss")
     speed = f"{stats['anchors_per_s']:.1f} anchors/s, {stats['tokens_per_s']:.0f} tokens/s" + (
-        f", MFU {stats['mfu']:.1%}" if "mfu" in stats else "")
+        f", MFU {stats['mfu']:.2%}" if "mfu" in stats else "")
     log.info("epoch %d (%s): loss %.4f (%s) val macro-F1 %.4f macro-MCC %.4f%s (%.1fs; %s)", epoch, phase,
              stats["train_loss"], losses, val["macro_f1"], val["macro_mcc"], " *" if improved else "", record["time_s"],
              speed)
