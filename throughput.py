@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
+# Names as torch.cuda.get_device_name gives them: the SXM H100 calls itself "NVIDIA H100 80GB HBM3".
+PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
                "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0, "RTX 4090": 165.0}
 
 

@@ -136,3 +136,13 @@ def test_flops_estimate_hand_worked():
     assert throughput.backbone_flops(arch, 1, False, 10, 100) == 1760 * (3 + 2)  # LoRA: gradients pass through
     assert throughput.backbone_flops(arch, 3, True, 10, 100) == 1760 * 3  # frozen: forward only
     assert throughput.peak_flops(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("name,tflops", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                         ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                         ("Tesla T4", None)])
+def test_peak_flops_by_device_name(monkeypatch, name, tflops):
+    """The SXM H100 names itself "NVIDIA H100 80GB HBM3" (read on a lent machine): its peak, not the PCIe card's."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    expected = None if tflops is None else tflops * 1e12
+    assert throughput.peak_flops(torch.device("cuda")) == expected
