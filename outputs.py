@@ -77,7 +77,8 @@ def centroid_fields(distances: np.ndarray, motif: np.ndarray, centroid: Centroid
     by_rule = {"maxsep": max_separation(distances[None])[0], "threshold": distances <= centroid.thresholds}
     chosen = {rule: [c for i, c in enumerate(CLASSES) if hit[i]] for rule, hit in by_rule.items()}
     return {"space": centroid.space, "rule": centroid.rule,
-            "distances": {c: round(float(distances[i]), 4) for i, c in enumerate(CLASSES)},
+            "distances": {c: round(float(distances[i]), 4) if np.isfinite(distances[i]) else None  # null: no centre
+                          for i, c in enumerate(CLASSES)},
             "maxsep": chosen["maxsep"], "threshold": chosen["threshold"], "predicted": chosen[centroid.rule],
             **locate(chosen[centroid.rule], motif)}
 
@@ -215,7 +216,7 @@ class TsvWriter:
         if self.method != "head":
             cen = record["centroid"]
             cells += ([",".join(cen[k]) for k in ("predicted", "maxsep", "threshold")]
-                      + [f"{cen['distances'][c]:.4f}" for c in CLASSES]
+                      + ["" if cen["distances"][c] is None else f"{cen['distances'][c]:.4f}" for c in CLASSES]
                       + [str(cen["sites"].get(c, "")) for c in SITE_CLASSES]
                       + [format_runs(cen["segments"].get(c, [])) for c in SEGMENT_CLASSES])
         self.handle.write("\t".join(cells) + "\n")

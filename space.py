@@ -45,17 +45,21 @@ def centre_distances(embeddings: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 
 def max_separation(distances: np.ndarray) -> np.ndarray:
-    """CLEAN's max-separation rule, per protein: sort the class distances; the gaps between
-    consecutive sorted distances; cut at the first gap larger than the mean gap and predict the
-    classes before the cut; a cut at rank 6 or later, or no gap above the mean, predicts the nearest
-    class only. distances [N, C] -> predicted bool [N, C]."""
+    """CLEAN's max-separation rule, per protein, over its finite class distances sorted ascending,
+    d_1 <= ... <= d_n: gamma = (d_2, ..., d_n, and d_n ten times more); separations s_i = |d_i -
+    mean(gamma)|; gaps g_i = |s_i - s_(i+1)|; the cut falls at the first gap larger than the mean gap,
+    and the classes before it are predicted. A cut at rank 6 or later (0-based index >= 5), or no gap
+    above the mean, predicts the nearest class only. distances [N, C] -> predicted bool [N, C]."""
     predicted = np.zeros(distances.shape, dtype=bool)
     for i, row in enumerate(distances):
         order = np.argsort(row, kind="stable")
         finite = order[np.isfinite(row[order])]
         keep = 1
         if len(finite) > 1:
-            gaps = np.diff(row[finite])
+            d = row[finite].astype(np.float64)
+            gamma = np.concatenate([d[1:], np.repeat(d[-1], 10)])
+            separation = np.abs(d - gamma.mean())
+            gaps = np.abs(np.diff(separation))
             large = np.flatnonzero(gaps > gaps.mean())
             if len(large) and large[0] < MAXSEP_NEAREST_ONLY:
                 keep = large[0] + 1
@@ -89,19 +93,27 @@ def tune_distance_thresholds(labels: np.ndarray, distances: np.ndarray) -> np.nd
     return np.array([-best_threshold(labels[:, c], -distances[:, c]) for c in range(labels.shape[1])])
 
 
-def knn_predict(train_emb: np.ndarray, train_labels: np.ndarray, query: np.ndarray, k: int = KNN_K) -> np.ndarray:
-    """Majority vote per class of the k nearest training proteins (Euclidean): [M, 8] bool."""
-    d = ((query[:, None, :].astype(np.float64) - train_emb[None].astype(np.float64)) ** 2).sum(-1)
-    nearest = np.argsort(d, axis=1, kind="stable")[:, :k]
-    return train_labels.astype(bool)[nearest].sum(1) * 2 > k
+def squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances [N, M] between a [N, d] and b [M, d] (float64, |a|^2 + |b|^2 - 2 a.b,
+    clipped at 0): memory N x M, not N x M x d."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return np.maximum((a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None, :] - 2 * a @ b.T, 0)
+
+
+def knn_predict(train_emb: np.ndarray, train_labels: np.ndarray, query: np.ndarray, k: int = KNN_K,
+                block: int = 1024) -> np.ndarray:
+    """Majority vote per class of the k nearest training proteins (Euclidean): [M, 8] bool. The
+    queries go in blocks of `block` rows, so memory stays block x len(train_emb)."""
+    labels = train_labels.astype(bool)
+    votes = [labels[np.argsort(squared_distances(query[a:a + block], train_emb), axis=1, kind="stable")[:, :k]].sum(1)
+             for a in range(0, len(query), block)]
+    return np.concatenate(votes) * 2 > k if votes else np.zeros((0, labels.shape[1]), dtype=bool)
 
 
 def class_silhouettes(embeddings: np.ndarray, labels: np.ndarray) -> dict:
     """Per class: the mean silhouette of its proteins in the one-vs-rest split (see the module
     docstring); None for a class with fewer than 2 members or no non-member."""
-    x = embeddings.astype(np.float64)
-    sq = (x ** 2).sum(1)
-    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0))
+    dist = np.sqrt(squared_distances(embeddings, embeddings))
     out = {}
     for c, name in enumerate(CLASSES):
         member = labels[:, c].astype(bool)
@@ -120,7 +132,13 @@ def fit(train_emb: np.ndarray, train_labels: np.ndarray, valid_emb: np.ndarray, 
     'counts' [8], 'thresholds' [8]} (what a checkpoint stores for centroid prediction)."""
     centres = class_centres(train_emb, train_labels)
     thresholds = tune_distance_thresholds(valid_labels, centre_distances(valid_emb, centres))
+    thresholds[~np.isfinite(centres).all(1)] = -np.inf  # a class without training proteins: never predicted
     return {"centres": centres, "counts": train_labels.astype(bool).sum(0), "thresholds": thresholds}
+
+
+def finite_or_none(value) -> float | None:
+    """A float for JSON; None (null) for +-inf or NaN, which strict JSON cannot hold."""
+    return float(value) if np.isfinite(value) else None
 
 
 def _macro(labels, predicted) -> dict:
@@ -135,7 +153,7 @@ def centroid_metrics(labels: np.ndarray, distances: np.ndarray, thresholds: np.n
     scores = classification_metrics(labels, np.where(np.isfinite(distances), -distances, -1e30))
     return {"maxsep": _macro(labels, max_separation(distances)),
             "threshold": {**_macro(labels, distances <= np.asarray(thresholds)[None, :]),
-                          "thresholds": dict(zip(CLASSES, map(float, thresholds)))},
+                          "thresholds": dict(zip(CLASSES, map(finite_or_none, thresholds)))},
             "macro_average_precision": scores["macro_average_precision"], "macro_roc_auc": scores["macro_roc_auc"]}
 
 

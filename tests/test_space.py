@@ -1,5 +1,6 @@
 """Embedding-space inference (class centres, max-separation, distance thresholds) and space metrics."""
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -25,17 +26,27 @@ def test_centres_are_class_means_with_multilabel_proteins():
     assert np.isinf(d[0, 1])
 
 
+# CLEAN's rule, worked by hand: gamma = d[1:] + 10 x d[-1]; s = |d - mean(gamma)|; gaps |s_i - s_(i+1)|;
+# cut at the first gap above the mean gap; a cut at 0-based index >= 5 -> the nearest only.
 @pytest.mark.parametrize("distances,expected", [
-    # one clear gap after the 2nd nearest: gaps .1 1.9 .1 .1 .1 .1 .1, mean .357 -> cut after rank 2
+    # one clear gap after the 2nd nearest: mean(gamma) 55.6 / 17 = 3.2706, gaps .1 1.9 .1 .1 .0412 .1 .1
+    # (mean .3487) -> the first large gap is index 1: two classes
     ([1.0, 1.1, 3.0, 3.1, 3.2, 3.3, 3.4, 3.5], [0, 1]),
-    # no gap: all distances evenly spaced (every gap equals the mean) -> the nearest only
+    # no gap: evenly spaced; mean(gamma) 115 / 17 = 6.7647, gaps 1 1 1 1 1 .5294 1 (mean .9328): the
+    # first gap is already above the mean -> the nearest only
     ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], [0]),
-    # the first large gap comes after rank 6 (gaps .1 x5, then 5, then .1) -> the nearest only
+    # identical distances: every gap 0, none above the mean -> the nearest only
+    ([2.0] * 8, [0]),
+    # the first large gap at index 5 (gaps .1 x5, 2.0706, .1; mean .3815) -> the nearest only
     ([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 6.5, 6.6], [0]),
-    # the first large gap after rank 5 -> 5 classes (the largest cut allowed); order scrambled
+    # the first large gap at index 4 -> 5 classes (the largest cut allowed); order scrambled
     ([1.4, 1.1, 9.0, 1.0, 9.1, 1.2, 9.2, 1.3], [3, 1, 5, 7, 0]),
-    # the first gap above the mean wins, not the largest (gaps .9 .1 2 .1 .1 .1 .1, mean .486)
+    # the first gap above the mean wins, not the largest (gaps .9 .1 2.0 .0058 .1 .1 .1, mean .4723)
     ([1.0, 1.9, 2.0, 4.0, 4.1, 4.2, 4.3, 4.4], [0]),
+    # gaps of the separations, not of the raw distances: mean(gamma) 162.04 / 17 = 9.5318; gaps .66 .1
+    # .01 .47 1.24 2.95 1.4164 (mean .978) -> index 4, 5 classes (raw gaps .66 .1 .01 .47 1.24 2.95 3.68,
+    # mean 1.303, would cut at index 5: the nearest only)
+    ([2.97, 3.63, 3.73, 3.74, 4.21, 5.45, 8.4, 12.08], [0, 1, 2, 3, 4]),
 ])
 def test_max_separation_hand_worked(distances, expected):
     predicted = space.max_separation(np.array([distances]))
@@ -45,6 +56,24 @@ def test_max_separation_hand_worked(distances, expected):
 def test_max_separation_ignores_missing_centres():
     d = np.array([[1.0, np.inf, 1.1, 5.0, np.inf, 5.1, 5.2, 5.3]])
     assert np.flatnonzero(space.max_separation(d)[0]).tolist() == [0, 2]
+
+
+def test_class_without_training_proteins_is_never_predicted():
+    """Its centre is undefined (NaN), every distance to it infinite: no rule may predict it, even when
+    validation has positives of it, and its threshold is null in JSON."""
+    rng = np.random.default_rng(3)
+    train_emb, valid_emb = rng.normal(size=(40, 4)), rng.normal(size=(20, 4))
+    train_labels = (rng.random((40, 8)) < 0.4).astype(np.uint8)
+    train_labels[:, 6] = 0  # class 6 absent from training
+    valid_labels = (rng.random((20, 8)) < 0.4).astype(np.uint8)
+    valid_labels[:3, 6] = 1
+    fitted = space.fit(train_emb, train_labels, valid_emb, valid_labels)
+    distances = space.centre_distances(valid_emb, fitted["centres"])
+    assert np.isinf(distances[:, 6]).all() and fitted["thresholds"][6] == -np.inf
+    assert not (distances <= fitted["thresholds"])[:, 6].any() and not space.max_separation(distances)[:, 6].any()
+    metrics = space.centroid_metrics(valid_labels, distances, fitted["thresholds"])
+    assert metrics["threshold"]["thresholds"][space.CLASSES[6]] is None
+    json.dumps(metrics, allow_nan=False)  # strict JSON
 
 
 def test_threshold_tuning_hits_the_mcc_optimum():
@@ -68,6 +97,14 @@ def test_knn_matches_scikit_learn():
     labels = (rng.random((80, 8)) < 0.25).astype(np.uint8)
     expected = KNeighborsClassifier(n_neighbors=5).fit(train_emb, labels).predict(query).astype(bool)
     np.testing.assert_array_equal(space.knn_predict(train_emb, labels, query, 5), expected)
+
+
+def test_knn_blocks_give_the_same_votes():
+    rng = np.random.default_rng(4)
+    train_emb, query = rng.normal(size=(50, 3)), rng.normal(size=(23, 3))
+    labels = (rng.random((50, 8)) < 0.3).astype(np.uint8)
+    np.testing.assert_array_equal(space.knn_predict(train_emb, labels, query, 5, block=4),
+                                  space.knn_predict(train_emb, labels, query, 5))
 
 
 def test_silhouettes_match_scikit_learn():
@@ -245,3 +282,14 @@ def test_centroid_prediction_refusals(tiny_run, tmp_path, capsys):
     code, err, out = predict_both(capsys, tmp_path, old, fasta)
     assert code == 2 and f"{old}: no class centres of the pooled space stored" in err
     assert f"scripts/add_centroids.py {old}" in err and not any(p.exists() for p in out.values())
+
+
+def test_missing_centre_is_null_in_json():
+    """A distance to a missing centre (inf) cannot go into strict JSON: null there (an empty TSV cell)."""
+    import outputs
+    distances = np.array([0.5, np.inf, 2.0, 2.1, 2.2, 2.3, 2.4, 2.5])
+    centroid = outputs.Centroid("pooled", np.full(8, 1.0), "threshold")
+    fields = outputs.centroid_fields(distances, np.zeros((8, 30)), centroid)
+    assert fields["distances"][space.CLASSES[1]] is None and fields["distances"][space.CLASSES[0]] == 0.5
+    assert fields["predicted"] == [space.CLASSES[0]]
+    json.dumps(fields, allow_nan=False)
