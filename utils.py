@@ -323,16 +323,27 @@ def warn_thread_oversubscription(log: logging.Logger) -> None:
         log.warning(warning)
 
 
-def new_temp_file(folder: Path, name: str) -> str:
-    """Create an empty, unique temporary file in `folder` with the mode the umask gives a new
-    file (0666 & ~umask: what open() would give), unlike mkstemp's 0600; returns its path."""
+def _new_temp(folder: Path, name: str, create) -> str:
+    """create(path) on a unique `.name.<random>.tmp` path in folder (retried if it exists)."""
     while True:
         tmp = str(folder / f".{name}.{secrets.token_hex(6)}.tmp")
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            create(tmp)
             return tmp
         except FileExistsError:
             continue
+
+
+def new_temp_file(folder: Path, name: str) -> str:
+    """Create an empty, unique temporary file in `folder` with the mode the umask gives a new
+    file (0666 & ~umask: what open() would give), unlike mkstemp's 0600; returns its path."""
+    return _new_temp(folder, name, lambda tmp: os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
+
+
+def new_temp_dir(folder: Path, name: str) -> str:
+    """Create a unique temporary folder in `folder` with the umask's mode (0777 & ~umask), unlike
+    mkdtemp's 0700; returns its path."""
+    return _new_temp(folder, name, lambda tmp: os.mkdir(tmp, 0o777))
 
 
 def write_atomic(path, write) -> None:

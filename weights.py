@@ -19,14 +19,13 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from argparse import Namespace
 from pathlib import Path
 
 import esm
 import torch
 
-from utils import ConfigError, save_checkpoint
+from utils import ConfigError, new_temp_dir, save_checkpoint
 
 ESM_MODELS_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/"
 HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
@@ -71,28 +70,31 @@ def _hf_key(name: str) -> str:
     return re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
 
 
-def hf_to_fair(state: dict, num_layers: int, source: dict) -> tuple[dict, list[str]]:
-    """Hugging Face state dict -> (fair-esm state dict, names dropped on purpose). source: name -> file,
-    for error messages. Unknown names are errors."""
-    out, dropped, shared_inv_freq = {}, [], None
+def hf_to_fair(state: dict, num_layers: int, source: dict) -> tuple[dict, list[str], dict]:
+    """Hugging Face state dict -> (fair-esm state dict, names dropped on purpose, fair-esm name ->
+    file). source: Hugging Face name -> file, for error messages. Unknown names are errors."""
+    out, dropped, fair_source, shared_inv_freq = {}, [], {}, None
     for name, tensor in state.items():
         key = _hf_key(name)
         if any(re.fullmatch(p, key) for p in HF_SHARED_INV_FREQ):
-            shared_inv_freq = tensor
+            shared_inv_freq = tensor, source.get(name, "?")
             continue
         if re.fullmatch(HF_POOLER, key) or any(re.fullmatch(p, key) for p in HF_LEGACY):
             dropped.append(name)
             continue
         for pattern, target in HF_TO_FAIR:
             if re.fullmatch(pattern, key):
-                out[re.sub(pattern, target, key)] = tensor
+                fair_name = re.sub(pattern, target, key)
+                out[fair_name], fair_source[fair_name] = tensor, source.get(name, "?")
                 break
         else:
             raise WeightsError(f"{source.get(name, '?')}: unexpected tensor {name!r} (not a tensor of ESM-2)")
     if shared_inv_freq is not None:
         for i in range(num_layers):
-            out.setdefault(f"layers.{i}.self_attn.rot_emb.inv_freq", shared_inv_freq)
-    return out, dropped
+            fair_name = f"layers.{i}.self_attn.rot_emb.inv_freq"
+            if fair_name not in out:
+                out[fair_name], fair_source[fair_name] = shared_inv_freq
+    return out, dropped, fair_source
 
 
 def fair_to_hf(state: dict) -> dict:
@@ -134,14 +136,20 @@ def _fair_name_to_hf(name: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- files
+def torch_load(path, weights_only: bool):
+    """torch.load onto the CPU, memory-mapped (no copy in memory) unless the file is a legacy
+    (non-zip) torch file, which cannot be memory-mapped."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
 def read_fair_esm(path) -> tuple[dict, dict]:
     """A fair-esm file ({'cfg': {'model': ...}, 'model': state}) -> (arch, fair-esm state dict)."""
     path = Path(path)
     try:  # fair-esm files pickle an argparse Namespace: torch >= 2.6 needs weights_only=False
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # no copy in memory
-        except RuntimeError:  # a legacy (non-zip) torch file cannot be memory-mapped
-            data = torch.load(path, map_location="cpu", weights_only=False)
+        data = torch_load(path, weights_only=False)
     except Exception as err:  # truncated file, not a torch file
         raise WeightsError(f"{path}: not a readable fair-esm weight file ({err})") from None
     if not isinstance(data, dict) or "model" not in data or "cfg" not in data:
@@ -179,33 +187,44 @@ def hf_arch(config_path: Path) -> dict:
     if problems:
         raise WeightsError(f"{config_path}: {'; '.join(problems)}")
     return {"num_layers": int(cfg["num_hidden_layers"]), "embed_dim": int(cfg["hidden_size"]),
-            "attention_heads": int(cfg["num_attention_heads"]), "token_dropout": bool(cfg.get("token_dropout", True))}
+            "attention_heads": int(cfg["num_attention_heads"]),
+            "token_dropout": bool(cfg.get("token_dropout", False))}  # transformers' EsmConfig default
+
+
+def hf_weight_files(folder: Path) -> tuple[str, list[str]]:
+    """(listing file, weight files) of the first format in HF_WEIGHT_FILES whose files are all there:
+    a snapshot may hold an index whose shards were never fetched beside a complete other format."""
+    first_problem = None
+    for name in HF_WEIGHT_FILES:
+        if not (folder / name).is_file():
+            continue
+        if name.endswith(".index.json"):
+            try:
+                files = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
+            except (OSError, json.JSONDecodeError, KeyError, AttributeError) as err:
+                raise WeightsError(f"{folder / name}: not a readable weight index ({err})") from None
+        else:
+            files = [name]
+        missing = [f for f in files if not (folder / f).is_file()]
+        if not missing:
+            return name, files
+        first_problem = first_problem or f"{folder / missing[0]}: weight shard listed in {folder / name} is missing"
+    raise WeightsError(first_problem or f"{folder}: no weights (expected one of {', '.join(HF_WEIGHT_FILES)})")
 
 
 def read_hf_tensors(folder: Path) -> tuple[dict, dict]:
     """Every tensor of a Hugging Face folder -> (state, name -> file). Prefers safetensors; sharded
     files are read through their index."""
-    name = next((f for f in HF_WEIGHT_FILES if (folder / f).is_file()), None)
-    if name is None:
-        raise WeightsError(f"{folder}: no weights (expected one of {', '.join(HF_WEIGHT_FILES)})")
-    if name.endswith(".index.json"):
-        try:
-            files = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
-        except (OSError, json.JSONDecodeError, KeyError, AttributeError) as err:
-            raise WeightsError(f"{folder / name}: not a readable weight index ({err})") from None
-    else:
-        files = [name]
+    _, files = hf_weight_files(folder)
     state, source = {}, {}
     for file in files:
         path = folder / file
-        if not path.is_file():
-            raise WeightsError(f"{path}: weight shard listed in {folder / name} is missing")
         try:
             if file.endswith(".safetensors"):
                 from safetensors.torch import load_file
                 tensors = load_file(path)
             else:
-                tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                tensors = torch_load(path, weights_only=True)
         except Exception as err:
             raise WeightsError(f"{path}: not a readable weight file ({err})") from None
         state.update(tensors)
@@ -223,8 +242,7 @@ def read_hf_folder(folder, keep_heads: bool = False) -> tuple[dict, dict, dict]:
                            f"model.safetensors or pytorch_model.bin)")
     arch = hf_arch(config_path)
     hf_state, source = read_hf_tensors(folder)
-    state, dropped = hf_to_fair(hf_state, arch["num_layers"], source)
-    fair_source = {_hf_to_fair_name(hf_name): file for hf_name, file in source.items()}
+    state, dropped, fair_source = hf_to_fair(hf_state, arch["num_layers"], source)
     fair_source[""] = ", ".join(sorted(set(source.values())))  # the files read, for missing tensors
     if not keep_heads:
         dropped += [k for k in state if k.startswith(HEADS)]
@@ -234,14 +252,6 @@ def read_hf_folder(folder, keep_heads: bool = False) -> tuple[dict, dict, dict]:
                  ", ".join(sorted({d.split(".")[0] if not d.startswith("esm.") else ".".join(d.split(".")[:2])
                                    for d in dropped})))
     return arch, state, fair_source
-
-
-def _hf_to_fair_name(name: str) -> str:
-    key = _hf_key(name)
-    for pattern, target in HF_TO_FAIR:
-        if re.fullmatch(pattern, key):
-            return re.sub(pattern, target, key)
-    return name
 
 
 def build_esm2(arch: dict, state: dict, source: str | dict) -> esm.model.esm2.ESM2:
@@ -329,7 +339,7 @@ def locate(encoder_cfg) -> tuple[str, Path]:
                           f"facebook/esm2_t33_650M_UR50D, got {name!r}")
     repo = name if "/" in name else f"facebook/{name}"
     searched = []
-    if "/" not in name or revision is None:  # a fair-esm file has no revisions
+    if revision is None and repo.startswith("facebook/"):  # fair-esm files: Meta's models, no revisions
         pt = torch_hub_file(short)
         if pt.is_file():
             return "fair-esm", pt
@@ -375,15 +385,18 @@ def write_hf_folder(arch: dict, state: dict, folder) -> None:
     from safetensors.torch import save_file
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    tmp = Path(new_temp_dir(folder.parent, folder.name))
     try:
-        tensors = {k: v.detach().contiguous().clone() for k, v in fair_to_hf(state).items()}
+        tensors, storages = {}, set()
+        for k, v in fair_to_hf(state).items():  # safetensors refuses tensors that share memory: copy those
+            v = v.detach().contiguous()
+            if v.untyped_storage().data_ptr() in storages:
+                v = v.clone()
+            storages.add(v.untyped_storage().data_ptr())
+            tensors[k] = v
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(arch), indent=2) + "\n")
         (tmp / "vocab.txt").write_text("\n".join(HF_VOCAB) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; give it the umask's mode
         if folder.exists():
             folder.rmdir()  # only an empty folder is replaced
         os.replace(tmp, folder)

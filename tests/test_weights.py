@@ -174,6 +174,48 @@ def test_fair_esm_name_found_in_hub_cache(tmp_path, monkeypatch):
     assert_matches(hf, tree(model_name="esm2_t6_8M_UR50D"))
 
 
+def test_torch_hub_file_only_for_meta_names_without_revision(tmp_path, monkeypatch):
+    """A fair-esm file in the torch hub cache is Meta's model: it must not stand in for another
+    organisation's model of the same short name, nor for a requested revision."""
+    hf = hf_esm(seed=3)
+    hf.save_pretrained(tmp_path / "snap")
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "torch" / "hub" / "checkpoints" / "esm2_t6_8M_UR50D.pt").write_bytes(b"not Meta's weights")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch" ))
+    cache = hub_cache(tmp_path / "cache", "myorg/esm2_t6_8M_UR50D", {"d" * 40: tmp_path / "snap"}, {"main": "d" * 40})
+    hub_cache(cache, "facebook/esm2_t6_8M_UR50D", {"e" * 40: tmp_path / "snap"}, {"v2": "e" * 40})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert weights.locate({"checkpoint": None, "model_name": "myorg/esm2_t6_8M_UR50D", "revision": None})[0] == "hf"
+    assert weights.locate({"checkpoint": None, "model_name": "esm2_t6_8M_UR50D", "revision": "v2"})[0] == "hf"
+    assert weights.locate({"checkpoint": None, "model_name": "esm2_t6_8M_UR50D", "revision": None})[0] == "fair-esm"
+    assert_matches(hf, tree(model_name="myorg/esm2_t6_8M_UR50D"))
+
+
+def test_config_without_token_dropout_follows_transformers_default(tmp_path):
+    hf = hf_esm(token_dropout=False)
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del cfg["token_dropout"]  # transformers' EsmConfig then means False
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    assert weights.hf_arch(tmp_path / "hf" / "config.json")["token_dropout"] is False
+    assert_matches(hf, tree(checkpoint=str(tmp_path / "hf")))
+
+
+def test_incomplete_shards_beside_a_complete_bin_and_legacy_non_zip_bin(tmp_path):
+    """A snapshot may list safetensors shards it never fetched beside a complete pytorch_model.bin:
+    the complete format is read. A legacy (non-zip) .bin cannot be memory-mapped: it is read anyway."""
+    hf = hf_esm(seed=4)
+    folder = tmp_path / "hf"
+    hf.save_pretrained(folder, max_shard_size="20KB")
+    sorted(folder.glob("model-*.safetensors"))[0].unlink()
+    state = {k: v for k, v in hf.state_dict().items()}
+    torch.save(state, folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert_matches(hf, tree(checkpoint=str(folder)))
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(weights.WeightsError, match="weight shard listed in .* is missing"):
+        weights.read_hf_tensors(folder)
+
+
 # ---------------------------------------------------------------- fair-esm files and conversion
 def fair_esm_file(path, seed=0):
     torch.manual_seed(seed)
@@ -202,6 +244,9 @@ def test_fair_esm_to_hf_to_fair_esm_round_trip_is_exact(tmp_path):
     arch_b, b = weights.read_fair_esm(tmp_path / "back.pt")
     assert arch_a == arch_b and sorted(a) == sorted(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    umask = os.umask(0o022)
+    os.umask(umask)  # the folder gets the umask's mode for a new folder (not mkdtemp's private 0700)
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o777 & ~umask
     # the converted folder is a real Hugging Face model: transformers reads it and agrees with fair-esm
     hf = transformers.EsmForMaskedLM.from_pretrained(tmp_path / "hf").eval()
     for seq in SEQUENCES:
