@@ -62,11 +62,14 @@ class DiskCache:
     (BOS .. EOS) in `dtype`.
 
     model key: a hash of the frozen tensors (token embeddings and the layers before the first
-    trainable one, names, shapes and values), the frozen depth, the attention code and the autocast
-    precision; window key: a hash of the window's tokens, so the sequence and the windowing are part of
-    it. A changed model, depth, precision, sequence or window can therefore never read an old entry.
+    trainable one, names, shapes and values), the frozen depth, the attention code, the autocast
+    precision, the storage dtype and the device type (CPU and CUDA kernels round differently); window
+    key: a hash of the window's tokens, so the sequence and the windowing are part of it. A changed
+    model, depth, precision, storage, device, sequence or window can therefore never read an old entry.
     Each entry is written to a temporary file and renamed: runs filling the folder at the same time
-    never read half-written entries (they may compute the same entry twice; both write the same values).
+    never read half-written entries (they may compute the same entry twice and write it twice). An
+    entry that cannot be read as [width, d] of the storage dtype (damaged by a crash, say) is computed
+    and written again.
     """
 
     def __init__(self, root, model_key: str, dtype: str = "float16"):
@@ -91,9 +94,11 @@ class DiskCache:
         found = {}
         for w, key in enumerate(window_keys):
             try:
-                found[w] = np.load(self.path(key))
-            except (FileNotFoundError, ValueError, OSError):  # absent (or unreadable: recomputed, rewritten)
-                pass
+                values = np.load(self.path(key))
+            except (OSError, ValueError, EOFError):  # absent, or unreadable: computed and written again
+                continue
+            if values.ndim == 2 and values.shape[0] == widths[w] and values.dtype == self.dtype:
+                found[w] = values
         missing = [w for w in range(len(rows)) if w not in found]
         if missing:
             with torch.no_grad():
@@ -115,11 +120,12 @@ class DiskCache:
         write_atomic(self.path(key), write)
 
 
-def model_key(backbone, first_trainable: int, fused_attention: bool, precision) -> str:
+def model_key(backbone, first_trainable: int, fused_attention: bool, precision, storage: str, device_type: str) -> str:
     """Hash naming a DiskCache folder: the frozen tensors (embeddings + layers < first_trainable),
-    the frozen depth, the attention code and the autocast precision (None = fp32)."""
+    the frozen depth, the attention code, the autocast precision (None = fp32), the storage dtype
+    (encoder.cache_dtype) and the device type ('cpu', 'cuda')."""
     digest = hashlib.sha256(repr((first_trainable, fused_attention, str(precision), backbone.token_dropout,
-                                  backbone.attention_heads)).encode())
+                                  backbone.attention_heads, storage, device_type)).encode())
     for name, tensor in sorted(backbone.state_dict().items()):
         if name.startswith("embed_tokens.") or (name.startswith("layers.") and int(name.split(".")[1]) < first_trainable):
             digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())

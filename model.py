@@ -139,7 +139,9 @@ class Encoder(nn.Module):
         self.first_trainable = set_trainable(self.backbone, enc)
         self.activation_checkpointing = enc["activation_checkpointing"]
         self.chunk_tokens, self.chunk_max_padding = enc["chunk_tokens"], enc["chunk_max_padding"]
-        self.token_counts = {"tokens": 0, "padding": 0, "attention": 0}  # what the backbone ran (throughput.py)
+        # what the backbone ran (throughput.py); prefix_*: what the frozen leading layers really computed
+        # (fewer than tokens / attention when the frozen-layer cache serves windows)
+        self.token_counts = {"tokens": 0, "padding": 0, "attention": 0, "prefix_tokens": 0, "prefix_attention": 0}
         self.fused_attention = enc["fused_attention"]
         self.cache = None  # cache.FrozenCache / DiskCache, attached by the trainer (encoder.cache_frozen / cache_dir)
         d = self.backbone.embed_dim
@@ -210,6 +212,8 @@ class Encoder(nn.Module):
         first_trainable: tokens [W, T] -> [W, T, d]."""
         bb = self.backbone
         padding = tokens.eq(PAD_IDX)
+        self.token_counts["prefix_tokens"] += tokens.numel()
+        self.token_counts["prefix_attention"] += tokens.shape[0] * tokens.shape[1] ** 2
         with torch.set_grad_enabled(torch.is_grad_enabled() and bb.embed_tokens.weight.requires_grad):
             x = bb.embed_scale * bb.embed_tokens(tokens)
             if bb.token_dropout:  # fair-esm rescales by the training mask ratio even without masks

@@ -6,16 +6,20 @@ pairs, padding included, as the hardware computes them): a forward pass costs 2 
 the transformer layers per token plus 4 d per attention pair per layer; the backward pass costs
 twice the forward pass in layers whose weights train (gradients for inputs and weights), once in
 layers that only pass gradients on (LoRA / adapters train small added matrices; their own FLOPs are
-neglected), nothing in frozen leading layers. Heads are neglected. Peak: dense bf16 / fp16 tensor
+neglected), nothing in frozen leading layers. The frozen leading layers are charged only for the
+windows they really computed (prefix_tokens / prefix_attention: a frozen-layer cache serves the
+others). Heads are neglected. Peak: dense bf16 / fp16 tensor
 FLOP/s of known GPUs; other devices get no MFU.
 """
 from __future__ import annotations
 
 import torch
 
-# Names as torch.cuda.get_device_name gives them: the SXM H100 calls itself "NVIDIA H100 80GB HBM3".
-PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
-               "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0, "RTX 4090": 165.0}
+# Names as torch.cuda.get_device_name gives them, matched as substrings in this order (the more specific
+# first: "L40S" before "L40" before "L4", "A10G" before "A10"); the SXM H100 calls itself "NVIDIA H100 80GB HBM3".
+PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0,
+               "H100": 756.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
+               "V100": 125.0, "RTX 4090": 165.0}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -29,19 +33,26 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def backbone_flops(arch: dict, first_trainable: int, weights_train: bool, tokens: float, attention_pairs: float) -> float:
+def backbone_flops(arch: dict, first_trainable: int, weights_train: bool, tokens: float, attention_pairs: float,
+                   prefix_tokens: float | None = None, prefix_attention_pairs: float | None = None) -> float:
     """Estimated FLOPs of forward + backward over `tokens` tokens and `attention_pairs` (query, key)
-    pairs per layer: see the module docstring. weights_train: the trainable layers' own weights train
+    pairs per layer (the frozen leading layers: over prefix_tokens / prefix_attention_pairs, default
+    the same): see the module docstring. weights_train: the trainable layers' own weights train
     (last_k, full), not only added matrices (lora, adapter)."""
     d, n = arch["embed_dim"], arch["num_layers"]
-    per_layer = 2 * 12 * d * d * tokens + 4 * d * attention_pairs  # q, k, v, out (4 d^2) + fc1, fc2 (8 d^2)
-    backward_layers = n - first_trainable
-    return per_layer * (n + (2 if weights_train else 1) * backward_layers)
+
+    def per_layer(t, pairs):  # q, k, v, out (4 d^2) + fc1, fc2 (8 d^2) per token; attention per pair
+        return 2 * 12 * d * d * t + 4 * d * pairs
+    trained = n - min(first_trainable, n)
+    prefix = per_layer(tokens if prefix_tokens is None else prefix_tokens,
+                       attention_pairs if prefix_attention_pairs is None else prefix_attention_pairs)
+    return prefix * (n - trained) + per_layer(tokens, attention_pairs) * trained * (3 if weights_train else 2)
 
 
 def epoch_speed(counts: dict, seconds: float, arch: dict, first_trainable: int, tune: str, device) -> dict:
     """{anchors_per_s, tokens_per_s (real), padded_tokens_per_s (all), mfu (CUDA, known GPU)} from the
-    epoch's counts {anchors, tokens, padding, attention} (summed over processes) and its wall time."""
+    epoch's counts {anchors, tokens, padding, attention, prefix_tokens, prefix_attention} (summed over
+    processes) and its wall time."""
     seconds = max(seconds, 1e-9)
     speed = {"anchors_per_s": counts["anchors"] / seconds,
              "tokens_per_s": (counts["tokens"] - counts["padding"]) / seconds,
@@ -49,7 +60,8 @@ def epoch_speed(counts: dict, seconds: float, arch: dict, first_trainable: int, 
     peak = peak_flops(device)
     if peak is not None:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        flops = backbone_flops(arch, first_trainable, tune in ("last_k", "full"), counts["tokens"], counts["attention"])
+        flops = backbone_flops(arch, first_trainable, tune in ("last_k", "full"), counts["tokens"], counts["attention"],
+                               counts.get("prefix_tokens"), counts.get("prefix_attention"))
         speed["mfu"] = flops / seconds / (peak * world)
     return speed
 

@@ -169,7 +169,7 @@ def train_loop(model, loader, optimizer, scheduler, scaler, criteria, config, de
     trainable = [p for p in model.parameters() if p.requires_grad]
     sums, fallbacks, n_batches = defaultdict(float), defaultdict(int), len(loader)
     counts = getattr(model, "module", model).token_counts  # tokens the backbone runs (throughput)
-    counts.update(tokens=0, padding=0, attention=0)
+    counts.update(dict.fromkeys(counts, 0))
     anchors = 0
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)
@@ -433,7 +433,7 @@ def average_over_ranks(stats: dict) -> dict:
     values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(values)
     world = dist.get_world_size()
-    summed = ("supcon_fallback", "count_anchors", "count_tokens", "count_padding", "count_attention")
+    summed = ("supcon_fallback", "count_anchors", "count_tokens", "count_padding", "count_attention", "count_prefix")
     return {k: int(v) if k.startswith(summed) else v / world for k, v in zip(keys, values.tolist())}
 
 
@@ -480,8 +480,9 @@ def frozen_cache(model, datasets, config, run_dir: Path, rank: int = 0):
     run holding every window of every split (computed on first use)."""
     enc = config.encoder
     if enc.cache_dir is not None:
-        precision = amp_dtype(config.train.amp, next(model.parameters()).device)
-        key = model_key(model.backbone, model.first_trainable, model.fused_attention, precision)
+        device = next(model.parameters()).device
+        key = model_key(model.backbone, model.first_trainable, model.fused_attention, amp_dtype(config.train.amp, device),
+                        enc.cache_dtype, device.type)
         logging.getLogger("mutarget").info("frozen-layer cache shared across runs: %s", Path(enc.cache_dir) / key)
         return DiskCache(enc.cache_dir, key, enc.cache_dtype)
     windows = {}

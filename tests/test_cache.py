@@ -9,6 +9,7 @@ from conftest import write_config
 
 import cache
 import data
+import model
 import throughput
 import train
 import utils
@@ -93,6 +94,31 @@ def test_entries_are_keyed_by_window_content(tmp_path):
     assert store.hits == 2
 
 
+def test_damaged_or_foreign_entries_are_computed_again(tmp_path):
+    """An empty file (a crash mid-write without the rename), a wrong shape or another storage dtype at
+    an entry's path is a miss: computed and written again, never a crash or a silent fp16 read."""
+    tokens, keys = windows("MKTAYIAKQR", "MLSRAVCGTSRQ", "ACDEFGHIK")
+    store = cache.DiskCache(tmp_path, "model", "float32")
+    store.fetch(keys, tokens, frozen_prefix)
+    paths = sorted(tmp_path.rglob("*.npy"))
+    paths[0].write_bytes(b"")
+    np.save(paths[1], np.zeros((3, 4), np.float32))  # wrong width
+    np.save(paths[2], np.load(paths[2]).astype(np.float16))  # fp16 values under a float32 store
+    again = cache.DiskCache(tmp_path, "model", "float32")
+    out = again.fetch(keys, tokens, frozen_prefix)
+    assert again.misses == 3 and torch.equal(out, frozen_prefix(tokens) * tokens.ne(data.PAD_IDX)[..., None])
+    assert cache.DiskCache(tmp_path, "model", "float32").fetch(keys, tokens, lambda t: pytest.fail("rewritten?")).shape == out.shape
+
+
+def test_model_key_covers_storage_and_device():
+    backbone = model.Encoder(utils.resolve_config({"encoder": {"scratch": {"num_layers": 2, "embed_dim": 16,
+                                                                           "attention_heads": 2}, "tune": "last_k",
+                                                               "trainable_layers": 1}})).backbone
+    keys = {cache.model_key(backbone, 1, True, None, storage, device)
+            for storage in ("float16", "float32") for device in ("cpu", "cuda")}
+    assert len(keys) == 4
+
+
 def _fill(rank, root, sequences, out):  # noqa: D103
     tokens, keys = windows(*sequences)
     torch.manual_seed(rank)
@@ -135,12 +161,15 @@ def test_flops_estimate_hand_worked():
     assert throughput.backbone_flops(arch, 1, True, 10, 100) == 1760 * (3 + 2 * 2)  # forward 3, backward 2 x 2
     assert throughput.backbone_flops(arch, 1, False, 10, 100) == 1760 * (3 + 2)  # LoRA: gradients pass through
     assert throughput.backbone_flops(arch, 3, True, 10, 100) == 1760 * 3  # frozen: forward only
+    # frozen-layer cache: the frozen layer 0 computed 5 tokens and 20 pairs only (480 + 160 per layer)
+    assert throughput.backbone_flops(arch, 1, True, 10, 100, 5, 20) == 640 * 1 + 1760 * 2 * 3
     assert throughput.peak_flops(torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize("name,tflops", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
                                          ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
-                                         ("Tesla T4", None)])
+                                         ("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0),
+                                         ("NVIDIA A10G", 70.0), ("NVIDIA A10", 125.0), ("Tesla T4", None)])
 def test_peak_flops_by_device_name(monkeypatch, name, tflops):
     """The SXM H100 names itself "NVIDIA H100 80GB HBM3" (read on a lent machine): its peak, not the PCIe card's."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)

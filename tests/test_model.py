@@ -226,7 +226,11 @@ def test_frozen_cache_matches_uncached(tmp_path, dtype, tol):
     m.zero_grad()
     m.cache = cache.FrozenCache(windows, 32, dtype, path=tmp_path / "cache.npy")
     for attempt in range(2):  # first pass fills the cache, the second reads it only
+        m.token_counts.update(dict.fromkeys(m.token_counts, 0))
         out = m(batch)
+        # the frozen layers computed every window on the first pass, none on the second (MFU counts this)
+        computed = (m.token_counts["prefix_tokens"], m.token_counts["prefix_attention"])
+        assert computed == ((m.token_counts["tokens"], m.token_counts["attention"]) if attempt == 0 else (0, 0))
         assert torch.allclose(out["class_logits"], out_plain["class_logits"], atol=tol)
         assert torch.allclose(out["motif_logits"], out_plain["motif_logits"], atol=tol)
     assert m.cache.misses == len(windows) and m.cache.hits == len(windows)
