@@ -176,7 +176,7 @@ def iter_fasta(path: Path):
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     header, chunks, header_line = None, [], 0
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:  # -sig: a byte-order mark is dropped
         for lineno, line in enumerate(handle, start=1):
             line = line.strip()
             if not line:

@@ -203,13 +203,13 @@ class Batch:
 
 
 def call_sizes(windows: int, full: int) -> list[int]:
-    """Window counts of the backbone calls for a batch of `windows` windows: one call when the batch
-    is full, else powers of two, largest first. oneDNN (GELU on the CPU) compiles and keeps a kernel
-    for every tensor shape it meets, about 90 kB each and never freed: shapes from this small set
-    keep memory flat however many batches run."""
-    if windows == full:
-        return [full]
-    return [1 << b for b in reversed(range(windows.bit_length())) if windows >> b & 1]
+    """Window counts of the backbone calls for a batch of `windows` windows: calls of `full` windows
+    (the token budget), then the rest in powers of two, largest first; no call exceeds the budget (one
+    long protein may have more windows than fit in it). oneDNN (GELU on the CPU) compiles and keeps a
+    kernel for every tensor shape it meets, about 90 kB each and never freed: shapes from this small
+    set keep memory flat however many batches run."""
+    rest = windows % full
+    return [full] * (windows // full) + [1 << b for b in reversed(range(rest.bit_length())) if rest >> b & 1]
 
 
 def run_backbone(model: Encoder, batch: Batch) -> torch.Tensor:
@@ -273,13 +273,14 @@ def run_member(model: Encoder, batch: Batch, dtype=None) -> dict:
 @dataclass
 class Result:
     """The ensemble's output for one sequence: probs [8] and motif [8, L] (float64 means of the
-    checkpoints' probabilities), pooled [d] and projection [k] (float32 means; projection None
-    unless every checkpoint has a projection head of one size), distances [8] (mean over the
+    checkpoints' probabilities), pooled [d] and projection [k] (float32 means; pooled None when the
+    backbones differ in size, projection None unless every checkpoint has a projection head of one
+    size), distances [8] (mean over the
     checkpoints of the Euclidean distances to each one's class centres; None without use_centroids)."""
 
     probs: np.ndarray
     motif: np.ndarray
-    pooled: np.ndarray
+    pooled: np.ndarray | None
     projection: np.ndarray | None
     distances: np.ndarray | None = None
 
@@ -291,6 +292,7 @@ def run_ensemble(members: list[Member], sequences: list[str], device, dtype=None
     outs = [run_member(m.model, batch, dtype) for m in members]
     n = len(outs)
     keep_projection = all(o["projection"] is not None for o in outs) and len({o["projection"].shape for o in outs}) == 1
+    keep_pooled = len({o["pooled"].shape for o in outs}) == 1  # backbones of different sizes: no mean embedding
 
     for m, o in zip(members, outs):
         if m.space is not None:  # distances of each protein to this checkpoint's own class centres
@@ -299,7 +301,7 @@ def run_ensemble(members: list[Member], sequences: list[str], device, dtype=None
     def mean(key, i):
         return sum(o[key][i].astype(np.float64) for o in outs) / n
 
-    return [Result(mean("probs", i), mean("motif", i), mean("pooled", i).astype(np.float32),
+    return [Result(mean("probs", i), mean("motif", i), mean("pooled", i).astype(np.float32) if keep_pooled else None,
                    mean("projection", i).astype(np.float32) if keep_projection else None,
                    mean("distances", i) if members[0].space is not None else None)
             for i in range(len(sequences))]

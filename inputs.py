@@ -126,6 +126,9 @@ def scan(source: Source, wanted=()) -> Scan:
     """Check the whole input once (see the module docstring); `wanted` ids found among the records
     to predict are returned in Scan.found. Raises DataError on the first bad record (unless
     skip_invalid and the problem is the sequence) and on duplicate ids."""
+    if source.path.exists() and not source.path.is_file():
+        raise DataError(f"{source.path}: not a regular file; the input is read twice (checked in full, then "
+                        f"predicted chunk by chunk), so a pipe cannot serve: save it to a file first")
     result, digests, wanted = Scan(), array("Q"), set(wanted)
     for record in records(source):
         digests.append(_digest(record.entry))

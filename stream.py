@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -173,15 +175,25 @@ def report_skipped(scan, path) -> None:
         print(f"  ... and {len(scan.skipped) - SHOWN_SKIPPED} more", file=sys.stderr)
 
 
+def terminated(signum, frame):
+    """SIGTERM (a batch system's time limit, torchrun stopping the other ranks) as an exception, so the
+    temporary output files are removed as on any error."""
+    raise SystemExit(128 + signum)
+
+
 def predict(args) -> None:
     """Run predict.py's options `args`; raises DataError / PredictError / ConfigError / OSError."""
     return_freed_memory()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminated) if main_thread else None
     rank, world, device = init_distributed(Config({"device": args.device}))
     try:
         run(args, rank, world, device)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run(args, rank: int, world: int, device) -> None:

@@ -21,19 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import DataError, build_datasets  # noqa: E402
 from model import Encoder, load_model_state  # noqa: E402
 from train import fit_centroids, resolve_device, run_inference  # noqa: E402
-from utils import ConfigError, load_checkpoint, resolve_config, save_checkpoint  # noqa: E402
+from utils import CheckpointError, ConfigError, load_checkpoint, resolve_config, save_checkpoint  # noqa: E402
 from weights import WeightsError  # noqa: E402
 
 
 def add_centroids(path: Path, data_root: str | None, device) -> dict:
-    try:
-        ckpt = load_checkpoint(path)
-    except FileNotFoundError:
-        raise
-    except Exception as err:
-        raise ConfigError(f"{path}: not a readable checkpoint ({err})") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "arch"} <= set(ckpt):
-        raise ConfigError(f"{path}: not a train.py checkpoint (needs model, config, arch)")
+    ckpt = load_checkpoint(path, ("model", "config", "arch"))
     overrides = [f"data.root={data_root}"] if data_root else []
     config = resolve_config(ckpt["config"], overrides, where=f"{path} (stored config)")
     model = Encoder(config, arch=ckpt["arch"])
@@ -58,7 +51,7 @@ def main(argv=None) -> int:
         for path in args.checkpoints:
             centroids = add_centroids(path, args.data_root, device)
             print(f"{path}: class centres of {', '.join(centroids)} space(s) added")
-    except (ConfigError, DataError, WeightsError, FileNotFoundError) as err:
+    except (CheckpointError, ConfigError, DataError, WeightsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

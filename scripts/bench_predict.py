@@ -11,7 +11,7 @@ Modes, each size and mode in its own process (so that peak RSS is its own), outp
   stream:   predict.py as it is (chunks of 1000 proteins, --max-tokens 16384, fp32 on the CPU);
   one_shot: the former predict.py: every protein read, run_inference (batches of 16) per checkpoint
             over the whole input, every output text built in memory, then written (its memory grows
-            by about 0.23 MB per protein: some 23 GB at 100k; --modes stream leaves it out).
+            by about 0.22 MB per protein, as measured: some 22 GB at 100k; --modes stream leaves it out).
 Time: from reading the input to the files written (imports excluded). Peak RSS: VmHWM (throughput.peak_rss_mb).
 On a CPU shared with other jobs, --threads 1 avoids measuring thread start-up waits: with 2 threads
 on 2 busy cores every operation of the small demo model waited ~8 ms for the second thread.
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch threads in each measured process (default: torch's own)")
     p.add_argument("--one-shot-limit", type=int, default=20000, metavar="N",
-                   help="run the one-shot path only up to N proteins: above, its memory (about 0.23 MB per protein) "
+                   help="run the one-shot path only up to N proteins: above, its memory (about 0.22 MB per protein) "
                         "would outgrow the machine; the projection from the measured sizes is reported instead")
     p.add_argument("--child", nargs=4, metavar=("MODE", "CKPT", "FASTA", "OUT_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
                     print(f"streaming peak RSS at {n} / at {base} proteins: {ratio:.3f} "
                           f"({'within' if ratio <= 1.2 else 'ABOVE'} the 1.2x bound)")
         if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+            write_text_atomic(args.json, json.dumps(results, indent=2) + "\n")
     return 0
 
 

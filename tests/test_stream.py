@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.parse
 
 import numpy as np
@@ -152,12 +153,15 @@ def test_plan_batches_hand_worked():
 
 
 def test_backbone_call_sizes():
-    """A batch runs in one call when full, else in power-of-two calls: few distinct shapes."""
+    """Calls of `full` windows (the token budget), the rest in power-of-two calls: few distinct shapes,
+    and never more than the budget, also for a protein with more windows than fit in it (titin: 42)."""
     for full in (1, 5, 16, 170):
-        for windows in range(1, full + 1):
+        for windows in range(1, 3 * full + 2):
             sizes = inference.call_sizes(windows, full)
-            assert sum(sizes) == windows and sizes == sorted(sizes, reverse=True)
-            assert sizes == [full] if windows == full else all(s & (s - 1) == 0 for s in sizes)
+            assert sum(sizes) == windows and sizes == sorted(sizes, reverse=True) and max(sizes) <= full
+            assert all(s == full or s & (s - 1) == 0 for s in sizes)
+            assert sizes.count(full) == windows // full
+    assert inference.call_sizes(42, 16) == [16, 16, 8, 2]
 
 
 def test_identical_sequences_are_predicted_once(ckpts, monkeypatch):
@@ -458,6 +462,38 @@ def test_failure_midway_leaves_nothing(tmp_path, ckpts, fasta, capsys, monkeypat
     assert len(calls) == 3
 
 
+def test_sigterm_midway_leaves_nothing(tmp_path, ckpts):
+    """SIGTERM (a batch system's time limit; torchrun stopping the other ranks) removes the temporary
+    outputs as any error does, and exits 128 + 15."""
+    rng = np.random.default_rng(9)
+    big = write_fasta(tmp_path / "big.fa", [(f"p{i}", "".join(rng.choice(list(data.RESIDUES[:20]), size=300)))
+                                            for i in range(20000)])
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "predict.py"), "--checkpoint", str(ckpts["a"]), "--fasta",
+                             str(big), "--out", str(out / "p.jsonl"), "--tsv", str(out / "p.tsv"), "--chunk-size", "50"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    for _ in range(600):  # until the staged outputs exist (predicting has begun)
+        if list(out.glob(".*.tmp")) or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "predict.py ended before it could be stopped"
+    proc.terminate()
+    assert proc.wait(timeout=60) == 143
+    assert list(out.iterdir()) == []
+
+
+def test_pipe_input_refused_and_byte_order_mark_accepted(tmp_path, ckpts, capsys):
+    fifo = tmp_path / "pipe.fa"
+    os.mkfifo(fifo)
+    check_failure(capsys, tmp_path, ["--checkpoint", ckpts["a"], "--fasta", fifo], str(fifo), "not a regular file")
+    bom = tmp_path / "bom.fa"
+    bom.write_bytes("\ufeff>first\nMKLVA\n>second\nMKW\n".encode("utf-8"))  # as Windows editors save it
+    code, err = run(capsys, "--checkpoint", ckpts["a"], "--fasta", bom, "--out", tmp_path / "bom.json")
+    assert code == 0, err
+    assert [r["id"] for r in records_of(tmp_path / "bom.json")] == ["first", "second"]
+
+
 # --------------------------------------------------------------------------- files, precision, progress
 def test_output_modes_follow_the_umask(tmp_path, ckpts, capsys):
     fasta = write_fasta(tmp_path / "in.fa", [("x", "MKLV" * 10)])
@@ -519,3 +555,22 @@ def test_progress_log_lines_without_a_terminal():
     lines = text.getvalue().splitlines()
     assert lines == ["predict: 30/100 proteins (30%), 1.0 proteins/s, about 70 s left",
                      "predict: 50 proteins in 40.0 s (1.2 proteins/s)"]
+
+
+def test_ensemble_of_backbones_of_different_sizes(tmp_path, ckpts, fasta, capsys):
+    """Probabilities and tracks average across backbone sizes; the mean embedding does not exist, so
+    only --embeddings is refused (naming the file)."""
+    state = torch.load(ckpts["best"], weights_only=False)
+    arch = {**state["arch"], "embed_dim": state["arch"]["embed_dim"] // 2}
+    state["config"]["encoder"]["scratch"] = {k: arch[k] for k in ("num_layers", "embed_dim", "attention_heads")}
+    torch.manual_seed(5)
+    state["model"] = Encoder(resolve_config(state["config"]), arch=arch).state_dict()
+    state["arch"] = arch
+    torch.save(state, tmp_path / "narrow.pt")
+    code, err = run(capsys, "--checkpoint", ckpts["best"], tmp_path / "narrow.pt", "--fasta", fasta,
+                    "--out", tmp_path / "out.jsonl", "--tsv", tmp_path / "out.tsv")
+    assert code == 0, err
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == fasta.read_text().count("\n>") + 1
+    code, err = run(capsys, "--checkpoint", ckpts["best"], tmp_path / "narrow.pt", "--fasta", fasta,
+                    "--embeddings", tmp_path / "emb.npz")
+    assert code == 2 and "narrow.pt" in err and "size" in err and not (tmp_path / "emb.npz").exists()
