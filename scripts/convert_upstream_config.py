@@ -247,10 +247,12 @@ def convert_peft(c: Conversion, n_layers: int) -> None:
 
 def convert_train(c: Conversion) -> None:
     ts = "train_settings."
-    for up, ours, kind in (("num_epochs", "train.epochs", int), ("batch_size", "train.batch_size", int),
-                           ("grad_accumulation", "train.accumulate", int)):
+    for up, ours, kind in (("num_epochs", "train.epochs", int), ("batch_size", "train.batch_size", int)):
         if c.has(ts + up):
             c.set(ours, c.number(ts + up, kind), ts + up)
+    if c.has(ts + "grad_accumulation"):  # upstream steps every batch; this number only shortened its cosine cycle
+        c.drop(ts + "grad_accumulation", "upstream never accumulated gradients (the optimiser stepped every batch); "
+               "it only divided the cosine cycle length in utils.prepare_optimizer: train.accumulate stays 1")
     if c.has(ts + "patience"):
         c.set("train.patience", c.number(ts + "patience", int), ts + "patience",
               "counted here in epochs without a validation macro-MCC gain (upstream: validation loss, per class task)")
@@ -363,7 +365,7 @@ def convert_optimizer(c: Conversion) -> None:
         return
     c.drop(opt + "mode", "same: linear warm-up, then cosine decay" if mode == "cosine" else
            f"{mode!r}: not an upstream mode; the cosine schedule is used")
-    batch = c.number("train_settings.batch_size", int, 16) * c.number("train_settings.grad_accumulation", int, 1)
+    batch = c.number("train_settings.batch_size", int, 16)
     if c.has(opt + "decay.warmup"):
         steps = c.number(opt + "decay.warmup", int)
         per_epoch = math.ceil(TRAIN_PROTEINS / batch)
@@ -380,8 +382,8 @@ def convert_optimizer(c: Conversion) -> None:
     restarts = c.raw(opt + "decay.num_restarts", 1)
     c.drop(opt + "decay.first_cycle_steps", "same: one cosine cycle over the whole run" if cycle is None and restarts == 1
            else f"a cosine cycle of {cycle} steps with restarts has no equivalent: one cycle spans the run here")
-    c.drop(opt + "decay.num_restarts", "same: one cycle" if restarts == 1 and cycle is None else
-           "restarts are not supported: one cosine cycle spans the run here")
+    c.drop(opt + "decay.num_restarts", "same: one cycle (the cycle length is reported under first_cycle_steps)"
+           if restarts == 1 else "restarts are not supported: one cosine cycle spans the run here")
     c.drop(opt + "decay.gamma", "the peak decay between restarts; no restarts here")
 
 

@@ -194,7 +194,7 @@ MAIN_EXPECTED = {
     "data.max_len": 1022, "data.overlap": 200,  # 1024 tokens = 1022 residues + BOS + EOS
     "encoder.model_name": "facebook/esm2_t33_650M_UR50D", "encoder.tune": "last_k", "encoder.trainable_layers": 2,
     "decoder.dropout": 0.15,
-    "train.epochs": 200, "train.batch_size": 16, "train.eval_batch_size": 16, "train.accumulate": 1,
+    "train.epochs": 200, "train.batch_size": 16, "train.eval_batch_size": 16,
     "train.patience": 30, "train.grad_clip": 1.0,
     "train.lr": 1e-5, "train.backbone_lr": 1e-5, "train.weight_decay": 1e-3,
     "train.warmup_epochs": 1024 / 199,  # 1024 steps / (3174 proteins / batch 16 = 199 steps per epoch)
@@ -208,7 +208,7 @@ MAIN_EXPECTED = {
 }
 MAIN_TRANSLATED = {"fix_seed", "result_path", "encoder.model_name", "encoder.max_len", "encoder.frag_overlap", "PEFT",
                    "train_settings.fine_tune_lr", "decoder.droprate", "train_settings.num_epochs",
-                   "train_settings.batch_size", "train_settings.grad_accumulation", "train_settings.patience",
+                   "train_settings.batch_size", "train_settings.patience",
                    "train_settings.clip_grad_norm", "valid_settings.batch_size", "optimizer.lr", "optimizer.weight_decay",
                    "optimizer.decay.warmup", "optimizer.decay.min_lr", "train_settings.data_aug.enable",
                    "train_settings.data_aug.pos_mutation_rate", "train_settings.data_aug.neg_mutation_rate",
@@ -219,7 +219,7 @@ MAIN_TRANSLATED = {"fix_seed", "result_path", "encoder.model_name", "encoder.max
 SUPCON_EXPECTED = {
     "seed": 3, "run_dir": "./results_supcon_hardtrue", "data.max_len": 1022, "data.overlap": 200,
     "encoder.model_name": "facebook/esm2_t33_650M_UR50D", "encoder.tune": "last_k", "encoder.trainable_layers": 2,
-    "train.epochs": 8000, "train.batch_size": 8, "train.eval_batch_size": 10, "train.accumulate": 1,
+    "train.epochs": 8000, "train.batch_size": 8, "train.eval_batch_size": 10,
     "train.grad_clip": 1.0,  # optimizer.grad_clip_norm: never read upstream, taken as the intent
     "train.lr": 1e-4, "train.backbone_lr": 1e-4, "train.weight_decay": 5e-4,
     "train.warmup_epochs": 10 / 397,  # 3174 / 8 -> 397 steps per epoch
@@ -258,6 +258,14 @@ def test_translation_key_by_key(text, expected):
     utils.resolve_config(convert_text(text).tree)  # a valid config
 
 
+def test_grad_accumulation_is_not_gradient_accumulation():
+    """Upstream steps every batch; grad_accumulation only shortened its cosine cycle: the batch, the
+    warm-up in epochs and train.accumulate do not depend on it."""
+    four = flat(convert_text(MAIN.replace("grad_accumulation: 1", "grad_accumulation: 4")).tree)
+    assert "train.accumulate" not in four
+    assert four["train.warmup_epochs"] == pytest.approx(1024 / 199, rel=1e-3) and four["train.batch_size"] == 16
+
+
 def test_every_upstream_key_is_translated_or_reported():
     c = convert_text(MAIN)
     upstream_keys = set(flat(yaml.safe_load(MAIN)))
@@ -270,6 +278,8 @@ def test_every_upstream_key_is_translated_or_reported():
     assert "never read" in reasons["optimizer.grad_clip_norm"]
     assert "40500 steps" in reasons["optimizer.decay.first_cycle_steps"]
     assert reasons["optimizer.name"].startswith("same")
+    assert reasons["optimizer.decay.num_restarts"].startswith("same")  # 1 restart = one cycle
+    assert "never accumulated" in reasons["train_settings.grad_accumulation"]
     s = convert_text(SUPCON).dropped
     assert "'sgd' is not available" in s["optimizer.name"]
     assert "precomputed protein embeddings" in s["supcon.skip_esm"]
