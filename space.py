@@ -157,9 +157,10 @@ def centroid_metrics(labels: np.ndarray, distances: np.ndarray, thresholds: np.n
             "macro_average_precision": scores["macro_average_precision"], "macro_roc_auc": scores["macro_roc_auc"]}
 
 
-def space_metrics(train: tuple, valid: tuple, test: tuple, k: int = KNN_K) -> dict:
-    """Metrics of one embedding space on the test split; each argument is (embeddings [N, d], labels [N, 8])."""
-    fitted = fit(*train, *valid)
+def space_metrics(train: tuple, valid: tuple, test: tuple, k: int = KNN_K, fitted: dict | None = None) -> dict:
+    """Metrics of one embedding space on the test split; each of train, valid, test is (embeddings
+    [N, d], labels [N, 8]); fitted: fit()'s result on train and valid when already computed."""
+    fitted = fitted or fit(*train, *valid)
     test_emb, test_labels = test
     silhouettes = class_silhouettes(test_emb, test_labels)
     defined = [v for v in silhouettes.values() if v is not None]

@@ -572,8 +572,8 @@ def final_test(model, datasets, config, device, ckpt_dir: Path, state: dict, log
                    "thresholds": dict(zip(CLASSES, map(float, thresholds))),
                    "tuned": {k: tuned[k] for k in ("macro_f1", "macro_mcc", "per_class", "subset_accuracy", "jaccard")},
                    "valid": {k: valid_scores[k] for k in ("macro_f1", "macro_mcc")},
-                   "space": {name: space.space_metrics(*[(out[name], out["labels"]) for out in (train_out, valid, test)])
-                             for name in centroids}})
+                   "space": {name: space.space_metrics(*[(out[name], out["labels"]) for out in (train_out, valid, test)],
+                                                       fitted=fitted) for name, fitted in centroids.items()}})
     write_text_atomic(Path(config.run_dir) / "test_metrics.json", json.dumps(result, indent=2))
     if best is not None:
         best["thresholds"], best["centroids"] = result["thresholds"], centroids
