@@ -289,8 +289,8 @@ def transformer_layer(layer, x: torch.Tensor, keep: torch.Tensor | None) -> torc
     q, k, v = split(attn.q_proj(h) * attn.scaling), split(attn.k_proj(h)), split(attn.v_proj(h))
     if attn.rot_emb is not None:
         q, k = attn.rot_emb(q, k)
-    with sdpa_kernel(ATTENTION_BACKENDS):
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1.0)  # q is pre-scaled
+    with sdpa_kernel(ATTENTION_BACKENDS):  # here, not around the layer loop: activation checkpointing
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1.0)  # recomputes outside that loop
     x = x + attn.out_proj(o.transpose(1, 2).reshape(B, T, d))
     return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
 
