@@ -86,22 +86,26 @@ def classification_metrics(y_true, y_prob, thresholds=None):
     return out
 
 
+def mcc_at_thresholds(y, score, candidates):
+    """MCC of predicting score >= t, for each candidate t: y bool [N], score float [N], candidates [K] -> [K].
+    One sort and cumulative counts, not a [K, N] prediction matrix."""
+    n_pos = int(y.sum())
+    order = np.argsort(score, kind="stable")
+    pos_cum = np.concatenate([[0], np.cumsum(y[order])])
+    below = np.searchsorted(score[order], candidates, side="left")  # samples with score < t
+    tp = (n_pos - pos_cum[below]).astype(float)
+    fp = len(score) - below - tp
+    return _confusion_scores(tp, fp, n_pos - tp, len(score) - n_pos - fp)[3]
+
+
 def _best_threshold(y, p):
     """MCC-optimal threshold for one class. y: bool [N], p: float [N] -> float."""
     n_pos = int(y.sum())
     if n_pos == 0 or n_pos == len(y):
         return 0.5
-    order = np.argsort(p, kind="stable")
-    p_sorted, pos_cum = p[order], np.concatenate([[0], np.cumsum(y[order])])
-    u = np.unique(p_sorted)
+    u = np.unique(p)
     cand = np.concatenate([(u[:-1] + u[1:]) / 2, [0.5]])
-    below = np.searchsorted(p_sorted, cand, side="left")  # samples with p < t
-    n_pred = len(p) - below
-    tp = (n_pos - pos_cum[below]).astype(float)
-    fp = n_pred - tp
-    fn = n_pos - tp
-    tn = len(p) - n_pos - fp
-    mcc = _confusion_scores(tp, fp, fn, tn)[3]
+    mcc = mcc_at_thresholds(y, p, cand)
     ok = mcc >= mcc.max() - 1e-12  # ties (up to rounding) -> closest to 0.5
     idx = np.flatnonzero(ok)[np.argmin(np.abs(cand[ok] - 0.5))]
     return float(cand[idx])

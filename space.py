@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from data import CLASSES
-from metrics import _confusion_scores, classification_metrics
+from metrics import classification_metrics, mcc_at_thresholds
 
 KNN_K = 5  # odd: a majority vote per class never ties
 MAXSEP_NEAREST_ONLY = 5  # a cut at 0-based rank >= 5 (the 6th distance or later): only the nearest class
@@ -77,12 +77,7 @@ def best_threshold(y: np.ndarray, score: np.ndarray) -> float:
         return float("-inf")
     u = np.unique(score)
     candidates = np.concatenate([[u[0] - 1.0], (u[:-1] + u[1:]) / 2, [u[-1] + 1.0]])
-    pred = score[None, :] >= candidates[:, None]
-    tp = (pred & y).sum(1).astype(float)
-    fp = (pred & ~y).sum(1).astype(float)
-    fn = y.sum() - tp
-    tn = (~y).sum() - fp
-    mcc = _confusion_scores(tp, fp, fn, tn)[3]
+    mcc = mcc_at_thresholds(y, score, candidates)
     return float(candidates[np.flatnonzero(mcc >= mcc.max() - 1e-12)[-1]])
 
 
