@@ -6,6 +6,7 @@ Classes (index order, upstream's order without "Other"; a protein with no class 
 """
 from __future__ import annotations
 
+import itertools
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -144,23 +145,40 @@ def make_protein(entry, raw_sequence, motif, where: str) -> Protein:
 
 
 # --------------------------------------------------------------------------- files
-def read_csv_file(path: Path) -> list[Protein]:
-    """A MUTarget / TargetP style CSV with columns Entry, MOTIF, Sequence (others ignored)."""
+def iter_csv(path: Path, rows_per_read: int = 10000):
+    """Rows of a MUTarget / TargetP style CSV (columns Entry, MOTIF, Sequence; others ignored) one by
+    one as (entry, motif, raw sequence, line), read rows_per_read rows at a time. Errors: missing
+    file, unreadable CSV, missing columns, empty Entry."""
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        pieces = iter(pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=rows_per_read))
+        first = next(pieces, None)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a readable CSV file ({err})") from None
-    missing = [c for c in ("Entry", "MOTIF", "Sequence") if c not in df.columns]
+    if first is None:
+        return
+    missing = [c for c in ("Entry", "MOTIF", "Sequence") if c not in first.columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, df.columns))}")
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, first.columns))}")
+    row = 2
+    try:
+        for df in itertools.chain([first], pieces):
+            for entry, motif, seq in zip(df["Entry"], df["MOTIF"], df["Sequence"]):
+                entry = entry.strip()
+                if not entry:
+                    raise DataError(f"{path}: line {row}: empty Entry")
+                yield entry, motif, seq, row
+                row += 1
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a readable CSV file ({err})") from None
+
+
+def read_csv_file(path: Path) -> list[Protein]:
+    """A MUTarget / TargetP style CSV with columns Entry, MOTIF, Sequence (others ignored)."""
     proteins, seen = [], {}
-    for row, (entry, motif, seq) in enumerate(zip(df["Entry"], df["MOTIF"], df["Sequence"]), start=2):
-        entry = entry.strip()
+    for entry, motif, seq, row in iter_csv(path):
         where = f"{path}: line {row}, entry {entry!r}"
-        if not entry:
-            raise DataError(f"{path}: line {row}: empty Entry")
         if entry in seen:
             raise DataError(f"{where}: duplicate entry (first at line {seen[entry]})")
         seen[entry] = row

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import pandas as pd
 
 import data
 from data import DataError
@@ -68,33 +67,12 @@ def fasta_records(path: Path) -> Iterator[Record]:
 
 
 def csv_records(path: Path, rows_per_read: int = 10000) -> Iterator[Record]:
-    """Rows of a labelled CSV (columns Entry, MOTIF, Sequence; others ignored), read in pieces of
-    rows_per_read rows, with the errors of data.read_csv_file."""
-    try:
-        reader = pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=rows_per_read)
-        pieces = iter(reader)
-        first = next(pieces, None)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a readable CSV file ({err})") from None
-    if first is None:
-        raise DataError(f"{path}: no proteins")
-    missing = [c for c in ("Entry", "MOTIF", "Sequence") if c not in first.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, first.columns))}")
-    row, n = 2, 0
-    try:
-        for df in itertools.chain([first], pieces):
-            for entry, motif, seq in zip(df["Entry"], df["MOTIF"], df["Sequence"]):
-                entry = entry.strip()
-                if not entry:
-                    raise DataError(f"{path}: line {row}: empty Entry")
-                n += 1
-                yield Record(entry, motif, seq, row, f"{path}: line {row}, entry {entry!r}")
-                row += 1
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a readable CSV file ({err})") from None
+    """Rows of a labelled CSV (columns Entry, MOTIF, Sequence; others ignored) one by one, read in
+    pieces of rows_per_read rows, with the errors of data.iter_csv; no row at all is an error too."""
+    n = 0
+    for entry, motif, seq, row in data.iter_csv(path, rows_per_read):
+        n += 1
+        yield Record(entry, motif, seq, row, f"{path}: line {row}, entry {entry!r}")
     if n == 0:
         raise DataError(f"{path}: no proteins")
 
