@@ -279,6 +279,12 @@ def run_inference(model, dataset, batch_size: int, device, amp: str = "none", ma
             "targets": [p.targets for p in dataset.proteins], "target_masks": masks}
 
 
+def evaluate(model, dataset, config, device) -> dict:
+    """run_inference with the run's settings: train.eval_batch_size, train.amp, data.max_len / overlap."""
+    return run_inference(model, dataset, config.train.eval_batch_size, device, config.train.amp,
+                         config.data.max_len, config.data.overlap)
+
+
 def score(outputs: dict, thresholds=None) -> dict:
     """Protein-level and residue-level metrics of run_inference outputs."""
     m = classification_metrics(outputs["labels"], outputs["probs"], thresholds)
@@ -441,8 +447,7 @@ def end_epoch(model, valid_set, config, device, epoch: int, phase: str, stats: d
               training: dict, start: float, log) -> dict:
     """Validate, select on val macro-MCC (after the warm start), log, write metrics.jsonl and
     checkpoints (last.pt; best.pt when improved). Returns the updated state."""
-    val = score(run_inference(model, valid_set, config.train.eval_batch_size, device, config.train.amp,
-                              config.data.max_len, config.data.overlap))
+    val = score(evaluate(model, valid_set, config, device))
     selectable = phase != "warm_start"  # model selection starts after the warm start
     improved = selectable and val["macro_mcc"] > state["best_metric"]
     state = {**state, "epoch": epoch + 1, "bad_epochs": 0 if improved else state["bad_epochs"] + selectable}
@@ -500,8 +505,7 @@ def distance_map_of(model, proteins, config, device, key: str) -> dict:
     """Class distance map from the model's `key` embeddings ('pooled' or 'projection') of
     `proteins`, each once and unmutated (never the training set's augmented items or copies)."""
     plain = LocalizationDataset(proteins, "train")
-    out = run_inference(model, plain, config.train.eval_batch_size, device, config.train.amp,
-                        config.data.max_len, config.data.overlap)
+    out = evaluate(model, plain, config, device)
     return class_distance_map(out[key], plain.labels)
 
 
@@ -559,12 +563,10 @@ def final_test(model, datasets, config, device, ckpt_dir: Path, state: dict, log
         load_model_state(model, best["model"], best_path)
     else:
         log.warning("no checkpoint was written (0 epochs?): evaluating the current model")
-    infer = dict(batch_size=config.train.eval_batch_size, device=device, amp=config.train.amp,
-                 max_len=config.data.max_len, overlap=config.data.overlap)
-    valid = run_inference(model, datasets["valid"], **infer)
+    valid = evaluate(model, datasets["valid"], config, device)
     thresholds = tune_thresholds(valid["labels"], valid["probs"])
     valid_scores = score(valid)
-    test = run_inference(model, datasets["test"], **infer)
+    test = evaluate(model, datasets["test"], config, device)
     result = score(test)
     tuned = score(test, thresholds)
     centroids, train_out = fit_centroids(model, datasets["train"].proteins, valid, config, device)
@@ -593,8 +595,7 @@ def fit_centroids(model, train_proteins, valid_out: dict, config, device) -> tup
     tuned on validation, per embedding space ('pooled', and 'projection' with a projection head):
     ({space: {'centres' [8, d], 'counts' [8], 'thresholds' [8]}}, run_inference outputs of the training split)."""
     plain = LocalizationDataset(train_proteins, "train")
-    train_out = run_inference(model, plain, config.train.eval_batch_size, device, config.train.amp,
-                              config.data.max_len, config.data.overlap)
+    train_out = evaluate(model, plain, config, device)
     spaces = ["pooled"] + (["projection"] if model.projection is not None else [])
     return {name: space.fit(train_out[name], train_out["labels"], valid_out[name], valid_out["labels"])
             for name in spaces}, train_out

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import DataError, build_datasets  # noqa: E402
 from model import Encoder, load_model_state  # noqa: E402
-from train import fit_centroids, resolve_device, run_inference  # noqa: E402
+from train import evaluate, fit_centroids, resolve_device  # noqa: E402
 from utils import CheckpointError, ConfigError, load_checkpoint, resolve_config, save_checkpoint  # noqa: E402
 from weights import WeightsError  # noqa: E402
 
@@ -33,8 +33,7 @@ def add_centroids(path: Path, data_root: str | None, device) -> dict:
     load_model_state(model, ckpt["model"], path)
     model.to(device).eval()
     datasets = build_datasets(config)
-    valid = run_inference(model, datasets["valid"], config.train.eval_batch_size, device, config.train.amp,
-                          config.data.max_len, config.data.overlap)
+    valid = evaluate(model, datasets["valid"], config, device)
     ckpt["centroids"], _ = fit_centroids(model, datasets["train"].proteins, valid, config, device)
     save_checkpoint(ckpt, path)
     return ckpt["centroids"]
