@@ -804,7 +804,7 @@ def _synthetic_protein(rng: np.random.Generator, kind: str):
         return "L" + pick("EDQS", 3) + "L" + pick("EDQS", 2) + "L" + pick("EDQS", 1) + "I"
 
     length = int(rng.integers(50, 160))
-    parts, motifs = [], []
+    motifs = []
     nterm = ""
     if kind in ("SIGNAL", "ER"):
         nterm = signal_peptide()

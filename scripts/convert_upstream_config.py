@@ -355,7 +355,7 @@ def convert_optimizer(c: Conversion) -> None:
     for key, default in (("beta_1", 0.9), ("beta_2", 0.999)):
         if c.has(opt + key):
             same = c.number(opt + key) == default
-            c.drop(opt + key, f"same: AdamW's {default} here" if same else f"AdamW's betas are fixed at (0.9, 0.999) here")
+            c.drop(opt + key, f"same: AdamW's {default} here" if same else "AdamW's betas are fixed at (0.9, 0.999) here")
     c.drop(opt + "use_8bit_adam", "8-bit Adam is not supported")
     mode = c.raw(opt + "mode", "cosine")
     if mode == "skip":  # upstream: no scheduler, a constant learning rate
