@@ -86,8 +86,8 @@ def centroid_fields(distances: np.ndarray, motif: np.ndarray, centroid: Centroid
 def make_record(entry: str, result, method: str, thresholds, centroid: Centroid | None) -> dict:
     """A protein's record for predict.py --method head | centroid | both: the heads' fields at the top
     (head, both) and the centroid prediction under 'centroid' (centroid, both)."""
-    head = protein_record(entry, result.probs, result.motif, thresholds)
-    record = head if method != "centroid" else {"id": head["id"], "length": head["length"]}
+    record = (protein_record(entry, result.probs, result.motif, thresholds) if method != "centroid"
+              else {"id": entry, "length": int(result.motif.shape[1])})
     if method != "head":
         record["centroid"] = centroid_fields(result.distances, result.motif, centroid)
     return record
