@@ -19,7 +19,9 @@ S_silhouette {class}; and DIR/cv_summary.md (a Markdown table).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import operator
 import statistics
 import sys
 import time
@@ -63,10 +65,7 @@ def space_metrics(space: dict) -> dict:
     for name in SPACES:
         m = space.get(name)
         for key, path in figures.items():
-            value = m
-            for step in path if m is not None else ():
-                value = value[step]
-            out[f"{name}_{key}"] = value
+            out[f"{name}_{key}"] = None if m is None else functools.reduce(operator.getitem, path, m)
         out[f"{name}_silhouette"] = {c: None if m is None else m["silhouette"][c] for c in CLASSES}
     return out
 
