@@ -98,7 +98,7 @@ def run_mode(mode: str, data_root, seconds: float, device: str) -> dict:
             torch.cuda.synchronize()
         t2 = time.perf_counter()
         if step == 0:  # warm-up step: not counted
-            model.token_counts.update(tokens=0, padding=0)
+            model.token_counts.update(dict.fromkeys(model.token_counts, 0))
             continue
         data_time, step_time = data_time + t1 - t0, step_time + t2 - t1
         anchors, steps = anchors + batch["labels"].shape[0], steps + 1
