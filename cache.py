@@ -6,14 +6,17 @@ the window it was computed from, under a folder named by the frozen weights them
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from data import PAD_IDX
-from utils import write_atomic
+from utils import WriteError, remove_stale_temps, write_atomic
 
 
 class FrozenCache:
@@ -33,7 +36,12 @@ class FrozenCache:
         if path is None:
             self.store = torch.from_numpy(np.zeros((total, dim), dtype=np_dtype))
         else:
-            self.store = torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=(total, dim)))
+            try:
+                store = np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=(total, dim))
+                reserve(path)
+            except OSError as err:
+                raise WriteError(f"{path}: cannot write the frozen-layer cache ({total * dim * np.dtype(np_dtype).itemsize / 1e9:.2f} GB): {err.strerror or err}") from None
+            self.store = torch.from_numpy(store)
         self.filled = set()
         self.hits = self.misses = 0
 
@@ -57,6 +65,18 @@ class FrozenCache:
         return x.to(tokens.device, non_blocking=True)
 
 
+def reserve(path) -> None:
+    """Allocate the blocks of a (sparse) file now: on a full disk a memory-mapped file fails later with
+    SIGBUS, in the middle of an epoch; reserved, it fails here with ENOSPC. File systems that cannot
+    reserve are left as they are."""
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.path.getsize(path))
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise
+
+
 class DiskCache:
     """Frozen-layer outputs shared across runs: `root/<model key>/<ab>/<window key>.npy`, [width, d]
     (BOS .. EOS) in `dtype`.
@@ -74,9 +94,16 @@ class DiskCache:
 
     def __init__(self, root, model_key: str, dtype: str = "float16"):
         self.folder = Path(root) / model_key
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise WriteError(f"{self.folder}: cannot create the frozen-layer cache folder: {err.strerror}") from None
         self.dtype = {"float16": np.float16, "float32": np.float32}[dtype]
         self.hits = self.misses = 0
+        stale = remove_stale_temps(self.folder)  # entries are written here first, then renamed into <ab>/
+        if stale:
+            logging.getLogger("mutarget").info("frozen-layer cache: removed %d temporary file(s) of killed runs",
+                                               len(stale))
 
     @staticmethod
     def window_key(tokens: np.ndarray) -> str:
@@ -94,7 +121,7 @@ class DiskCache:
         found = {}
         for w, key in enumerate(window_keys):
             try:
-                values = np.load(self.path(key))
+                values = np.load(self.path(key), allow_pickle=False)
             except (OSError, ValueError, EOFError):  # absent, or unreadable: computed and written again
                 continue
             if values.ndim == 2 and values.shape[0] == widths[w] and values.dtype == self.dtype:
@@ -117,7 +144,7 @@ class DiskCache:
         def write(tmp):
             with open(tmp, "wb") as handle:
                 np.save(handle, values)
-        write_atomic(self.path(key), write)
+        write_atomic(self.path(key), write, temp_folder=self.folder)  # one folder to clean after a kill
 
 
 def model_key(backbone, first_trainable: int, fused_attention: bool, precision, storage: str, device_type: str) -> str:

@@ -7,6 +7,8 @@ Classes (index order, upstream's order without "Other"; a protein with no class 
 from __future__ import annotations
 
 import itertools
+import json
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -735,16 +737,50 @@ class ContrastSampler:
         return out
 
 
+def read_distance_map(path) -> dict:
+    """A class distance map file (JSON {class: {class: distance or null}}, as build_distance_map.py and
+    train.py write it), checked: DataError naming the file and the entry on anything else."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+        tree = json.loads(text)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the class distance map ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a class distance map: not UTF-8 text (a binary file?)") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not a class distance map: invalid JSON ({err})") from None
+    check_distance_map(tree, str(path))
+    return tree
+
+
+def check_distance_map(tree, where: str) -> None:
+    """DataError unless `tree` is {class: {class: non-negative finite number or null}} over MAP_CLASSES."""
+    if not isinstance(tree, dict) or not tree:
+        raise DataError(f"{where}: a class distance map must be a JSON object {{class: {{class: distance}}}}, got "
+                        f"{type(tree).__name__}")
+    for a, row in tree.items():
+        if a not in MAP_CLASSES:
+            raise DataError(f"{where}: unknown class {a!r}; known: {', '.join(MAP_CLASSES)}")
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: entry {a!r} must be an object {{class: distance}}, got {type(row).__name__}")
+        for b, value in row.items():
+            if b not in MAP_CLASSES:
+                raise DataError(f"{where}: entry {a!r}: unknown class {b!r}; known: {', '.join(MAP_CLASSES)}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if value is not None and not (number and math.isfinite(value) and value >= 0):
+                raise DataError(f"{where}: entry {a!r} -> {b!r}: a distance must be a number >= 0 or null, "
+                                f"got {value!r}")
+
+
 def distance_matrix(distance_map: dict) -> np.ndarray:
     """{class: {class: distance}} (JSON of build_distance_map) -> [9, 9] (Other last); missing = inf."""
+    check_distance_map(distance_map, "distance map")
     names = MAP_CLASSES
-    unknown = sorted(set(distance_map) - set(names))
-    if unknown:
-        raise DataError(f"distance map: unknown class(es) {', '.join(unknown)}; known: {', '.join(names)}")
     d = np.full((len(names), len(names)), np.inf)
     for a, row in distance_map.items():
         for b, value in row.items():
-            if b in names and value is not None:
+            if value is not None:
                 d[names.index(a), names.index(b)] = float(value)
     return d
 

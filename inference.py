@@ -26,9 +26,10 @@ import torch.distributed as dist
 import data
 from data import CLASSES
 from model import Encoder, load_model_state
+from release import Trained, from_checkpoint
 from space import centre_distances
 from train import autocast
-from utils import load_checkpoint, resolve_config
+from utils import resolve_config
 
 WIDTH_STEP = 32  # window widths (tokens, BOS and EOS included) are rounded up to a multiple of this
 MIN_ROWS = 256  # head inputs are padded to at least this many rows
@@ -40,24 +41,23 @@ class PredictError(ValueError):
 
 
 # --------------------------------------------------------------------------- checkpoints
-def read_checkpoint(path, need_thresholds: bool):
-    """(checkpoint dict, stored config, thresholds [8] or None), checked against this code."""
-    ckpt = load_checkpoint(path, ("model", "config", "arch", "classes"))  # unreadable: CheckpointError
-    if list(ckpt["classes"]) != CLASSES:
-        raise PredictError(f"{path}: checkpoint classes {list(ckpt['classes'])} differ from {CLASSES}")
+def checked_config(trained: Trained, need_thresholds: bool):
+    """(stored config, thresholds [8] or None) of a trained model, checked against this code."""
+    if trained.classes != CLASSES:
+        raise PredictError(f"{trained.name}: classes {trained.classes} differ from {CLASSES}")
     thresholds = None
     if need_thresholds:
-        stored = ckpt.get("thresholds") or {}
+        stored = trained.thresholds or {}
         if set(stored) != set(CLASSES):
-            raise PredictError(f"{path}: no tuned thresholds stored (only best.pt of a finished run has "
+            raise PredictError(f"{trained.name}: no tuned thresholds stored (only best.pt of a finished run has "
                                f"them); drop --tuned-thresholds")
         thresholds = np.array([stored[c] for c in CLASSES], dtype=np.float64)
-    return ckpt, resolve_config(ckpt["config"], where=f"{path} (stored config)"), thresholds
+    return resolve_config(trained.config, where=f"{trained.name} (stored config)"), thresholds
 
 
-def load_model(path, ckpt, config, device) -> Encoder:
-    model = Encoder(config, arch=ckpt["arch"])
-    load_model_state(model, ckpt["model"], path)  # weights that do not fit: ConfigError naming the file
+def load_model(trained: Trained, config, device) -> Encoder:
+    model = Encoder(config, arch=trained.arch)
+    load_model_state(model, trained.state, trained.name)  # weights that do not fit: ConfigError naming the file
     return model.to(device).eval()
 
 
@@ -72,24 +72,31 @@ class Member:
     thresholds: np.ndarray | None
     centroids: dict | None = None  # train.py's class centres per embedding space (best.pt), if stored
     space: str | None = None  # the space of centroid prediction, set by use_centroids
+    checkpoint: str | None = None  # the train.py checkpoint it came from (None: a release folder)
 
 
 def load_ensemble(paths, device, tuned: bool = False) -> list[Member]:
-    """Every checkpoint loaded once. All must be readable and agree on the classes (checked against
-    this code's) and on the windowing (data.max_len, data.overlap: the windows are built once per
-    batch for all of them); errors name the file."""
+    """build_ensemble of train.py checkpoints."""
+    return build_ensemble((from_checkpoint(path) for path in paths), device, tuned)
+
+
+def build_ensemble(models, device, tuned: bool = False) -> list[Member]:
+    """Every trained model (release.Trained, from checkpoints or a release folder; read one at a time)
+    loaded once. All must agree on the classes (checked against this code's) and on the windowing
+    (data.max_len, data.overlap: the windows are built once per batch for all of them); errors name the
+    file."""
     members = []
-    for path in paths:
-        ckpt, config, thresholds = read_checkpoint(path, tuned)
+    for trained in models:
+        config, thresholds = checked_config(trained, tuned)
         window = (config.data.max_len, config.data.overlap)
         if members and window != (members[0].max_len, members[0].overlap):
             first = members[0]
-            raise PredictError(f"{path}: windowing data.max_len={window[0]}, data.overlap={window[1]} differs from "
-                               f"{first.path} (data.max_len={first.max_len}, data.overlap={first.overlap}); "
+            raise PredictError(f"{trained.name}: windowing data.max_len={window[0]}, data.overlap={window[1]} differs "
+                               f"from {first.path} (data.max_len={first.max_len}, data.overlap={first.overlap}); "
                                f"the checkpoints of an ensemble must share it")
-        members.append(Member(str(path), load_model(path, ckpt, config, device), *window, thresholds,
-                              ckpt.get("centroids")))
-        del ckpt
+        members.append(Member(trained.name, load_model(trained, config, device), *window, thresholds,
+                              trained.centroids, checkpoint=trained.checkpoint))
+        del trained
     return members
 
 
@@ -104,9 +111,10 @@ def use_centroids(members: list[Member], space: str) -> str:
             raise PredictError(f"{m.path}: --space projection, but this model has no projection head (it was "
                                f"trained without SupCon); use --space pooled")
         if not m.centroids or space not in m.centroids:
+            fix = (f"add them with: python scripts/add_centroids.py {m.checkpoint}" if m.checkpoint else
+                   "add them to its checkpoint with scripts/add_centroids.py and export the model again")
             raise PredictError(f"{m.path}: no class centres of the {space} space stored (checkpoints written before "
-                               f"train.py stored them, or last.pt); add them with: python scripts/add_centroids.py "
-                               f"{m.path}")
+                               f"train.py stored them, or last.pt); {fix}")
         m.space = space
     return space
 

@@ -1,7 +1,8 @@
 """Evaluation metrics for multi-label targeting-signal prediction.
 
 Protein level: per-class precision / recall / F1 / MCC / ROC-AUC / AP, macro
-averages, subset accuracy and sample Jaccard; MCC-optimal threshold tuning.
+averages over the classes the set holds, subset accuracy and sample Jaccard; MCC-optimal
+threshold tuning.
 Residue level: site accuracy (exact and +-2) for site classes and IoU for
 segment classes, on true-positive proteins only.
 All returned dicts hold plain Python floats / ints / None (JSON-safe).
@@ -49,7 +50,12 @@ def classification_metrics(y_true, y_prob, thresholds=None):
 
     y_true: int [N, C] 0/1; y_prob: float [N, C]; thresholds: float [C] or None (0.5).
     A class is predicted when y_prob >= threshold.
-    Returns {"per_class": {name: {...}}, "macro_*": ..., "subset_accuracy", "jaccard"}.
+    Macro averages run over the classes the set holds (at least one true protein): an external set
+    (TargetP, DeepLoc) holds a few of the eight. A class it does not hold gets null precision, recall,
+    F1 and MCC, and is listed in "absent_classes"; "predicted_absent" counts the proteins predicted
+    with such a class (false positives no per-class figure can show).
+    Returns {"per_class": {name: {...}}, "macro_*": ..., "absent_classes", "predicted_absent",
+    "subset_accuracy", "jaccard"}.
     """
     y_true, y_prob = _check(y_true, y_prob)
     y_prob = y_prob.astype(float)
@@ -63,16 +69,18 @@ def classification_metrics(y_true, y_prob, thresholds=None):
     tn = (~pred & ~y_true).sum(0).astype(float)
     precision, recall, f1, mcc = _confusion_scores(tp, fp, fn, tn)
 
+    present = y_true.any(0)  # classes the set holds: at least one true protein
     per_class = {}
     for c, name in enumerate(CLASSES):
         both = 0 < y_true[:, c].sum() < len(y_true)  # AUC/AP need both label values
+        scores = {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
+                  "mcc": float(mcc[c])} if present[c] else dict.fromkeys(("precision", "recall", "f1", "mcc"))
         per_class[name] = {
-            "precision": float(precision[c]), "recall": float(recall[c]),
-            "f1": float(f1[c]), "mcc": float(mcc[c]),
+            **scores,
             "roc_auc": _num(roc_auc_score(y_true[:, c], y_prob[:, c])) if both else None,
             "average_precision": (_num(average_precision_score(y_true[:, c], y_prob[:, c]))
                                   if both else None),
-            "threshold": float(thr[c]), "support": int(y_true[:, c].sum()),
+            "threshold": float(thr[c]), "support": int(y_true[:, c].sum()), "predicted": int(pred[:, c].sum()),
         }
 
     inter = (pred & y_true).sum(1)
@@ -81,6 +89,8 @@ def classification_metrics(y_true, y_prob, thresholds=None):
     out = {"per_class": per_class}
     for key in ["precision", "recall", "f1", "mcc", "roc_auc", "average_precision"]:
         out["macro_" + key] = _mean_defined([m[key] for m in per_class.values()])
+    out["absent_classes"] = [name for c, name in enumerate(CLASSES) if not present[c]]
+    out["predicted_absent"] = int(pred[:, ~present].any(1).sum())  # proteins given a class the set does not hold
     out["subset_accuracy"] = float((pred == y_true).all(1).mean()) if len(y_true) else 0.0
     out["jaccard"] = float(jac.mean()) if len(y_true) else 0.0
     return out

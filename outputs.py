@@ -25,7 +25,7 @@ import numpy as np
 
 from data import CLASS_INDEX, CLASSES, SEGMENT_CLASSES, SITE_CLASSES
 from space import max_separation
-from utils import new_temp_file
+from utils import new_temp_file, remove_stale_temps
 
 # GFF3 feature type per class: Sequence Ontology terms (so.obo): signal_peptide SO:0000418,
 # transit_peptide SO:0000725, ER_retention_signal SO:0001806, nuclear_localization_signal SO:0001528,
@@ -102,12 +102,18 @@ class Staging:
         self.scratch = []  # temporary files that never become outputs
         self.handles = []
         self.created = []  # folders this run created, parents first
+        self.cleaned = set()  # existing folders already rid of stale temporary files
 
     def _folder(self, folder: Path) -> None:
+        """Create `folder` if missing (remembered for abort); in an existing one, remove the temporary
+        files that killed runs left (utils.remove_stale_temps)."""
         missing, p = [], folder.absolute()
         while not p.exists():
             missing.append(p)
             p = p.parent
+        if not missing and p not in self.cleaned:
+            self.cleaned.add(p)
+            remove_stale_temps(p)
         folder.mkdir(parents=True, exist_ok=True)
         self.created += reversed(missing)
 

@@ -1,6 +1,6 @@
 """Predict targeting signals with train.py checkpoints; several checkpoints form an ensemble.
 
-python predict.py --checkpoint CKPT [CKPT ...] (--fasta IN.fa | --csv LABELLED.csv)
+python predict.py (--checkpoint CKPT [CKPT ...] | --model DIR) (--fasta IN.fa | --csv LABELLED.csv)
                   [--out OUT.json | OUT.jsonl] [--tsv OUT.tsv] [--gff3 OUT.gff3] [--embeddings OUT.npz]
                   [--plot-dir DIR [--plot-limit N | --plot-ids ID ...]] [--metrics METRICS.json]
                   [--skip-invalid [--skipped FILE]] [--chunk-size 1000] [--max-tokens 16384]
@@ -33,8 +33,11 @@ def positive_int(text: str) -> int:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT",
-                   help="train.py checkpoint(s) (best.pt / last.pt); several are averaged")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", nargs="+", metavar="CKPT",
+                       help="train.py checkpoint(s) (best.pt / last.pt); several are averaged")
+    model.add_argument("--model", metavar="DIR",
+                       help="a model folder written by scripts/export_model.py (one model or an ensemble)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--fasta", help="sequences to predict")
     source.add_argument("--csv", help="labelled MUTarget / TargetP CSV (Entry, MOTIF, Sequence)")

@@ -19,6 +19,7 @@ projection head's output, [N, k], when the model has one).
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from data import CLASSES
 from metrics import classification_metrics, mcc_at_thresholds
@@ -129,6 +130,20 @@ def fit(train_emb: np.ndarray, train_labels: np.ndarray, valid_emb: np.ndarray, 
     thresholds = tune_distance_thresholds(valid_labels, centre_distances(valid_emb, centres))
     thresholds[~np.isfinite(centres).all(1)] = -np.inf  # a class without training proteins: never predicted
     return {"centres": centres, "counts": train_labels.astype(bool).sum(0), "thresholds": thresholds}
+
+
+def to_stored(fitted: dict) -> dict:
+    """fit()'s results per space, {space: {'centres', 'counts', 'thresholds'}}, as a checkpoint stores them:
+    tensors, which torch.load(weights_only=True) reads (it reads no NumPy arrays)."""
+    return {name: {k: torch.from_numpy(np.asarray(v)) for k, v in f.items()} for name, f in fitted.items()}
+
+
+def from_stored(stored: dict | None) -> dict | None:
+    """A checkpoint's class centres (to_stored) as NumPy arrays again; None stays None."""
+    if stored is None:
+        return None
+    return {name: {k: v.numpy() if torch.is_tensor(v) else np.asarray(v) for k, v in f.items()}
+            for name, f in stored.items()}
 
 
 def finite_or_none(value) -> float | None:

@@ -33,13 +33,14 @@ from data import CLASSES, DataError
 from inference import (
     PredictError,
     autocast_dtype,
+    build_ensemble,
     centroid_thresholds,
     embedding_dims,
     ensemble_thresholds,
-    load_ensemble,
     predict_chunk,
     use_centroids,
 )
+from release import read_models
 from space import centroid_metrics
 from train import init_distributed, score
 from utils import Config
@@ -208,7 +209,7 @@ def run(args, rank: int, world: int, device) -> None:
         raise DataError(f"{source.path}: no record left to predict ({len(scan.skipped)} skipped)")
     if args.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise PredictError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bfloat16")
-    members = load_ensemble(args.checkpoint, device, args.tuned_thresholds)
+    members = build_ensemble(read_models(args.checkpoint, args.model), device, args.tuned_thresholds)
     thresholds = ensemble_thresholds(members, args.tuned_thresholds)
     centroid = None
     if args.method != "head":
@@ -241,7 +242,7 @@ def run(args, rank: int, world: int, device) -> None:
         if rank == 0:
             if labelled is not None:
                 metrics = score(labelled.as_outputs(), thresholds if args.tuned_thresholds else None)
-                metrics.update(n_proteins=len(labelled.probs), checkpoints=[str(p) for p in args.checkpoint],
+                metrics.update(n_proteins=len(labelled.probs), checkpoints=[m.path for m in members],
                                thresholds=dict(zip(CLASSES, map(float, thresholds))))
                 if centroid is not None:  # centroid prediction scored too (space.py)
                     metrics["centroid"] = {"space": centroid.space, **centroid_metrics(

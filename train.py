@@ -24,15 +24,15 @@ import tblog
 from adapters import is_peft_parameter
 from cache import DiskCache, FrozenCache, model_key
 from data import (CLASSES, FALLBACKS, Collate, DataError, EpochShuffleSampler, LengthBucketSampler,
-                  LocalizationDataset, RankSlice, build_datasets, class_distance_map, length_sorted_batches, window_starts)
+                  LocalizationDataset, RankSlice, build_datasets, class_distance_map, length_sorted_batches, read_distance_map,
+                  window_starts)
 from loss import ClassLoss, MotifLoss, class_weights, contrastive_loss, motif_pos_weights
 from metrics import classification_metrics, format_table, residue_metrics, tune_thresholds
 from model import Encoder, backbone_arch, load_model_state
 from throughput import epoch_speed
-from utils import (CheckpointError, ConfigError, load_checkpoint, load_config, resolve_config, rng_state,
-                   save_checkpoint, seed_everything, set_rng_state, setup_logging, warn_thread_oversubscription,
-                   write_text_atomic, write_yaml)
-from weights import WeightsError
+from utils import (ConfigError, load_checkpoint, load_config, log_to_file, remove_stale_temps, resolve_config,
+                   rng_state, save_checkpoint, seed_everything, set_rng_state, setup_logging,
+                   warn_thread_oversubscription, write_atomic, write_text_atomic, write_yaml)
 
 
 def parse_args(argv=None):
@@ -300,8 +300,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (ConfigError, DataError, WeightsError, FileNotFoundError, CheckpointError) as err:
+    except (ConfigError, DataError, OSError) as err:  # OSError: WeightsError, CheckpointError, WriteError, ...
         print(f"error: {err}", file=sys.stderr)
+        log_to_file(f"error: {err}")
         return 2
     finally:
         if dist.is_available() and dist.is_initialized():
@@ -344,6 +345,8 @@ def run(args) -> int:
     if main_process:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         log = setup_logging(run_dir)
+        for stale in remove_stale_temps(run_dir) + remove_stale_temps(run_dir / "checkpoints"):
+            log.info("removed %s, a temporary file left by a killed run", stale)
         write_yaml(run_dir / "config.yaml", config.to_dict())
         if distance_map is not None:
             write_text_atomic(run_dir / "distance_map.json", json.dumps(distance_map, indent=1))
@@ -457,19 +460,18 @@ def end_epoch(model, valid_set, config, device, epoch: int, phase: str, stats: d
               "val_macro_f1": val["macro_f1"], "val_macro_mcc": val["macro_mcc"],
               "val_macro_site_accuracy": val["residue"]["macro_site_accuracy"],
               "val_macro_iou": val["residue"]["macro_iou"], "best": improved, "time_s": time.time() - start}
-    history.append(record)
-    training["tb"].epoch(record)
-    run_dir = Path(config.run_dir)
-    write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     checkpoint = {"model": model.state_dict(), "optimizer": training["optimizer"].state_dict(),
                   "scheduler": training["scheduler"].state_dict(), "scaler": training["scaler"].state_dict(), **state,
                   "rng": rng_state(), "config": config.to_dict(), "arch": backbone_arch(model.backbone),
                   "classes": CLASSES, "distance_map": training["distance_map"]}
+    run_dir = Path(config.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    save_checkpoint(checkpoint, ckpt_dir / "last.pt")
+    save_checkpoint(checkpoint, ckpt_dir / "last.pt")  # first: a metrics row always has its checkpoint
     if improved:
-        shutil.copyfile(ckpt_dir / "last.pt", ckpt_dir / ".best.pt.tmp")
-        (ckpt_dir / ".best.pt.tmp").replace(ckpt_dir / "best.pt")
+        write_atomic(ckpt_dir / "best.pt", lambda tmp: shutil.copyfile(ckpt_dir / "last.pt", tmp))
+    history.append(record)
+    write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    training["tb"].epoch(record)
     losses = ", ".join(f"{k[6:]} {v:.4f}" for k, v in stats.items() if k.endswith("_loss") and k != "train_loss")
     speed = f"{stats['anchors_per_s']:.1f} anchors/s, {stats['tokens_per_s']:.0f} tokens/s" + (
         f", MFU {stats['mfu']:.2%}" if "mfu" in stats else "")
@@ -544,10 +546,7 @@ def setup_supcon(config, model, train_set, device, log, resume=None):
     if sc.hard_neg and resume is not None and resume.get("distance_map") is not None:
         distance_map = resume["distance_map"]
     elif sc.hard_neg and sc.distance_map is not None:
-        try:
-            distance_map = json.loads(Path(sc.distance_map).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise DataError(f"{sc.distance_map}: cannot read the class distance map ({err})") from None
+        distance_map = read_distance_map(sc.distance_map)
     elif sc.hard_neg:
         log.info("supcon.distance_map not set: building it from the initial model's pooled embeddings")
         distance_map = distance_map_of(model, train_set.proteins, config, device, "pooled")
@@ -578,7 +577,7 @@ def final_test(model, datasets, config, device, ckpt_dir: Path, state: dict, log
                                                        fitted=fitted) for name, fitted in centroids.items()}})
     write_text_atomic(Path(config.run_dir) / "test_metrics.json", json.dumps(result, indent=2))
     if best is not None:
-        best["thresholds"], best["centroids"] = result["thresholds"], centroids
+        best["thresholds"], best["centroids"] = result["thresholds"], space.to_stored(centroids)
         save_checkpoint(best, best_path)
     log.info("test (best epoch %s):\n%s", state["best_epoch"], format_table(result))
     log.info("test with valid-tuned thresholds: macro-F1 %.4f macro-MCC %.4f", tuned["macro_f1"], tuned["macro_mcc"])

@@ -3,10 +3,16 @@ from __future__ import annotations
 
 import copy
 import difflib
+import io
 import logging
+import math
 import os
+import pickle
 import random
+import re
 import secrets
+import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -106,9 +112,37 @@ CHOICES = {
     "train.class_weighting": ("inverse_count", "none"),
 }
 FLOAT_OR_AUTO = {"encoder.chunk_max_padding"}  # a number, or "auto" (chosen by the device at run time)
-POSITIVE = {"data.max_len", "train.epochs", "train.batch_size", "train.eval_batch_size", "train.accumulate",
-            "supcon.n_pos", "supcon.n_neg", "supcon.hidden_dim", "supcon.out_dim", "supcon.n_clusters",
-            "train.augment.max_copies", "train.augment.views"}
+MAX_SEED = 2 ** 32 - 1  # NumPy's seeds
+BIG = 10 ** 9  # upper bound of counts that have no natural one (a value above it is a typo, and would hang or overflow)
+# Allowed range of every number, (low, high) inclusive; None: unbounded on that side. Every float must be finite.
+RANGES = {
+    "seed": (0, MAX_SEED), "data.fold": (0, 4), "data.max_len": (1, 1022), "data.overlap": (0, 1021),
+    "data.num_workers": (0, 256), "data.synthetic.n_proteins": (50, 10 ** 7), "data.synthetic.seed": (0, MAX_SEED),
+    "encoder.scratch.num_layers": (1, 1000), "encoder.scratch.embed_dim": (2, 65536),
+    "encoder.scratch.attention_heads": (1, 4096), "encoder.trainable_layers": (0, 1000),
+    "encoder.lora.rank": (1, 65536), "encoder.lora.alpha": (0.0, None), "encoder.lora.dropout": (0.0, 1.0),
+    "encoder.adapter.dim": (1, 65536), "encoder.chunk_tokens": (0, BIG), "encoder.chunk_max_padding": (0.0, 1.0),
+    "decoder.hidden_dim": (0, 65536), "decoder.dropout": (0.0, 1.0), "decoder.class_dropout": (0.0, 1.0),
+    "train.epochs": (1, 10 ** 6), "train.batch_size": (1, BIG), "train.eval_batch_size": (1, BIG),
+    "train.lr": (0.0, None), "train.backbone_lr": (0.0, None), "train.weight_decay": (0.0, None),
+    "train.warmup_epochs": (0.0, 10.0 ** 6), "train.min_lr_ratio": (0.0, 1.0), "train.grad_clip": (0.0, None),
+    "train.accumulate": (1, BIG), "train.patience": (1, 10 ** 6), "train.motif_weight": (0.0, None),
+    "train.max_pos_weight": (1.0, None), "train.augment.pos_rate": (0.0, 1.0), "train.augment.neg_rate": (0.0, 1.0),
+    "train.augment.max_copies": (1, 1000), "train.augment.views": (1, 1000),
+    "supcon.jaccard_threshold": (0.0, 1.0), "supcon.reg_lambda": (0.0, None), "supcon.n_clusters": (2, 65536),
+    "supcon.cluster_tau": (0.0, None), "supcon.tcr_eps": (0.0, None), "supcon.sim_weight": (0.0, None),
+    "supcon.remine_every": (0, 10 ** 6), "supcon.queue_size": (0, BIG), "supcon.n_pos": (1, 10 ** 5),
+    "supcon.n_neg": (1, 10 ** 5), "supcon.temperature": (0.0, None), "supcon.weight": (0.0, None),
+    "supcon.warm_start": (0, 10 ** 6), "supcon.hidden_dim": (1, 65536), "supcon.out_dim": (1, 65536),
+    "supcon.drop_out": (0.0, 1.0),
+}
+# ... and the ends of those ranges that are excluded: a rate of 0 would divide by zero, a dropout of 1 keeps nothing.
+OPEN_LOW = {"encoder.lora.alpha", "train.lr", "train.backbone_lr", "supcon.jaccard_threshold", "supcon.cluster_tau",
+            "supcon.tcr_eps", "supcon.temperature"}
+OPEN_HIGH = {"encoder.lora.dropout", "decoder.dropout", "decoder.class_dropout", "supcon.drop_out"}
+NON_EMPTY = {"run_dir", "device", "data.root", "encoder.model_name", "encoder.revision", "encoder.checkpoint",
+             "encoder.cache_dir", "supcon.distance_map"}  # strings that must not be empty
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 class ConfigError(ValueError):
@@ -143,22 +177,42 @@ ALIASES = {"learning_rate": "lr", "n_epochs": "epochs", "layers": "num_layers", 
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
-    """Error naming the nearest valid key: a known alias, else the closest name in the same
-    block, else the closest full key."""
+    """Error naming the nearest valid key: the same name in other letter case, a known alias, else the
+    closest name in the same block, else the closest full key (letter case ignored throughout)."""
     valid = _all_keys(DEFAULTS) + ["encoder.scratch." + k for k in SCRATCH_DEFAULTS]
+    key = str(key)
     block, _, leaf = key.rpartition(".")
-    siblings = [v for v in valid if v.rpartition(".")[0] == block]
-    alias = f"{block}.{ALIASES[leaf]}".lstrip(".") if leaf in ALIASES else None
-    close = ([alias] if alias in valid else
-             [f"{block}.{m}".lstrip(".") for m in difflib.get_close_matches(
-                 leaf, [s.rpartition(".")[2] for s in siblings], n=1, cutoff=0.6)]
-             or difflib.get_close_matches(key, valid, n=1, cutoff=0.5))
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"{where}: unknown config key '{key}'{hint}")
+    siblings = {v.rpartition(".")[2].lower(): v for v in valid if v.rpartition(".")[0].lower() == block.lower()}
+    alias = ALIASES.get(leaf.lower())
+    close = difflib.get_close_matches(leaf.lower(), list(siblings), n=1, cutoff=0.6)
+    if leaf.lower() in siblings:
+        hint = siblings[leaf.lower()]
+    elif alias in siblings:
+        hint = siblings[alias]
+    elif close:
+        hint = siblings[close[0]]
+    else:
+        full = {v.lower(): v for v in valid}
+        match = difflib.get_close_matches(key.lower(), list(full), n=1, cutoff=0.5)
+        hint = full[match[0]] if match else None
+    return ConfigError(f"{where}: unknown config key '{key}'" + (f"; did you mean '{hint}'?" if hint else ""))
+
+
+def _type_name(t) -> str:
+    return {"str": "str", "int": "int", "float": "float", "bool": "bool", "dict": "mapping", "list": "list"}.get(
+        t.__name__, t.__name__)
+
+
+def _range_text(key: str) -> str:
+    low, high = RANGES[key]
+    lo = "" if low is None else f"{'>' if key in OPEN_LOW else '>='} {low}"
+    hi = "" if high is None else f"{'<' if key in OPEN_HIGH else '<='} {high}"
+    return f"{lo}{' and ' if lo and hi else ''}{hi}"
 
 
 def _check_value(key: str, value, default, where: str):
-    """Validate one leaf value against its default's type; returns the (coerced) value."""
+    """Validate one leaf value against its default's type and its RANGES / CHOICES / NON_EMPTY rule;
+    returns the (coerced) value."""
     expected = NULLABLE.get(key, float if key in FLOAT_OR_AUTO else type(default))
     if value is None and (key in NULLABLE):
         return None
@@ -166,14 +220,29 @@ def _check_value(key: str, value, default, where: str):
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    ok = isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool))
     if not ok:
-        raise ConfigError(f"{where}: '{key}' must be {expected.__name__}, got {type(value).__name__} ({value!r})")
+        shown = f"{value!r}" if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        return _fail(f"{where}: '{key}' must be {_type_name(expected)}, got {type(value).__name__} ({shown})")
+    if expected is float and not math.isfinite(value):
+        return _fail(f"{where}: '{key}' must be a finite number, got {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{where}: '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
-    if key in POSITIVE and value < 1:
-        raise ConfigError(f"{where}: '{key}' must be >= 1, got {value!r}")
+        return _fail(f"{where}: '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    if key in NON_EMPTY and not value.strip():
+        return _fail(f"{where}: '{key}' must not be empty")
+    if key == "device" and not DEVICE_RE.match(value):
+        return _fail(f"{where}: 'device' must be auto, cpu, cuda or cuda:N, got {value!r}")
+    if key in RANGES:
+        low, high = RANGES[key]
+        below = low is not None and (value <= low if key in OPEN_LOW else value < low)
+        above = high is not None and (value >= high if key in OPEN_HIGH else value > high)
+        if below or above:
+            return _fail(f"{where}: {key} must be {_range_text(key)}, got {value!r}")
     return value
+
+
+def _fail(message: str):
+    raise ConfigError(message)
 
 
 def _merge(base: dict, override: dict, defaults: dict, prefix: str, where: str) -> None:
@@ -228,20 +297,21 @@ def resolve_config(tree: dict, overrides=None, where: str = "config") -> Config:
     if len(sources) != 1:
         raise ConfigError(f"{where}: set exactly one of encoder.model_name, encoder.checkpoint, "
                           f"encoder.scratch (got {', '.join(sources) or 'none'})")
-    lora, targets = config["encoder"]["lora"], LORA_TARGETS
-    if lora["rank"] < 1:
-        raise ConfigError(f"{where}: encoder.lora.rank must be >= 1, got {lora['rank']}")
-    unknown = [t for t in lora["targets"] if t not in targets]
-    if unknown or not lora["targets"]:
-        raise ConfigError(f"{where}: encoder.lora.targets: unknown target(s) {unknown or '(none given)'}; "
-                          f"choose from {', '.join(targets)}")
-    if not 0 <= lora["dropout"] < 1:
-        raise ConfigError(f"{where}: encoder.lora.dropout must be in [0, 1), got {lora['dropout']}")
-    if config["encoder"]["adapter"]["dim"] < 1:
-        raise ConfigError(f"{where}: encoder.adapter.dim must be >= 1, got {config['encoder']['adapter']['dim']}")
-    if config["supcon"]["temperature"] <= 0:
-        raise ConfigError(f"{where}: supcon.temperature must be > 0")
-    if config["data"]["overlap"] >= config["data"]["max_len"] or config["data"]["overlap"] < 0:
+    enc = config["encoder"]
+    unknown = [t for t in enc["lora"]["targets"] if t not in LORA_TARGETS]
+    if unknown or not enc["lora"]["targets"] or len(set(enc["lora"]["targets"])) < len(enc["lora"]["targets"]):
+        raise ConfigError(f"{where}: encoder.lora.targets: unknown target(s) {unknown or '(none given or repeated)'}; "
+                          f"choose from {', '.join(LORA_TARGETS)}")
+    scratch = enc["scratch"]
+    if scratch is not None:
+        if scratch["embed_dim"] % scratch["attention_heads"]:
+            raise ConfigError(f"{where}: encoder.scratch.embed_dim ({scratch['embed_dim']}) must be divisible by "
+                              f"attention_heads ({scratch['attention_heads']})")
+        if (scratch["embed_dim"] // scratch["attention_heads"]) % 2:
+            raise ConfigError(f"{where}: encoder.scratch.embed_dim / attention_heads must be even (rotary "
+                              f"embeddings rotate pairs of dimensions), got {scratch['embed_dim']} / "
+                              f"{scratch['attention_heads']}")
+    if config["data"]["overlap"] >= config["data"]["max_len"]:
         raise ConfigError(f"{where}: data.overlap must be in [0, data.max_len)")
     return Config(config)
 
@@ -265,7 +335,14 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states of Python, NumPy, torch (and CUDA) as tensors, numbers, tuples and dicts only, so that a
+    checkpoint holding them loads with torch.load(weights_only=True)."""
+    numpy_state = np.random.get_state(legacy=False)
+    state = {"python": random.getstate(),
+             "numpy": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                       "pos": int(numpy_state["state"]["pos"]), "has_gauss": int(numpy_state["has_gauss"]),
+                       "gauss": float(numpy_state["gauss"])},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -273,7 +350,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+                         "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -289,11 +369,29 @@ def setup_logging(run_dir=None, quiet: bool = False) -> logging.Logger:
     stream.setFormatter(fmt)
     log.addHandler(stream)
     if run_dir is not None:
-        file = logging.FileHandler(Path(run_dir) / "train.log")
+        file = _LogFile(Path(run_dir) / "train.log")
         file.setFormatter(fmt)
         log.addHandler(file)
     log.propagate = False
     return log
+
+
+class _LogFile(logging.FileHandler):
+    """train.log; a line that cannot be written (disk full) is dropped quietly: stderr has it, and the
+    failed write that matters (a checkpoint, metrics.jsonl) stops the run with its own message."""
+
+    def handleError(self, record) -> None:
+        pass
+
+
+def log_to_file(message: str) -> None:
+    """An ERROR line in the run's train.log only (not on stderr, which the caller has written); nothing
+    when no train.log is open."""
+    log = logging.getLogger("mutarget")
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in log.handlers:
+        if isinstance(handler, _LogFile):
+            handler.handle(record)
 
 
 def available_cores() -> int:
@@ -323,10 +421,16 @@ def warn_thread_oversubscription(log: logging.Logger) -> None:
         log.warning(warning)
 
 
+# Temporary files and folders of this project: `.<name>.mutarget.<host>.<pid>.<random>.tmp`, so that the
+# ones a killed process left behind are recognised (remove_stale_temps) and never mistaken for anyone else's.
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+TEMP_RE = re.compile(r"^\..+\.mutarget\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp$")
+
+
 def _new_temp(folder: Path, name: str, create) -> str:
-    """create(path) on a unique `.name.<random>.tmp` path in folder (retried if it exists)."""
+    """create(path) on a unique temporary path of this process in folder (retried if it exists)."""
     while True:
-        tmp = str(folder / f".{name}.{secrets.token_hex(6)}.tmp")
+        tmp = str(Path(folder) / f".{name}.mutarget.{HOST}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
         try:
             create(tmp)
             return tmp
@@ -346,38 +450,182 @@ def new_temp_dir(folder: Path, name: str) -> str:
     return _new_temp(folder, name, lambda tmp: os.mkdir(tmp, 0o777))
 
 
-def write_atomic(path, write) -> None:
-    """write(tmp) to a temporary file in path's folder, then rename it over path (never
-    half-written); the file gets the umask's ordinary mode."""
+def current_umask() -> int:
+    """The process's umask, read from /proc (Linux) without changing it; elsewhere set and restored."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def give_umask_mode(path) -> None:
+    """chmod a file that a library wrote with a mode of its own (safetensors: 0600) to the mode the umask
+    gives a new file (0666 & ~umask), as every other file the project writes."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one of another user counts too)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder) -> list[Path]:
+    """Remove the temporary files and folders that killed processes of this project left in `folder`
+    (named by new_temp_file / new_temp_dir, made on this host by a process that no longer runs);
+    returns what was removed. Others' files, and live processes' temporaries, are left alone."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no such folder (yet), or not readable: nothing to clean
+        return removed
+    for entry in entries:
+        match = TEMP_RE.match(entry.name)
+        if not match or match["host"] != HOST or process_alive(int(match["pid"])):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:  # removed meanwhile by another process, or not ours to remove
+            pass
+    return removed
+
+
+class WriteError(OSError):
+    """A file that could not be written (disk full, no permission, ...): the message names the file and
+    the operating system's reason."""
+
+
+def _write_error(path, err: OSError) -> WriteError:
+    return WriteError(f"{path}: cannot write: {err.strerror or err}")
+
+
+def write_atomic(path, write, temp_folder=None) -> None:
+    """write(tmp) to a temporary file in path's folder (or in temp_folder, on the same file system),
+    then rename it over path (never half-written); the file gets the umask's ordinary mode. An OSError
+    while writing (disk full, permissions) becomes a WriteError naming `path`, and the temporary file
+    is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = new_temp_file(path.parent, path.name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = new_temp_file(Path(temp_folder or path.parent), path.name)
+    except OSError as err:
+        raise _write_error(path, err) from None
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise _write_error(path, err) from None
         raise
 
 
+class _RecordingWriter(io.RawIOBase):
+    """A binary file wrapper that keeps the first OSError of its writes: torch.save reports a failed write
+    (disk full) only as a RuntimeError without the reason."""
+
+    def __init__(self, handle):
+        super().__init__()
+        self.handle, self.error = handle, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 def save_checkpoint(state: dict, path) -> None:
-    """torch.save to a temporary file in the same folder, then rename (never half-written)."""
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    """torch.save to a temporary file in the same folder, then rename (never half-written); a failed
+    write is a WriteError naming the file and the reason."""
+    def write(tmp):
+        with open(tmp, "wb") as handle:
+            sink = _RecordingWriter(handle)
+            try:
+                torch.save(state, sink)
+            except RuntimeError:
+                if sink.error is not None:
+                    raise sink.error from None
+                raise
+    write_atomic(path, write)
 
 
 class CheckpointError(OSError):
     """A checkpoint file that cannot be read or lacks what is needed; the message names the file."""
 
 
+class UnsafeFileError(CheckpointError):
+    """A torch file holding Python objects other than tensors, numbers, strings, lists, tuples and dicts:
+    loading it could run code, so it is refused. `name` is the first such object, e.g. 'posix.system'."""
+
+    def __init__(self, path, name: str, message: str):
+        super().__init__(message)
+        self.path, self.name = path, name
+
+
+UNSAFE_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def torch_load_safe(path, allowed=(), mmap: bool = False, what: str = "torch file"):
+    """torch.load(weights_only=True) onto the CPU: only tensors, numbers, strings, lists, tuples, dicts
+    and the `allowed` classes are built. A file referring to anything else (a function to call, a class
+    to build) is refused before any of it runs: UnsafeFileError naming the file and the object."""
+    with torch.serialization.safe_globals(list(allowed)):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as err:
+            found = UNSAFE_GLOBAL_RE.search(str(err))
+            if not found:
+                raise
+            name = found.group(1)
+            legacy = (f". If it is a checkpoint of an earlier version of this project (those held NumPy objects) and "
+                      f"you trust it, convert it once with: python scripts/upgrade_checkpoint.py {path} NEW.pt"
+                      if name.startswith("numpy.") else "")
+            raise UnsafeFileError(path, name, (
+                f"{path}: refused: this {what} refers to the Python object {name}, which loading it would build or "
+                f"call; only tensors, numbers, strings, lists and dicts are read from files, so that no file can run "
+                f"code{legacy}")) from None
+
+
 def load_checkpoint(path, required=()) -> dict:
-    """Load a checkpoint written by save_checkpoint (it holds RNG states and the config).
-    A truncated, corrupt or foreign file, or one missing a `required` key: CheckpointError."""
+    """Load a checkpoint written by save_checkpoint (tensors, numbers, strings, lists and dicts only:
+    read with weights_only=True, so no code in it can run). A truncated, corrupt or foreign file, or
+    one missing a `required` key: CheckpointError. A checkpoint of an earlier version of this project
+    (it held NumPy objects) is refused with the command that converts it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch_load_safe(path, what="checkpoint")
+    except UnsafeFileError as err:
+        if err.name.startswith("numpy."):  # what checkpoints of earlier versions held (RNG states, class centres)
+            raise CheckpointError(
+                f"{path}: written by an earlier version of this project, whose checkpoints held NumPy objects "
+                f"({err.name}), which are not read from files because loading them could run code. If you trust "
+                f"this file, convert it once with: python scripts/upgrade_checkpoint.py {path} NEW.pt") from None
+        raise
     except Exception as err:  # zip / pickle / EOF errors of a damaged or foreign file
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt? "
                               f"({type(err).__name__}: {err})") from None

@@ -25,7 +25,8 @@ from pathlib import Path
 import esm
 import torch
 
-from utils import ConfigError, new_temp_dir, save_checkpoint
+from utils import (ConfigError, UnsafeFileError, give_umask_mode, new_temp_dir, remove_stale_temps, save_checkpoint,
+                   torch_load_safe)
 
 ESM_MODELS_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/"
 HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
@@ -61,6 +62,7 @@ HF_SHARED_INV_FREQ = (r"encoder\.layer\.\*\.attention\.self\.rotary_embeddings\.
 HF_LEGACY = (r"embeddings\.position_embeddings\.weight", r"embeddings\.position_ids")  # listed by old 3B indexes
 HF_POOLER = r"pooler\.dense\.(weight|bias)"  # EsmModel's randomly initialised pooler
 HEADS = ("lm_head.", "contact_head.")  # fair-esm modules this project does not use
+FAIR_ESM_CLASSES = (Namespace,)  # the one class a fair-esm file holds besides tensors (its settings)
 
 
 def _hf_key(name: str) -> str:
@@ -136,20 +138,27 @@ def _fair_name_to_hf(name: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- files
-def torch_load(path, weights_only: bool):
-    """torch.load onto the CPU, memory-mapped (no copy in memory) unless the file is a legacy
-    (non-zip) torch file, which cannot be memory-mapped."""
+def torch_load(path, allowed=(), what: str = "weight file"):
+    """utils.torch_load_safe onto the CPU (tensors, numbers, strings, lists, dicts and the `allowed`
+    classes only: no code in the file can run), memory-mapped (no copy in memory) unless the file is a
+    legacy (non-zip) torch file, which cannot be memory-mapped. A refused file: WeightsError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-    except RuntimeError:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        try:
+            return torch_load_safe(path, allowed, mmap=True, what=what)
+        except RuntimeError:
+            return torch_load_safe(path, allowed, what=what)
+    except UnsafeFileError as err:
+        raise WeightsError(str(err)) from None
 
 
 def read_fair_esm(path) -> tuple[dict, dict]:
-    """A fair-esm file ({'cfg': {'model': ...}, 'model': state}) -> (arch, fair-esm state dict)."""
+    """A fair-esm file ({'cfg': {'model': ...}, 'model': state}) -> (arch, fair-esm state dict). Read with
+    weights_only: besides tensors, only the argparse.Namespace that fair-esm stores its settings in."""
     path = Path(path)
-    try:  # fair-esm files pickle an argparse Namespace: torch >= 2.6 needs weights_only=False
-        data = torch_load(path, weights_only=False)
+    try:
+        data = torch_load(path, FAIR_ESM_CLASSES, what="fair-esm weight file")
+    except WeightsError:
+        raise
     except Exception as err:  # truncated file, not a torch file
         raise WeightsError(f"{path}: not a readable fair-esm weight file ({err})") from None
     if not isinstance(data, dict) or "model" not in data or "cfg" not in data:
@@ -224,7 +233,9 @@ def read_hf_tensors(folder: Path) -> tuple[dict, dict]:
                 from safetensors.torch import load_file
                 tensors = load_file(path)
             else:
-                tensors = torch_load(path, weights_only=True)
+                tensors = torch_load(path)
+        except WeightsError:
+            raise
         except Exception as err:
             raise WeightsError(f"{path}: not a readable weight file ({err})") from None
         state.update(tensors)
@@ -379,22 +390,30 @@ def hf_config(arch: dict) -> dict:
 HF_VOCAB = ["<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO", ".", "-", "<null_1>", "<mask>"]
 
 
+def safetensors_ready(state: dict) -> dict:
+    """Tensors safetensors can write: detached, contiguous, none sharing memory with another (safetensors
+    refuses shared memory; those are copied)."""
+    tensors, storages = {}, set()
+    for name, tensor in state.items():
+        tensor = tensor.detach().contiguous()
+        if tensor.untyped_storage().data_ptr() in storages:
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    return tensors
+
+
 def write_hf_folder(arch: dict, state: dict, folder) -> None:
     """A Hugging Face folder (config.json, model.safetensors, vocab.txt) from a fair-esm state dict;
     written into a temporary folder beside it, then renamed (never half-written)."""
     from safetensors.torch import save_file
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder.parent)
     tmp = Path(new_temp_dir(folder.parent, folder.name))
     try:
-        tensors, storages = {}, set()
-        for k, v in fair_to_hf(state).items():  # safetensors refuses tensors that share memory: copy those
-            v = v.detach().contiguous()
-            if v.untyped_storage().data_ptr() in storages:
-                v = v.clone()
-            storages.add(v.untyped_storage().data_ptr())
-            tensors[k] = v
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(safetensors_ready(fair_to_hf(state)), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        give_umask_mode(tmp / "model.safetensors")  # safetensors writes 0600
         (tmp / "config.json").write_text(json.dumps(hf_config(arch), indent=2) + "\n")
         (tmp / "vocab.txt").write_text("\n".join(HF_VOCAB) + "\n")
         if folder.exists():

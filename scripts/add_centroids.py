@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import DataError, build_datasets  # noqa: E402
 from model import Encoder, load_model_state  # noqa: E402
+from space import to_stored  # noqa: E402
 from train import evaluate, fit_centroids, resolve_device  # noqa: E402
 from utils import CheckpointError, ConfigError, load_checkpoint, resolve_config, save_checkpoint  # noqa: E402
 from weights import WeightsError  # noqa: E402
@@ -34,9 +35,10 @@ def add_centroids(path: Path, data_root: str | None, device) -> dict:
     model.to(device).eval()
     datasets = build_datasets(config)
     valid = evaluate(model, datasets["valid"], config, device)
-    ckpt["centroids"], _ = fit_centroids(model, datasets["train"].proteins, valid, config, device)
+    centroids, _ = fit_centroids(model, datasets["train"].proteins, valid, config, device)
+    ckpt["centroids"] = to_stored(centroids)
     save_checkpoint(ckpt, path)
-    return ckpt["centroids"]
+    return centroids
 
 
 def main(argv=None) -> int:

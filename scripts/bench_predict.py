@@ -38,6 +38,7 @@ import data  # noqa: E402
 import inference  # noqa: E402
 import outputs  # noqa: E402
 import predict  # noqa: E402
+import release  # noqa: E402
 from data import CLASSES, SITE_CLASSES  # noqa: E402
 from model import Encoder, backbone_arch  # noqa: E402
 from throughput import peak_rss_mb  # noqa: E402
@@ -79,9 +80,10 @@ def one_shot(checkpoints, fasta, out, tsv, device="cpu", batch_size: int = 16) -
     dataset = data.LocalizationDataset(proteins, "predict")
     total = None
     for path in checkpoints:
-        ckpt, config, _ = inference.read_checkpoint(path, False)
-        model = inference.load_model(path, ckpt, config, device)
-        del ckpt
+        trained = release.from_checkpoint(path)
+        config, _ = inference.checked_config(trained, False)
+        model = inference.load_model(trained, config, device)
+        del trained
         res = run_inference(model, dataset, batch_size, device, "none", config.data.max_len, config.data.overlap)
         del model
         probs, motifs = res["probs"].astype(np.float64), [m.astype(np.float64) for m in res["motif_probs"]]

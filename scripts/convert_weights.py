@@ -27,8 +27,10 @@ from utils import ConfigError, resolve_config  # noqa: E402
 def read_source(path: Path) -> tuple[dict, dict]:
     """(arch, fair-esm state dict) of a fair-esm file, a Hugging Face folder or a train.py checkpoint."""
     if path.is_file():
-        try:
-            ckpt = weights.torch_load(path, weights_only=False)  # memory-mapped: a look at the keys is cheap
+        try:  # weights_only (no code in the file can run), memory-mapped: a look at the keys is cheap
+            ckpt = weights.torch_load(path, weights.FAIR_ESM_CLASSES, what="file")
+        except weights.WeightsError:
+            raise
         except Exception as err:
             raise weights.WeightsError(f"{path}: not a readable file ({err})") from None
         if isinstance(ckpt, dict) and {"model", "config", "arch"} <= set(ckpt):  # a train.py checkpoint

@@ -223,7 +223,7 @@ def test_predict_method_both_writes_head_and_centroid_everywhere(supcon_run, tmp
     ckpt = supcon_run / "checkpoints" / "best.pt"
     code, err, out = predict_both(capsys, tmp_path, ckpt, fasta, "--centroid-rule", "maxsep")
     assert code == 0, err
-    centroids = utils.load_checkpoint(ckpt)["centroids"]["projection"]  # auto: the projection space
+    centroids = space.from_stored(utils.load_checkpoint(ckpt)["centroids"])["projection"]  # auto: projection
     npz = np.load(out["npz"])
     expected = space.centre_distances(npz["projection"], centroids["centres"])  # independent of predict's path
     np.testing.assert_allclose(npz["centroid_distances"], expected, rtol=1e-4, atol=1e-4)
