@@ -249,6 +249,9 @@ def _merge(base: dict, override: dict, defaults: dict, prefix: str, where: str) 
     for key, value in override.items():
         full = prefix + str(key)
         if key not in defaults:
+            while isinstance(value, dict) and len(value) == 1:  # a --set path: name the whole key, not its block
+                (inner, value), = value.items()
+                full += f".{inner}"
             raise _unknown_key(full, where)
         default = defaults[key]
         if full == "encoder.scratch" and value is not None:

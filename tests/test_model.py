@@ -146,7 +146,8 @@ def test_parallel_decoders_equal_separate_heads():
 def test_config_unknown_key_suggests_nearest(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'train.learning_rate'.*did you mean 'train.lr'"):
         utils.resolve_config({"encoder": {"scratch": {}}, "train": {"learning_rate": 1}})
-    with pytest.raises(ConfigError, match=r"--set trian.epochs=3: unknown config key 'trian'; did you mean 'train'"):
+    with pytest.raises(ConfigError, match=r"--set trian.epochs=3: unknown config key 'trian.epochs'; did you mean "
+                                          r"'train.epochs'"):
         utils.resolve_config({"encoder": {"scratch": {}}}, ["trian.epochs=3"])
     with pytest.raises(ConfigError, match=r"'train.batchsize'; did you mean 'train.batch_size'"):
         utils.resolve_config({"encoder": {"scratch": {}}}, ["train.batchsize=8"])

@@ -193,7 +193,34 @@ def test_csv_metrics(tmp_path, ckpt, capsys):
         assert metrics[key] == pytest.approx(expected[key]), key
     for c in CLASSES:
         for key in ("f1", "mcc", "support"):
-            assert metrics["per_class"][c][key] == pytest.approx(expected["per_class"][c][key]), (c, key)
+            want = expected["per_class"][c][key]  # None for a class the set does not hold
+            assert metrics["per_class"][c][key] == (want if want is None else pytest.approx(want)), (c, key)
+
+
+def test_csv_metrics_average_the_classes_the_set_holds(tmp_path, ckpt, capsys):
+    """An external set holds a few of the eight classes (TargetP: signal peptides, transit peptides, none):
+    its macro figures average those only; the others are null, and the proteins predicted with a class the
+    set does not hold are counted."""
+    rng = np.random.default_rng(11)
+    rows = [(f"S{i}", f"1-{int(rng.integers(15, 30))}:SIGNAL", random_seq(int(rng.integers(60, 200)))) for i in range(12)]
+    rows += [(f"N{i}", "", random_seq(int(rng.integers(30, 200)))) for i in range(12)]
+    csv = tmp_path / "signal_only.csv"
+    csv.write_text("Entry,MOTIF,Sequence\n" + "".join(f"{e},{m},{s}\n" for e, m, s in rows))
+    out, metrics_path = tmp_path / "out.json", tmp_path / "metrics.json"
+    code, err = run(capsys, "--checkpoint", ckpt / "best.pt", "--csv", csv, "--out", out, "--metrics", metrics_path,
+                    "--device", "cpu", "--tuned-thresholds")
+    assert code == 0, err
+    metrics, records = load(metrics_path), load(out)
+    signal = metrics["per_class"]["SIGNAL"]
+    assert metrics["macro_mcc"] == signal["mcc"] and metrics["macro_f1"] == signal["f1"]
+    truth = np.array([e.startswith("S") for e, _, _ in rows])
+    predicted = np.array(["SIGNAL" in r["predicted"] for r in records])
+    from sklearn.metrics import matthews_corrcoef
+    assert signal["mcc"] == pytest.approx(matthews_corrcoef(truth, predicted))
+    absent = [c for c in CLASSES if c != "SIGNAL"]
+    assert metrics["absent_classes"] == absent
+    assert all(metrics["per_class"][c][k] is None for c in absent for k in ("precision", "recall", "f1", "mcc"))
+    assert metrics["predicted_absent"] == sum(any(c != "SIGNAL" for c in r["predicted"]) for r in records)
 
 
 def check_failure(capsys, tmp_path, argv, *needles):
