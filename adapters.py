@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import LORA_TARGETS as TARGET_NAMES
-from utils import ConfigError
+from config import LORA_TARGETS as TARGET_NAMES
+from config import ConfigError
 
 LORA_TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                 "out": "self_attn.out_proj", "fc1": "fc1", "fc2": "fc2"}  # config name -> module in a layer

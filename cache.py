@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import PAD_IDX
+from runtime import amp_dtype
 from utils import WriteError, remove_stale_temps, write_atomic
+from vocab import PAD_IDX, window_starts
 
 
 class FrozenCache:
@@ -27,7 +28,7 @@ class FrozenCache:
     sequences stay the same (no augmentation).
     """
 
-    def __init__(self, windows: dict, dim: int, dtype: str = "float16", path=None):
+    def __init__(self, windows: dict, dim: int, dtype: str = "float32", path=None):
         self.slots, total = {}, 0
         for key, width in windows.items():  # key -> (offset, width)
             self.slots[key] = (total, width)
@@ -92,7 +93,7 @@ class DiskCache:
     and written again.
     """
 
-    def __init__(self, root, model_key: str, dtype: str = "float16"):
+    def __init__(self, root, model_key: str, dtype: str = "float32"):
         self.folder = Path(root) / model_key
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -158,3 +159,27 @@ def model_key(backbone, first_trainable: int, fused_attention: bool, precision, 
             digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
+
+
+def make_cache(model, datasets: dict, config, rank: int = 0):
+    """The frozen-layer cache of a run (train.py has refused configurations where nothing is frozen or
+    inputs are mutated): a DiskCache under encoder.cache_dir shared across runs, else a FrozenCache of this
+    run holding every window of every split (computed on first use; memory-mapped in run_dir with
+    encoder.cache_on_disk)."""
+    enc = config.encoder
+    device = next(model.parameters()).device
+    if enc.cache_dir is not None:
+        key = model_key(model.backbone, model.first_trainable, model.fused_attention,
+                        amp_dtype(config.train.amp, device), enc.cache_dtype, device.type)
+        logging.getLogger("mutarget").info("frozen-layer cache shared across runs: %s", Path(enc.cache_dir) / key)
+        return DiskCache(enc.cache_dir, key, enc.cache_dtype)
+    windows = {}
+    for dataset in datasets.values():
+        for protein in dataset.proteins:
+            n = len(protein.sequence)
+            for start in window_starts(n, config.data.max_len, config.data.overlap):
+                windows[(protein.entry, start)] = min(config.data.max_len, n - start) + 2
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / (f"frozen_cache.rank{rank}.npy" if rank else "frozen_cache.npy") if enc.cache_on_disk else None
+    return FrozenCache(windows, model.backbone.embed_dim, enc.cache_dtype, path)

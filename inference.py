@@ -23,13 +23,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import data
-from data import CLASSES
+import vocab
+from config import resolve_config
 from model import Encoder, load_model_state
 from release import Trained, from_checkpoint
+from runtime import autocast
 from space import centre_distances
-from train import autocast
-from utils import resolve_config
+from vocab import CLASSES
 
 WIDTH_STEP = 32  # window widths (tokens, BOS and EOS included) are rounded up to a multiple of this
 MIN_ROWS = 256  # head inputs are padded to at least this many rows
@@ -173,7 +173,7 @@ def plan_batches(lengths, max_len: int, overlap: int, max_tokens: int,
     batches, current, width, tokens = [], [], None, 0
     for i in order.tolist():
         w = window_width(lengths[i], max_len)
-        n = len(data.window_starts(lengths[i], max_len, overlap)) * w
+        n = len(vocab.window_starts(lengths[i], max_len, overlap)) * w
         if current and (w != width or tokens + n > max_tokens or (max_proteins and len(current) >= max_proteins)):
             batches.append(current)
             current, tokens = [], 0
@@ -195,18 +195,18 @@ class Batch:
         self.full = max(1, max_tokens // width)
         self.spans, pieces = [], []
         for seq in sequences:
-            toks = data.tokenize(seq)
+            toks = vocab.tokenize(seq)
             spans = []
-            for s in data.window_starts(len(seq), max_len, overlap):
+            for s in vocab.window_starts(len(seq), max_len, overlap):
                 piece = toks[s:s + max_len]
                 spans.append((len(pieces), s, len(piece)))
                 pieces.append(piece)
             self.spans.append(spans)
-        tokens = torch.full((len(pieces), width), data.PAD_IDX, dtype=torch.long)
+        tokens = torch.full((len(pieces), width), vocab.PAD_IDX, dtype=torch.long)
         for row, piece in enumerate(pieces):
-            tokens[row, 0] = data.BOS_IDX
+            tokens[row, 0] = vocab.BOS_IDX
             tokens[row, 1:len(piece) + 1] = torch.from_numpy(piece)
-            tokens[row, len(piece) + 1] = data.EOS_IDX
+            tokens[row, len(piece) + 1] = vocab.EOS_IDX
         self.tokens = tokens.to(device)
 
 

@@ -201,32 +201,6 @@ class MixedSupConLoss(nn.Module):
         return unsup + self.reg_lambda * self.sup(features, labels, memory=memory, memory_labels=memory_labels)
 
 
-class EmbeddingQueue(nn.Module):
-    """A FIFO of the last `size` detached embeddings [size, d] with their multi-hot labels
-    [size, C] (buffers: saved in checkpoints). contents() -> (embeddings, labels) filled so far."""
-
-    def __init__(self, size: int, dim: int, num_classes: int):
-        super().__init__()
-        self.register_buffer("embeddings", torch.zeros(size, dim))
-        self.register_buffer("labels", torch.zeros(size, num_classes))
-        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
-        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
-
-    def contents(self):
-        n = int(self.filled)
-        return self.embeddings[:n], self.labels[:n]
-
-    @torch.no_grad()
-    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        size = len(self.embeddings)
-        embeddings, labels = embeddings.detach()[-size:], labels.detach()[-size:]
-        rows = (int(self.pointer) + torch.arange(len(embeddings), device=embeddings.device)) % size
-        self.embeddings[rows] = embeddings.float()
-        self.labels[rows] = labels.float()
-        self.pointer.fill_((int(self.pointer) + len(embeddings)) % size)
-        self.filled.fill_(min(size, int(self.filled) + len(embeddings)))
-
-
 class InstanceLoss(nn.Module):
     """NT-Xent over `multiplier` views (Twin Contrastive Learning's InstanceLoss).
 
@@ -326,7 +300,7 @@ def gather_batch(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def contrastive_loss(config, out: dict, labels: torch.Tensor, queue: EmbeddingQueue | None = None) -> torch.Tensor:
+def contrastive_loss(config, out: dict, labels: torch.Tensor, queue=None) -> torch.Tensor:
     """The configured contrastive term (supcon.loss) of a model output: 'hard' on the
     [B, 1 + P + N, d] anchor/positive/negative projections; the others on [B, V, d] views of the
     whole batch, gathered over processes under torchrun (each process computes the global loss;

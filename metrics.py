@@ -10,7 +10,7 @@ All returned dicts hold plain Python floats / ints / None (JSON-safe).
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from data import CLASSES, SEGMENT_CLASSES, SITE_CLASSES
+from vocab import CLASSES, SEGMENT_CLASSES, SITE_CLASSES
 
 
 def _num(x):
@@ -181,6 +181,16 @@ def residue_metrics(y_true, y_pred, motif_probs, targets, target_masks):
             "macro_site_accuracy": _mean_defined(
                 [per_class[n]["site_accuracy"] for n in SITE_CLASSES]),
             "macro_iou": _mean_defined([per_class[n]["iou"] for n in SEGMENT_CLASSES])}
+
+
+def score(outputs: dict, thresholds=None) -> dict:
+    """Protein-level and residue-level metrics of run_inference outputs."""
+    m = classification_metrics(outputs["labels"], outputs["probs"], thresholds)
+    thr = 0.5 if thresholds is None else np.asarray(thresholds)[None, :]
+    y_pred = (outputs["probs"] >= thr).astype(np.int64)
+    m["residue"] = residue_metrics(outputs["labels"], y_pred, outputs["motif_probs"], outputs["targets"],
+                                   outputs["target_masks"])
+    return m
 
 
 def format_table(metrics):

@@ -9,9 +9,8 @@ import torch.utils.checkpoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from adapters import add_adapters, add_lora, first_adapted_layer, is_peft_parameter
-from data import NUM_CLASSES, PAD_IDX
-from loss import EmbeddingQueue
-from utils import ConfigError
+from config import ConfigError
+from vocab import NUM_CLASSES, PAD_IDX
 from weights import WeightsError, load_pretrained  # noqa: F401  (WeightsError: re-exported)
 
 
@@ -113,6 +112,32 @@ class LayerNormNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class EmbeddingQueue(nn.Module):
+    """A FIFO of the last `size` detached embeddings [size, d] with their multi-hot labels
+    [size, C] (buffers: saved in checkpoints). contents() -> (embeddings, labels) filled so far."""
+
+    def __init__(self, size: int, dim: int, num_classes: int):
+        super().__init__()
+        self.register_buffer("embeddings", torch.zeros(size, dim))
+        self.register_buffer("labels", torch.zeros(size, num_classes))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+
+    def contents(self):
+        n = int(self.filled)
+        return self.embeddings[:n], self.labels[:n]
+
+    @torch.no_grad()
+    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        size = len(self.embeddings)
+        embeddings, labels = embeddings.detach()[-size:], labels.detach()[-size:]
+        rows = (int(self.pointer) + torch.arange(len(embeddings), device=embeddings.device)) % size
+        self.embeddings[rows] = embeddings.float()
+        self.labels[rows] = labels.float()
+        self.pointer.fill_((int(self.pointer) + len(embeddings)) % size)
+        self.filled.fill_(min(size, int(self.filled) + len(embeddings)))
 
 
 class Encoder(nn.Module):

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data import CLASS_INDEX, CLASSES, SEGMENT_CLASSES, SITE_CLASSES
 from space import max_separation
 from utils import new_temp_file, remove_stale_temps
+from vocab import CLASS_INDEX, CLASSES, SEGMENT_CLASSES, SITE_CLASSES
 
 # GFF3 feature type per class: Sequence Ontology terms (so.obo): signal_peptide SO:0000418,
 # transit_peptide SO:0000725, ER_retention_signal SO:0001806, nuclear_localization_signal SO:0001528,

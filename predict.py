@@ -16,10 +16,10 @@ import argparse
 import os
 import sys
 
+from config import ConfigError
 from data import DataError
 from inference import PredictError
 from stream import predict
-from utils import ConfigError
 
 OUTPUTS = ("out", "tsv", "gff3", "embeddings", "metrics")
 

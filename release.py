@@ -23,9 +23,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from data import CLASSES
 from space import from_stored
 from utils import CheckpointError, WriteError, give_umask_mode, load_checkpoint, new_temp_dir, remove_stale_temps
+from vocab import CLASSES
 from weights import safetensors_ready
 
 FORMAT, FORMAT_VERSION = "mutarget-model", 1

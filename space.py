@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data import CLASSES
 from metrics import classification_metrics, mcc_at_thresholds
+from vocab import CLASSES
 
 KNN_K = 5  # odd: a majority vote per class never ties
 MAXSEP_NEAREST_ONLY = 5  # a cut at 0-based rank >= 5 (the 6th distance or later): only the nearest class

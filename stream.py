@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 import inputs
 import outputs
-from data import CLASSES, DataError
+from config import Config
+from data import DataError
 from inference import (
     PredictError,
     autocast_dtype,
@@ -40,10 +41,11 @@ from inference import (
     predict_chunk,
     use_centroids,
 )
+from metrics import score
 from release import read_models
+from runtime import init_distributed
 from space import centroid_metrics
-from train import init_distributed, score
-from utils import Config
+from vocab import CLASSES
 
 SHOWN_SKIPPED = 20  # skipped records listed on stderr (all of them go to the report file)
 MMAP_THRESHOLD = 1 << 20  # bytes: larger allocations get pages of their own, returned when freed

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from utils import ConfigError
+from config import ConfigError
 
 
 def require(config) -> None:

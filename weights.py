@@ -25,8 +25,8 @@ from pathlib import Path
 import esm
 import torch
 
-from utils import (ConfigError, UnsafeFileError, give_umask_mode, new_temp_dir, remove_stale_temps, save_checkpoint,
-                   torch_load_safe)
+from config import ConfigError
+from utils import UnsafeFileError, give_umask_mode, new_temp_dir, remove_stale_temps, save_checkpoint, torch_load_safe
 
 ESM_MODELS_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/"
 HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",

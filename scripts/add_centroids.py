@@ -18,12 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from config import ConfigError, resolve_config  # noqa: E402
 from data import DataError, build_datasets  # noqa: E402
+from evaluate import evaluate, fit_centroids  # noqa: E402
 from model import Encoder, load_model_state  # noqa: E402
+from runtime import resolve_device  # noqa: E402
 from space import to_stored  # noqa: E402
-from train import evaluate, fit_centroids, resolve_device  # noqa: E402
-from utils import CheckpointError, ConfigError, load_checkpoint, resolve_config, save_checkpoint  # noqa: E402
-from weights import WeightsError  # noqa: E402
+from utils import load_checkpoint, save_checkpoint  # noqa: E402
 
 
 def add_centroids(path: Path, data_root: str | None, device) -> dict:
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
         for path in args.checkpoints:
             centroids = add_centroids(path, args.data_root, device)
             print(f"{path}: class centres of {', '.join(centroids)} space(s) added")
-    except (CheckpointError, ConfigError, DataError, WeightsError, FileNotFoundError) as err:
+    except (ConfigError, DataError, OSError) as err:  # OSError: CheckpointError, WeightsError, WriteError
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

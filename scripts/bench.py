@@ -28,13 +28,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import batching  # noqa: E402
+import contrast  # noqa: E402
 import data  # noqa: E402
 import loss  # noqa: E402
-import train  # noqa: E402
+import runtime  # noqa: E402
+import vocab  # noqa: E402
 from cache import FrozenCache  # noqa: E402
+from config import resolve_config  # noqa: E402
 from model import Encoder  # noqa: E402
 from throughput import peak_rss_mb  # noqa: E402
-from utils import resolve_config  # noqa: E402
 
 
 def bench_config(data_root, layers=4, tune="full", supcon=True, **encoder):
@@ -55,7 +58,7 @@ class PadTo:
     def __call__(self, items):
         batch = self.collate(items)
         extra = self.width - batch["tokens"].shape[1]
-        batch["tokens"] = torch.nn.functional.pad(batch["tokens"], (0, extra), value=data.PAD_IDX)
+        batch["tokens"] = torch.nn.functional.pad(batch["tokens"], (0, extra), value=vocab.PAD_IDX)
         return batch
 
 
@@ -63,17 +66,17 @@ def run_mode(mode: str, data_root, seconds: float, device: str) -> dict:
     """Training steps for about `seconds` (after one warm-up step) -> figures of the mode."""
     naive = mode == "naive"
     config = bench_config(data_root, chunk_tokens=0 if naive else 16384, fused_attention=not naive)
-    dtype = train.amp_dtype("bf16" if mode == "fast_bf16" else "none", torch.device(device))
+    dtype = runtime.amp_dtype("bf16" if mode == "fast_bf16" else "none", torch.device(device))
     torch.manual_seed(0)
     train_set = data.build_datasets(config)["train"]
-    train_set.enable_supcon(2, 2, seed=0)
+    contrast.enable_supcon(train_set, 2, 2, seed=0)
     model = Encoder(config).to(device)
-    collate = data.Collate(config.data.max_len, config.data.overlap, dedup=not naive)
+    collate = batching.Collate(config.data.max_len, config.data.overlap, dedup=not naive)
     if naive:
-        sampler = data.EpochShuffleSampler(len(train_set), 0)
+        sampler = batching.EpochShuffleSampler(len(train_set), 0)
         loader = torch.utils.data.DataLoader(train_set, batch_size=8, sampler=sampler, collate_fn=PadTo(collate))
     else:
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=data.LengthBucketSampler(train_set.lengths, 8, 0),
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batching.LengthBucketSampler(train_set.lengths, 8, 0),
                                              collate_fn=collate)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     criteria = (loss.ClassLoss(loss.class_weights(train_set.class_counts())).to(device),
@@ -84,9 +87,9 @@ def run_mode(mode: str, data_root, seconds: float, device: str) -> dict:
     iterator = iter(loader)
     for step in range(10 ** 6):
         t0 = time.perf_counter()
-        batch = train.to_device(next(iterator), torch.device(device))
+        batch = runtime.to_device(next(iterator), torch.device(device))
         t1 = time.perf_counter()
-        with train.autocast(torch.device(device), dtype):
+        with runtime.autocast(torch.device(device), dtype):
             out = model(batch, heads=True, contrastive=True)
             total = (criteria[0](out["class_logits"], batch["labels"])
                      + criteria[1](out["motif_logits"], batch["targets"], batch["target_mask"])
@@ -121,10 +124,10 @@ def run_cache(data_root, n_proteins: int, device: str) -> dict:
         model = Encoder(config).to(device)
         if cached:
             windows = {(p.entry, s): min(1022, len(p.sequence) - s) + 2 for p in subset.proteins
-                       for s in data.window_starts(len(p.sequence), 1022, 200)}
+                       for s in vocab.window_starts(len(p.sequence), 1022, 200)}
             model.cache = FrozenCache(windows, 128, "float16")
-        loader = torch.utils.data.DataLoader(subset, batch_sampler=data.LengthBucketSampler(subset.lengths, 8, 0),
-                                             collate_fn=data.Collate())
+        loader = torch.utils.data.DataLoader(subset, batch_sampler=batching.LengthBucketSampler(subset.lengths, 8, 0),
+                                             collate_fn=batching.Collate())
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         criterion = loss.ClassLoss(loss.class_weights(subset.class_counts())).to(device)
         model.train()
@@ -132,7 +135,7 @@ def run_cache(data_root, n_proteins: int, device: str) -> dict:
         for epoch in range(2 if cached else 1):
             t0 = time.perf_counter()
             for batch in loader:
-                out = model(train.to_device(batch, torch.device(device)))
+                out = model(runtime.to_device(batch, torch.device(device)))
                 optimizer.zero_grad(set_to_none=True)
                 criterion(out["class_logits"], batch["labels"].to(device)).backward()
                 optimizer.step()

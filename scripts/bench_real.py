@@ -27,13 +27,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import batching  # noqa: E402
+import contrast  # noqa: E402
 import data  # noqa: E402
 import loss  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
+import vocab  # noqa: E402
 import weights  # noqa: E402
+from config import resolve_config  # noqa: E402
 from model import Encoder  # noqa: E402
 from throughput import peak_rss_mb  # noqa: E402
-from utils import resolve_config  # noqa: E402
 
 ARCHS = {"esm2_t6_8M_UR50D": (6, 320, 20), "esm2_t12_35M_UR50D": (12, 480, 20), "esm2_t30_150M_UR50D": (30, 640, 20),
          "esm2_t33_650M_UR50D": (33, 1280, 20), "esm2_t36_3B_UR50D": (36, 2560, 40)}
@@ -82,23 +86,23 @@ def run_steps(path: str, mode: str, precision: str, data_root: str, anchors: int
         "supcon": {"apply": True, "loss": "hard", "n_pos": 1, "n_neg": 1}})
     dev = torch.device(device)
     train_set = data.build_datasets(config)["train"]
-    train_set.enable_supcon(1, 1, seed=0)
+    contrast.enable_supcon(train_set, 1, 1, seed=0)
     model = Encoder(config).to(dev)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     criteria = {"class": loss.ClassLoss(loss.class_weights(train_set.class_counts())).to(dev),
                 "motif": loss.MotifLoss(loss.motif_pos_weights(*train_set.residue_counts())).to(dev)}
-    loader = torch.utils.data.DataLoader(train_set, batch_size=anchors, sampler=data.EpochShuffleSampler(len(train_set), 0),
-                                         collate_fn=data.Collate())
-    dtype = train.amp_dtype(config.train.amp, dev)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=anchors, sampler=batching.EpochShuffleSampler(len(train_set), 0),
+                                         collate_fn=batching.Collate())
+    dtype = runtime.amp_dtype(config.train.amp, dev)
     model.train()
     times, tokens, batches = [], 0, iter(loader)
     for step in range(steps + 1):
-        batch = train.to_device(next(batches), dev)
+        batch = runtime.to_device(next(batches), dev)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with train.autocast(dev, dtype):
+        with runtime.autocast(dev, dtype):
             total, _, _ = train.step_losses(model, batch, criteria, config)
         total.backward()
         optimizer.step()
@@ -107,7 +111,7 @@ def run_steps(path: str, mode: str, precision: str, data_root: str, anchors: int
             torch.cuda.synchronize()
         if step:  # the first step warms up (allocations, kernels): not counted
             times.append(time.perf_counter() - t0)
-            tokens += int(batch["tokens"].ne(data.PAD_IDX).sum())
+            tokens += int(batch["tokens"].ne(vocab.PAD_IDX).sum())
     return {"step_s": sum(times) / len(times), "tokens_per_step": tokens / steps,
             "trainable_parameters": sum(p.numel() for p in trainable), "peak_memory_mb": peak_memory_mb(device)}
 

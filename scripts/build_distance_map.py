@@ -16,11 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from config import ConfigError, load_config, resolve_config  # noqa: E402
+from contrast import distance_map_of  # noqa: E402
 from data import DataError, build_datasets  # noqa: E402
-from model import Encoder, WeightsError  # noqa: E402
-from train import distance_map_of, resolve_device  # noqa: E402
-from utils import (CheckpointError, ConfigError, load_checkpoint, load_config, resolve_config, seed_everything,  # noqa: E402
-                   write_text_atomic)
+from model import Encoder  # noqa: E402
+from runtime import resolve_device  # noqa: E402
+from utils import load_checkpoint, seed_everything, write_text_atomic  # noqa: E402
 
 
 def build_map(config, checkpoint=None, device="auto") -> dict:
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     try:
         config = load_config(args.config, args.set)
         distances = build_map(config, args.checkpoint, args.device)
-    except (ConfigError, DataError, WeightsError, FileNotFoundError, CheckpointError) as err:
+    except (ConfigError, DataError, OSError) as err:  # OSError: CheckpointError, WeightsError, WriteError
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_text_atomic(args.out, json.dumps(distances, indent=1) + "\n")

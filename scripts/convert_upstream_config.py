@@ -22,7 +22,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils import DEFAULTS, ConfigError, resolve_config, write_text_atomic  # noqa: E402
+from config import DEFAULTS, ConfigError, resolve_config  # noqa: E402
+from utils import write_text_atomic  # noqa: E402
 
 ESM2_NAME = re.compile(r"^(facebook/)?esm2_t(\d+)_(\d+[MB])_UR50D$")
 ESM2_WIDTH = {6: 320, 12: 480, 30: 640, 33: 1280, 36: 2560, 48: 5120}  # embed_dim by layer count

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import weights  # noqa: E402
 from adapters import merge_lora  # noqa: E402
-from utils import ConfigError, resolve_config  # noqa: E402
+from config import ConfigError, resolve_config  # noqa: E402
 
 
 def read_source(path: Path) -> tuple[dict, dict]:
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
             weights.write_hf_folder(arch, state, args.dest)
         else:
             weights.write_fair_esm(arch, state, args.dest)
-    except (weights.WeightsError, ConfigError, ValueError) as err:
+    except (ConfigError, ValueError, OSError) as err:  # OSError: WeightsError, CheckpointError, WriteError
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.dest} ({args.to}): ESM-2 {arch}, {len(state)} tensors")

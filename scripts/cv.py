@@ -30,8 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
-from data import CLASSES, SEGMENT_CLASSES, SITE_CLASSES  # noqa: E402
 from utils import write_text_atomic  # noqa: E402
+from vocab import CLASSES, SEGMENT_CLASSES, SITE_CLASSES  # noqa: E402
 
 
 def run_metrics(test: dict) -> dict:

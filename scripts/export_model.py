@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from config import ConfigError  # noqa: E402
 from data import DataError  # noqa: E402
 from inference import PredictError, checked_config  # noqa: E402
 from release import from_checkpoint, write_release  # noqa: E402
-from utils import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -23,10 +23,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import CLASSES, build_datasets  # noqa: E402
+from config import load_config, resolve_config  # noqa: E402
+from data import build_datasets  # noqa: E402
+from evaluate import run_inference  # noqa: E402
 from model import Encoder  # noqa: E402
-from train import resolve_device, run_inference  # noqa: E402
-from utils import load_checkpoint, load_config, resolve_config  # noqa: E402
+from runtime import resolve_device  # noqa: E402
+from utils import load_checkpoint  # noqa: E402
+from vocab import CLASSES  # noqa: E402
 
 
 def embeddings(checkpoint, dataset, config, device) -> dict:

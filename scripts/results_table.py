@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cv import fmt, residue_key  # noqa: E402
 
-from data import CLASSES  # noqa: E402
 from space import KNN_K  # noqa: E402
 from utils import write_text_atomic  # noqa: E402
+from vocab import CLASSES  # noqa: E402
 
 BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
 SPACE_BEGIN, SPACE_END = "<!-- space-table:begin -->", "<!-- space-table:end -->"

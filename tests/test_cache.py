@@ -7,12 +7,14 @@ import torch
 import torch.multiprocessing as mp
 from conftest import write_config
 
+import batching
 import cache
 import data
 import model
 import throughput
 import train
-import utils
+import vocab
+from config import load_config, resolve_config
 
 
 def read_metrics(run_dir):
@@ -74,7 +76,7 @@ def frozen_prefix(tokens):
 
 
 def windows(*sequences):
-    batch = data.Collate(64, 16)([data.LocalizationDataset([data.make_protein(f"P{i}", s, "", "t")
+    batch = batching.Collate(64, 16)([data.LocalizationDataset([data.make_protein(f"P{i}", s, "", "t")
                                                             for i, s in enumerate(sequences)])[i]
                                   for i in range(len(sequences))])
     return batch["tokens"], batch["window_keys"]
@@ -85,11 +87,11 @@ def test_entries_are_keyed_by_window_content(tmp_path):
     tokens, keys = windows("MKTAYIAKQR", "MKTAYIAKQW", "MKTAYIAKQRQ")
     out = store.fetch(keys, tokens, frozen_prefix)
     assert store.misses == 3 and len(list(tmp_path.rglob("*.npy"))) == 3  # one residue apart: other entries
-    assert torch.equal(out, frozen_prefix(tokens) * tokens.ne(data.PAD_IDX)[..., None])
+    assert torch.equal(out, frozen_prefix(tokens) * tokens.ne(vocab.PAD_IDX)[..., None])
     # the same windows under other names, in another order and padding: read, not computed
     again_tokens, _ = windows("MKTAYIAKQRQ", "MKTAYIAKQR")
     again = store.fetch([("x", 0), ("y", 0)], again_tokens, lambda t: pytest.fail("recomputed a cached window"))
-    real = again_tokens.ne(data.PAD_IDX)
+    real = again_tokens.ne(vocab.PAD_IDX)
     assert torch.equal(again[real], frozen_prefix(again_tokens)[real])
     assert store.hits == 2
 
@@ -106,12 +108,12 @@ def test_damaged_or_foreign_entries_are_computed_again(tmp_path):
     np.save(paths[2], np.load(paths[2]).astype(np.float16))  # fp16 values under a float32 store
     again = cache.DiskCache(tmp_path, "model", "float32")
     out = again.fetch(keys, tokens, frozen_prefix)
-    assert again.misses == 3 and torch.equal(out, frozen_prefix(tokens) * tokens.ne(data.PAD_IDX)[..., None])
+    assert again.misses == 3 and torch.equal(out, frozen_prefix(tokens) * tokens.ne(vocab.PAD_IDX)[..., None])
     assert cache.DiskCache(tmp_path, "model", "float32").fetch(keys, tokens, lambda t: pytest.fail("rewritten?")).shape == out.shape
 
 
 def test_model_key_covers_storage_and_device():
-    backbone = model.Encoder(utils.resolve_config({"encoder": {"scratch": {"num_layers": 2, "embed_dim": 16,
+    backbone = model.Encoder(resolve_config({"encoder": {"scratch": {"num_layers": 2, "embed_dim": 16,
                                                                            "attention_heads": 2}, "tune": "last_k",
                                                                "trainable_layers": 1}})).backbone
     keys = {cache.model_key(backbone, 1, True, None, storage, device)
@@ -137,7 +139,7 @@ def test_two_processes_filling_at_once(tmp_path):
     tokens, keys = windows(*sequences)
     store = cache.DiskCache(tmp_path, "model", "float16")
     out = store.fetch(keys, tokens, lambda t: pytest.fail("an entry is missing"))
-    expected = (frozen_prefix(tokens) * tokens.ne(data.PAD_IDX)[..., None]).half().float()
+    expected = (frozen_prefix(tokens) * tokens.ne(vocab.PAD_IDX)[..., None]).half().float()
     assert torch.equal(out, expected)
     (tmp_path / "plain").write_text("x")  # the mode open() gives a new file under this umask
     assert all(f.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 for f in files)
@@ -149,9 +151,9 @@ def test_speed_figures_in_metrics(tmp_path):
     record = read_metrics(run)[0]
     assert 0 < record["tokens_per_s"] <= record["padded_tokens_per_s"] and record["anchors_per_s"] > 0
     assert "mfu" not in record  # CPU: no MFU
-    train_set = data.build_datasets(utils.load_config(run / "config.yaml"))["train"]
+    train_set = data.build_datasets(load_config(run / "config.yaml"))["train"]
     real = sum(min(64, len(p.sequence) - s) + 2 for p in train_set.proteins
-               for s in data.window_starts(len(p.sequence), 64, 16))  # residues + BOS / EOS of every window
+               for s in vocab.window_starts(len(p.sequence), 64, 16))  # residues + BOS / EOS of every window
     assert record["tokens_per_s"] / record["anchors_per_s"] == pytest.approx(real / len(train_set), rel=1e-6)
 
 

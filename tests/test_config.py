@@ -1,4 +1,4 @@
-"""Config validation (utils.resolve_config): every key's type and range checked whether or not its section is
+"""Config validation (resolve_config): every key's type and range checked whether or not its section is
 switched on, before anything is written; unknown keys named with the nearest valid one."""
 import math
 import random
@@ -8,12 +8,24 @@ import yaml
 from conftest import tiny_config
 
 import train
-import utils
+from config import (
+    CHOICES,
+    DEFAULTS,
+    FLOAT_OR_AUTO,
+    NON_EMPTY,
+    NULLABLE,
+    OPEN_HIGH,
+    OPEN_LOW,
+    RANGES,
+    SCRATCH_DEFAULTS,
+    ConfigError,
+    resolve_config,
+)
 
-SCRATCH = {f"encoder.scratch.{k}": v for k, v in utils.SCRATCH_DEFAULTS.items()}
+SCRATCH = {f"encoder.scratch.{k}": v for k, v in SCRATCH_DEFAULTS.items()}
 
 
-def leaves(tree=utils.DEFAULTS, prefix=""):
+def leaves(tree=DEFAULTS, prefix=""):
     """(dotted key, default) of every leaf of DEFAULTS, encoder.scratch's keys included."""
     out = []
     for key, value in tree.items():
@@ -28,15 +40,15 @@ def leaves(tree=utils.DEFAULTS, prefix=""):
 
 
 def inside(key, value) -> bool:
-    low, high = utils.RANGES[key]
-    above_low = low is None or (value > low if key in utils.OPEN_LOW else value >= low)
-    below_high = high is None or (value < high if key in utils.OPEN_HIGH else value <= high)
+    low, high = RANGES[key]
+    above_low = low is None or (value > low if key in OPEN_LOW else value >= low)
+    below_high = high is None or (value < high if key in OPEN_HIGH else value <= high)
     return above_low and below_high
 
 
 def numeric_outside(key, rng):
     """Values of the right type at, just outside and far outside the ends of the key's range."""
-    low, high = utils.RANGES[key]
+    low, high = RANGES[key]
     integer = isinstance(low, int)
     step = 1 if integer else 1e-3
     candidates = [-(10 ** 30) if integer else -1e30, 10 ** 30 if integer else 1e30, rng.choice([-1, -7, -123456])]
@@ -48,27 +60,27 @@ def numeric_outside(key, rng):
 
 def wrong_values(key, default, rng):
     """Values of the wrong type, outside the range, empty or not among the choices for this key."""
-    kind = utils.NULLABLE.get(key, type(default))
+    kind = NULLABLE.get(key, type(default))
     garbage = ["".join(rng.choice("abcxyz_!?%") for _ in range(rng.randint(1, 8))), [rng.random()], {"k": 1}]
-    if key in utils.FLOAT_OR_AUTO:
+    if key in FLOAT_OR_AUTO:
         kind = float
     if kind is bool:
         return garbage + [1, 0.5, "yes please", None]
     if kind in (int, float):
         values = garbage + [True, None] + ([2.5] if kind is int else [math.nan, math.inf, -math.inf])
-        return values + (numeric_outside(key, rng) if key in utils.RANGES else [])
+        return values + (numeric_outside(key, rng) if key in RANGES else [])
     if kind is list:
         return [t for t in garbage if not isinstance(t, list)] + [[], ["query"], [1, 2], ["q", "q"], "q"]
     if kind is dict:
         return ["big", [1, 2], 3]
     values = [3, 2.5, True, [key], {"k": "v"}]  # strings
-    if key in utils.CHOICES:
-        values += ["not-a-choice", utils.CHOICES[key][0].upper() + "x"]
-    if key in utils.NON_EMPTY:
+    if key in CHOICES:
+        values += ["not-a-choice", CHOICES[key][0].upper() + "x"]
+    if key in NON_EMPTY:
         values += ["", "   "]
     if key == "device":
         values += ["gpu", "cuda:x"]
-    if key not in utils.NULLABLE:
+    if key not in NULLABLE:
         values.append(None)
     return values
 
@@ -142,8 +154,8 @@ def test_fuzz_every_key(tmp_path, capsys):
 ])
 def test_values_the_issue_found_accepted(override, message):
     """Each was accepted (or crashed late) before; now a ConfigError at load time."""
-    with pytest.raises(utils.ConfigError, match=message):
-        utils.resolve_config({"encoder": {"scratch": {}}}, [override])
+    with pytest.raises(ConfigError, match=message):
+        resolve_config({"encoder": {"scratch": {}}}, [override])
 
 
 def test_every_section_is_checked_when_switched_off():
@@ -155,13 +167,13 @@ def test_every_section_is_checked_when_switched_off():
                               ("train.lr=-0.001", "train.lr must be > 0.0"),
                               ("data.max_len=1023", "data.max_len must be >= 1 and <= 1022"),
                               ("data.num_workers=-1", "data.num_workers must be >= 0 and <= 256")):
-        assert utils.resolve_config(base)["supcon"]["apply"] is False
-        with pytest.raises(utils.ConfigError, match=message):
-            utils.resolve_config(base, [override])
+        assert resolve_config(base)["supcon"]["apply"] is False
+        with pytest.raises(ConfigError, match=message):
+            resolve_config(base, [override])
 
 
 def test_nearest_key_ignores_letter_case():
     for given, nearest in (("train.EPOCHS=3", "train.epochs"), ("Train.LR=1", "train.lr"),
                            ("supcon.N_POS=2", "supcon.n_pos"), ("encoder.Tune=full", "encoder.tune")):
-        with pytest.raises(utils.ConfigError, match=f"did you mean '{nearest}'"):
-            utils.resolve_config({"encoder": {"scratch": {}}}, [given])
+        with pytest.raises(ConfigError, match=f"did you mean '{nearest}'"):
+            resolve_config({"encoder": {"scratch": {}}}, [given])

@@ -11,6 +11,7 @@ from conftest import ROOT
 
 import train
 import utils
+from config import load_config, resolve_config
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import convert_upstream_config as cuc  # noqa: E402
@@ -260,7 +261,7 @@ def assert_translated(got: dict, expected: dict):
 @pytest.mark.parametrize("text,expected", [(MAIN, MAIN_EXPECTED), (SUPCON, SUPCON_EXPECTED)], ids=["main", "supcon"])
 def test_translation_key_by_key(text, expected):
     assert_translated(flat(convert_text(text).tree), expected)
-    utils.resolve_config(convert_text(text).tree)  # a valid config
+    resolve_config(convert_text(text).tree)  # a valid config
 
 
 def test_grad_accumulation_is_not_gradient_accumulation():
@@ -305,7 +306,7 @@ def test_command_line_report_and_output_file(tmp_path, capsys):
     text = out.read_text()
     assert "max_len: 1022" in text and "# upstream encoder.max_len" in text
     assert "#   decoder.apply_DNN, decoder.type, decoder.cnn_channel" in text  # untranslated keys in the header
-    config = utils.load_config(out)
+    config = load_config(out)
     assert_translated(flat(yaml.safe_load(text)), MAIN_EXPECTED)
     assert config.encoder.model_name == "facebook/esm2_t33_650M_UR50D" and config.train.augment.max_copies == 5
 
@@ -341,7 +342,7 @@ def test_peft_modes(peft, extra, expected, lost):
     for key in ("encoder.prompt_len", "encoder.prompt_layer_indices"):
         if key in flat(tree):
             assert "not supported" in c.dropped[key]
-    utils.resolve_config(c.tree)
+    resolve_config(c.tree)
 
 
 def test_older_augmentation_and_constant_schedule():
@@ -387,7 +388,7 @@ def test_train_starts_on_the_converted_config(tmp_path, text):
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["phase"] in ("supervised", "joint", "warm_start")
-    stored = utils.load_config(run / "config.yaml")
+    stored = load_config(run / "config.yaml")
     assert stored.train.batch_size == yaml.safe_load(text)["train_settings"]["batch_size"]
     assert stored.supcon.apply == yaml.safe_load(text)["supcon"]["apply"]
     assert (run / "tensorboard" / "step").is_dir()  # upstream logged to TensorBoard; the converted config does too

@@ -4,7 +4,6 @@ import statistics
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -43,9 +42,9 @@ def test_cv_two_folds_on_demo(tmp_path):
 def test_plot_run_and_embeddings(tmp_path, tiny_run, capsys):
     import plot_embeddings
     import plot_run
+    from conftest import write_config
 
     import train
-    from conftest import write_config
     png = tmp_path / "curves.png"
     assert plot_run.main([str(tiny_run), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -65,7 +64,7 @@ def test_plot_run_and_embeddings(tmp_path, tiny_run, capsys):
 
 def _summary(f1s, mccs):
     """A cv_summary with the given per-run macro-F1 / MCC; every other metric 0.5 (std 0.0)."""
-    from data import CLASSES, SEGMENT_CLASSES, SITE_CLASSES
+    from vocab import CLASSES, SEGMENT_CLASSES, SITE_CLASSES
     runs = [{"fold": i, "seed": 0, "run_dir": f"r{i}", "wall_s": 10.0 * (i + 1), "best_epoch": 1,
              "macro_f1": f, "macro_mcc": m, "tuned_macro_f1": 0.5, "tuned_macro_mcc": 0.5, "macro_roc_auc": 0.5,
              "macro_average_precision": 0.5, "macro_site_accuracy": 0.5, "macro_iou": 0.5,
@@ -80,7 +79,7 @@ def _summary(f1s, mccs):
 
 def _space(value):
     """A test_metrics.json 'space' entry whose every figure is `value`."""
-    from data import CLASSES
+    from vocab import CLASSES
     macro = {"macro_f1": value, "macro_mcc": value}
     return {"maxsep": macro, "threshold": macro, "knn": {"k": 5, **macro}, "macro_average_precision": value,
             "macro_silhouette": value, "silhouette": {c: value for c in CLASSES}}

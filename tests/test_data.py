@@ -1,14 +1,19 @@
 """Targets, windows, folds, datasets and bad input of data.py."""
 import os
 
+import helpers
 import numpy as np
 import pytest
 import torch
 from conftest import REAL_DATA
 
+import batching
+import contrast
 import data
-from data import CLASS_INDEX as C
+import synthetic
+import vocab
 from data import DataError
+from vocab import CLASS_INDEX as C
 
 
 def protein(motif, length=100, seq=None):
@@ -23,7 +28,7 @@ def ones(p, name):
 def test_site_classes_mark_last_residue_of_peptide():
     for name in ("SIGNAL", "Mitochondrion", "chloroplast"):
         p = protein(f"1-25:{name}")
-        assert p.labels.tolist() == [int(c == name) for c in data.CLASSES]
+        assert p.labels.tolist() == [int(c == name) for c in vocab.CLASSES]
         assert ones(p, name) == [24]
         assert p.targets.sum() == 1 and p.masked == ()
 
@@ -59,7 +64,7 @@ def test_thylakoid_from_residue_one_masks_chloroplast_track():
     assert p.labels[C["chloroplast"]] == 1 and p.labels[C["Thylakoid"]] == 1
     assert ones(p, "chloroplast") == [] and p.masked == (C["chloroplast"],)
     item = data.LocalizationDataset([p])[0]
-    assert item["track_mask"].tolist() == [c != "chloroplast" for c in data.CLASSES]
+    assert item["track_mask"].tolist() == [c != "chloroplast" for c in vocab.CLASSES]
 
 
 def test_thylakoid_from_one_with_explicit_chloroplast_is_known():
@@ -90,7 +95,7 @@ def test_sequence_cleaning():
 # ---------------------------------------------------------------- windows and stitching
 @pytest.mark.parametrize("length", [1, 50, 1022, 1023, 1500, 2500, 5400])
 def test_windows_cover_every_residue_with_overlap(length):
-    starts = data.window_starts(length, 1022, 200)
+    starts = vocab.window_starts(length, 1022, 200)
     ends = [min(s + 1022, length) for s in starts]
     assert starts[0] == 0 and ends[-1] == length
     covered = np.zeros(length, int)
@@ -104,9 +109,9 @@ def test_windows_cover_every_residue_with_overlap(length):
 
 def test_stitch_average_is_mean_over_windows():
     length, W = 10, 6
-    starts = data.window_starts(length, W, 2)  # [0, 4]
+    starts = vocab.window_starts(length, W, 2)  # [0, 4]
     values = np.stack([np.arange(s, s + W, dtype=float) * 0 + k for k, s in enumerate(starts)])
-    out = data.stitch_average(values, starts, length)
+    out = helpers.stitch_average(values, starts, length)
     expected = [0, 0, 0, 0, 0.5, 0.5, 1, 1, 1, 1]
     assert out.tolist() == expected
 
@@ -115,20 +120,20 @@ def test_collate_windows_and_masks():
     proteins = [protein("1-5:SIGNAL", length=30), protein("", length=7)]
     proteins[1].entry = "P2"
     ds = data.LocalizationDataset(proteins)
-    batch = data.Collate(max_len=12, overlap=4)([ds[0], ds[1]])
+    batch = batching.Collate(max_len=12, overlap=4)([ds[0], ds[1]])
     # protein 0: windows start 0, 8, 16, 18; protein 1: one window
     assert batch["window_protein"].tolist() == [0, 0, 0, 0, 1]
     assert batch["window_start"].tolist() == [0, 8, 16, 18, 0]
     assert batch["tokens"].shape == (5, 14)  # longest window 12 + BOS + EOS, not 1024
     t = batch["tokens"][4]
-    assert t[0] == data.BOS_IDX and t[8] == data.EOS_IDX and (t[9:] == data.PAD_IDX).all()
+    assert t[0] == vocab.BOS_IDX and t[8] == vocab.EOS_IDX and (t[9:] == vocab.PAD_IDX).all()
     assert batch["residue_mask"].sum(1).tolist() == [30, 7]
     assert batch["target_mask"][1, :, 7:].sum() == 0 and batch["target_mask"][1, :, :7].all()
     assert batch["targets"][0, C["SIGNAL"]].nonzero().flatten().tolist() == [4]
 
 
 def test_epoch_sampler_depends_on_seed_and_epoch_only():
-    a, b = data.EpochShuffleSampler(50, 3), data.EpochShuffleSampler(50, 3)
+    a, b = batching.EpochShuffleSampler(50, 3), batching.EpochShuffleSampler(50, 3)
     a.set_epoch(2)
     b.set_epoch(2)
     torch.manual_seed(123)
@@ -141,7 +146,7 @@ def window_padding(batches, lengths, max_len=1022, overlap=200):
     """Share of padding among the window tokens (BOS/EOS included) the backbone would see."""
     total = padding = 0
     for batch in batches:
-        widths = [min(max_len, lengths[i] - s) + 2 for i in batch for s in data.window_starts(lengths[i], max_len, overlap)]
+        widths = [min(max_len, lengths[i] - s) + 2 for i in batch for s in vocab.window_starts(lengths[i], max_len, overlap)]
         total += max(widths) * len(widths)
         padding += max(widths) * len(widths) - sum(widths)
     return padding / total
@@ -151,7 +156,7 @@ def window_padding(batches, lengths, max_len=1022, overlap=200):
 def test_length_buckets_bound_padding_and_cover_every_sample():
     proteins, partitions = data.load_proteins(REAL_DATA)
     lengths = np.array([len(p.sequence) for p in proteins])[data.fold_indices(partitions, 0)["train"]]
-    sampler = data.LengthBucketSampler(lengths, batch_size=16, seed=0)
+    sampler = batching.LengthBucketSampler(lengths, batch_size=16, seed=0)
     epochs = []
     for epoch in range(2):
         sampler.set_epoch(epoch)
@@ -172,7 +177,7 @@ def test_real_data_counts_and_folds():
     proteins, partitions = data.load_proteins(REAL_DATA)
     assert len(proteins) == 5283 + 17
     labels = np.stack([p.labels for p in proteins])
-    counts = dict(zip(data.CLASSES, labels.sum(0).tolist()))
+    counts = dict(zip(vocab.CLASSES, labels.sum(0).tolist()))
     # facts doc: SIGNAL 3226, Nucleus 635, ER 146, NES 125, Peroxisome 62, Thylakoid 46;
     # Mitochondrion 793 + 17 dual; chloroplast 348 + 17 dual + Thylakoid-only proteins.
     assert counts["SIGNAL"] == 3226 and counts["Nucleus"] == 635 and counts["ER"] == 146
@@ -193,7 +198,7 @@ def test_real_data_counts_and_folds():
 
 
 def test_upstream_checkout_layout(tmp_path):
-    data.make_synthetic_dataset(tmp_path / "flat", 40, 0)
+    synthetic.make_synthetic_dataset(tmp_path / "flat", 40, 0)
     base = tmp_path / "checkout" / "data" / "parsed_EC7_v2"
     (base / "split" / "type").mkdir(parents=True)
     (base / "fasta" / "type").mkdir(parents=True)
@@ -213,7 +218,7 @@ def test_synthetic_data_is_deterministic_and_covers_every_class(tmp_path):
 
     from conftest import ROOT
     for name, hash_seed in (("a", "1"), ("b", "2")):  # separate processes: string hashing differs
-        code = f"import data; data.make_synthetic_dataset({str(tmp_path / name)!r}, 300, 7)"
+        code = f"import synthetic; synthetic.make_synthetic_dataset({str(tmp_path / name)!r}, 300, 7)"
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={**os.environ, "PYTHONHASHSEED": hash_seed})
     for name in ("SYNTHETIC_uniprot.csv", "partition.csv", "dual.fasta"):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
@@ -298,23 +303,23 @@ def test_fasta_parsing(tmp_path):
 
 
 def test_augmentation_rates_labels_and_epochs(tmp_path):
-    data.make_synthetic_dataset(tmp_path, 300, 4)
+    synthetic.make_synthetic_dataset(tmp_path, 300, 4)
     proteins, _ = data.load_proteins(tmp_path)
     ds = data.LocalizationDataset(proteins)
-    ds.enable_augmentation(True, pos_rate=0.1, neg_rate=0.3, max_copies=3, views=3, seed=0)
+    contrast.enable_augmentation(ds, True, pos_rate=0.1, neg_rate=0.3, max_copies=3, views=3, seed=0)
     changed = {True: [0, 0], False: [0, 0]}  # inside / outside signals: [mutated, total]
     for i in range(len(ds)):
         item = ds[i]
         p = item["index"]
         assert item["labels"] is proteins[p].labels and item["targets"] is proteins[p].targets  # labels unchanged
-        inside = data.signal_mask(proteins[p])
+        inside = contrast.signal_mask(proteins[p])
         for tokens in [item["tokens"]] + item["views"]:
             assert len(tokens) == len(proteins[p].sequence)
             diff = tokens != ds.tokens[p]
             for region in (True, False):
                 changed[region][0] += int(diff[inside == region].sum())
                 changed[region][1] += int((inside == region).sum())
-            assert set(tokens[diff].tolist()) <= set(data.STANDARD.tolist())  # mutated to standard residues
+            assert set(tokens[diff].tolist()) <= set(vocab.STANDARD.tolist())  # mutated to standard residues
     assert changed[True][0] / changed[True][1] == pytest.approx(0.1, abs=0.01)
     assert changed[False][0] / changed[False][1] == pytest.approx(0.3, abs=0.01)
     first = ds[0]["tokens"]
@@ -326,8 +331,8 @@ def test_augmentation_rates_labels_and_epochs(tmp_path):
 
 def test_rarer_classes_get_more_copies():
     labels = np.zeros((6, 8), np.uint8)
-    labels[:4, data.CLASS_INDEX["SIGNAL"]] = 1       # 4 SIGNAL proteins
-    labels[4, data.CLASS_INDEX["Thylakoid"]] = 1     # 1 Thylakoid protein: ceil(4 / 1) = 4 copies, capped
-    labels[3, data.CLASS_INDEX["ER"]] = 1            # SIGNAL + ER (2 ER proteins): ceil(4 / 2) = 2
-    labels[5, data.CLASS_INDEX["ER"]] = 1
-    assert data.Augmenter.copies(labels, max_copies=3).tolist() == [1, 1, 1, 2, 3, 2]
+    labels[:4, vocab.CLASS_INDEX["SIGNAL"]] = 1       # 4 SIGNAL proteins
+    labels[4, vocab.CLASS_INDEX["Thylakoid"]] = 1     # 1 Thylakoid protein: ceil(4 / 1) = 4 copies, capped
+    labels[3, vocab.CLASS_INDEX["ER"]] = 1            # SIGNAL + ER (2 ER proteins): ceil(4 / 2) = 2
+    labels[5, vocab.CLASS_INDEX["ER"]] = 1
+    assert contrast.Augmenter.copies(labels, max_copies=3).tolist() == [1, 1, 1, 2, 3, 2]

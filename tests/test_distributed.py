@@ -10,10 +10,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import ROOT, tiny_config, write_config
 
+import batching
+import contrast
 import data
 import loss
 import train
-import utils
+from config import resolve_config
 
 
 def tiny_supcon_tree(tmp_path, loss_name="hard", tune="full"):
@@ -30,7 +32,7 @@ def first_step_gradients(config, rank=0, world=1):
     train_set = data.build_datasets(config)["train"]
     torch.manual_seed(0)
     model = train.Encoder(config)
-    train.setup_supcon(config, model, train_set, torch.device("cpu"), logging.getLogger("test"))
+    contrast.setup_supcon(config, model, train_set, torch.device("cpu"), logging.getLogger("test"))
     train_set.set_epoch(0, contrastive=True)
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     criteria = {"class": loss.ClassLoss(loss.class_weights(train_set.class_counts())),
@@ -45,7 +47,7 @@ def first_step_gradients(config, rank=0, world=1):
 def _worker(rank, world, init_file, tree, out):  # noqa: D103
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        grads, n_anchors = first_step_gradients(utils.resolve_config(tree), rank, world)
+        grads, n_anchors = first_step_gradients(resolve_config(tree), rank, world)
         assert n_anchors == 8 // world
         if rank == 0:
             torch.save(grads, out)
@@ -58,7 +60,7 @@ def _worker(rank, world, init_file, tree, out):  # noqa: D103
 def test_two_processes_give_the_gradients_of_one(tmp_path, loss_name, tune):
     """Anchor batches (hard) and in-batch losses over views gathered across processes; LoRA and adapters too."""
     tree = tiny_supcon_tree(tmp_path, loss_name, tune)
-    config = utils.resolve_config(tree)
+    config = resolve_config(tree)
     expected, n_anchors = first_step_gradients(config)  # also writes the synthetic data once
     assert n_anchors == 8
     out = tmp_path / "ddp_grads.pt"
@@ -71,7 +73,7 @@ def test_two_processes_give_the_gradients_of_one(tmp_path, loss_name, tune):
 
 def test_rank_slices_make_up_the_global_batch():
     batches = [[0, 1, 2, 3, 4], [5, 6, 7], [8]]
-    parts = [list(data.RankSlice(batches, r, 2)) for r in range(2)]
+    parts = [list(batching.RankSlice(batches, r, 2)) for r in range(2)]
     assert parts[0] == [[0, 1, 2], [5, 6], [8]] and parts[1] == [[3, 4], [7], [8]]
 
 

@@ -16,8 +16,8 @@ import yaml
 from conftest import ROOT, write_config
 
 import cache
-import data
 import predict
+import synthetic
 import train
 import utils
 import weights
@@ -138,7 +138,7 @@ def test_full_disk_while_saving_a_checkpoint(tmp_path):
     with one line naming the file and the reason, exit 2, the same line in train.log, no metrics row for
     the epoch whose checkpoint failed, and no temporary file left."""
     config = write_config(tmp_path)
-    data.make_synthetic_dataset(tmp_path / "data", 120, 1)  # written before the limit applies
+    synthetic.make_synthetic_dataset(tmp_path / "data", 120, 1)  # written before the limit applies
 
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead

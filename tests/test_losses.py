@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import loss
+import model
 
 
 def unit(*shape, seed=0):
@@ -161,8 +162,9 @@ def test_mixed_loss(method):
 def test_every_loss_trains_end_to_end(tmp_path, name):
     import json
 
-    import train
     from conftest import write_config
+
+    import train
     config = write_config(tmp_path, **{"train.epochs": 2, "supcon.apply": True, "supcon.loss": name,
                                        "supcon.warm_start": 1, "supcon.hidden_dim": 16, "supcon.out_dim": 8,
                                        "supcon.n_clusters": 4, "train.augment.views": 3,
@@ -196,7 +198,7 @@ def test_supcon_with_queue_memory(multilabel):
 
 
 def test_embedding_queue_is_fifo_and_detached():
-    queue = loss.EmbeddingQueue(4, 2, 3)
+    queue = model.EmbeddingQueue(4, 2, 3)
     first = torch.arange(6.0).view(3, 2).requires_grad_()
     queue.enqueue(first, torch.eye(3))
     emb, lab = queue.contents()
@@ -207,9 +209,10 @@ def test_embedding_queue_is_fifo_and_detached():
 
 
 def test_queue_trains_and_is_checkpointed(tmp_path):
+    from conftest import write_config
+
     import train
     import utils
-    from conftest import write_config
     config = write_config(tmp_path, **{"train.epochs": 1, "supcon.apply": True, "supcon.loss": "supcon",
                                        "supcon.queue_size": 32, "supcon.hidden_dim": 16, "supcon.out_dim": 8})
     assert train.main(["--config", str(config)]) == 0

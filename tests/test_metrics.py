@@ -4,12 +4,27 @@ import sys
 
 import numpy as np
 import pytest
-from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, jaccard_score,
-                             matthews_corrcoef, precision_score, recall_score, roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    f1_score,
+    jaccard_score,
+    matthews_corrcoef,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from metrics import (CLASSES, SEGMENT_CLASSES, SITE_CLASSES, classification_metrics,  # noqa: E402
-                     format_table, residue_metrics, tune_thresholds)
+from metrics import (  # noqa: E402
+    CLASSES,
+    SEGMENT_CLASSES,
+    SITE_CLASSES,
+    classification_metrics,
+    format_table,
+    residue_metrics,
+    tune_thresholds,
+)
 
 C = len(CLASSES)
 IDX = {n: i for i, n in enumerate(CLASSES)}

@@ -2,30 +2,32 @@
 from argparse import Namespace
 
 import esm
+import helpers
 import pytest
 import torch
 
+import batching
 import cache
 import data
 import model
-import utils
-from utils import ConfigError
+import vocab
+from config import ConfigError, load_config, resolve_config
 
 
 def make_config(**encoder):
     tree = {"encoder": {"scratch": {"num_layers": 2, "embed_dim": 32, "attention_heads": 4}, "tune": "full"}}
     tree["encoder"].update(encoder)
-    return utils.resolve_config(tree)
+    return resolve_config(tree)
 
 
 def batch_of(lengths, max_len=20, overlap=6, seed=0):
     rng = torch.Generator().manual_seed(seed)
     proteins = []
     for i, n in enumerate(lengths):
-        seq = "".join(data.RESIDUES[j] for j in torch.randint(0, 20, (n,), generator=rng).tolist())
+        seq = "".join(vocab.RESIDUES[j] for j in torch.randint(0, 20, (n,), generator=rng).tolist())
         proteins.append(data.make_protein(f"P{i}", seq, "", "t"))
     ds = data.LocalizationDataset(proteins)
-    return data.Collate(max_len, overlap)([ds[i] for i in range(len(ds))])
+    return batching.Collate(max_len, overlap)([ds[i] for i in range(len(ds))])
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -35,7 +37,7 @@ def test_backbone_forward_equals_fair_esm(fused):
     reference = esm.model.esm2.ESM2(2, 32, 4, alphabet="ESM-1b").eval()
     reference.load_state_dict(m.backbone.state_dict(), strict=False)  # lm/contact heads dropped in ours
     tokens = batch_of([5, 18, 11], max_len=30)["tokens"]
-    real = tokens.ne(data.PAD_IDX)
+    real = tokens.ne(vocab.PAD_IDX)
     with torch.no_grad():
         ours = m.backbone_forward(tokens)
         theirs = reference(tokens, repr_layers=[2])["representations"][2]
@@ -71,7 +73,7 @@ def test_stitching_long_protein_equals_average_of_window_outputs():
         stitched = m.embed(batch).numpy()
     w0 = (batch["window_protein"] == 0).nonzero().flatten().tolist()
     starts = batch["window_start"][w0].tolist()
-    expected = data.stitch_average(windows[w0, 1:21], starts, 47)  # residues without BOS/EOS
+    expected = helpers.stitch_average(windows[w0, 1:21], starts, 47)  # residues without BOS/EOS
     assert abs(stitched[0, :47] - expected).max() < 1e-5
     w1 = (batch["window_protein"] == 1).nonzero().flatten().item()
     assert abs(stitched[1, :9] - windows[w1, 1:10]).max() < 1e-6
@@ -145,35 +147,35 @@ def test_parallel_decoders_equal_separate_heads():
 # ---------------------------------------------------------------- config
 def test_config_unknown_key_suggests_nearest(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'train.learning_rate'.*did you mean 'train.lr'"):
-        utils.resolve_config({"encoder": {"scratch": {}}, "train": {"learning_rate": 1}})
+        resolve_config({"encoder": {"scratch": {}}, "train": {"learning_rate": 1}})
     with pytest.raises(ConfigError, match=r"--set trian.epochs=3: unknown config key 'trian.epochs'; did you mean "
                                           r"'train.epochs'"):
-        utils.resolve_config({"encoder": {"scratch": {}}}, ["trian.epochs=3"])
+        resolve_config({"encoder": {"scratch": {}}}, ["trian.epochs=3"])
     with pytest.raises(ConfigError, match=r"'train.batchsize'; did you mean 'train.batch_size'"):
-        utils.resolve_config({"encoder": {"scratch": {}}}, ["train.batchsize=8"])
+        resolve_config({"encoder": {"scratch": {}}}, ["train.batchsize=8"])
     with pytest.raises(ConfigError, match=r"'encoder.scratch.layers'.*did you mean 'encoder.scratch.num_layers'"):
-        utils.resolve_config({"encoder": {"scratch": {"layers": 2}}})
+        resolve_config({"encoder": {"scratch": {"layers": 2}}})
 
 
 def test_config_types_and_choices(tmp_path):
     with pytest.raises(ConfigError, match=r"'train.epochs' must be int, got str"):
-        utils.resolve_config({"encoder": {"scratch": {}}, "train": {"epochs": "ten"}})
+        resolve_config({"encoder": {"scratch": {}}, "train": {"epochs": "ten"}})
     with pytest.raises(ConfigError, match=r"'train.amp' must be one of auto, bf16, fp16, none"):
-        utils.resolve_config({"encoder": {"scratch": {}}}, ["train.amp=fp8"])
+        resolve_config({"encoder": {"scratch": {}}}, ["train.amp=fp8"])
     with pytest.raises(ConfigError, match="embed_dim .30. must be divisible by attention_heads .4."):
-        model.Encoder(utils.resolve_config({"encoder": {"scratch": {"embed_dim": 30, "attention_heads": 4}}}))
+        model.Encoder(resolve_config({"encoder": {"scratch": {"embed_dim": 30, "attention_heads": 4}}}))
     with pytest.raises(ConfigError, match="must be an ESM-2 model"):
-        model.Encoder(utils.resolve_config({"encoder": {"model_name": "esm1b_t33_650M_UR50S"}}))
+        model.Encoder(resolve_config({"encoder": {"model_name": "esm1b_t33_650M_UR50S"}}))
     with pytest.raises(ConfigError, match="set exactly one of encoder.model_name"):
-        utils.resolve_config({"encoder": {"scratch": {}, "model_name": "esm2_t6_8M_UR50D"}})
-    cfg = utils.resolve_config({"encoder": {"scratch": {"num_layers": 3}}}, ["train.lr=1e-4", "train.epochs=3"])
+        resolve_config({"encoder": {"scratch": {}, "model_name": "esm2_t6_8M_UR50D"}})
+    cfg = resolve_config({"encoder": {"scratch": {"num_layers": 3}}}, ["train.lr=1e-4", "train.epochs=3"])
     assert cfg.train.lr == 1e-4 and cfg.train.epochs == 3 and cfg.encoder.scratch == {
         "num_layers": 3, "embed_dim": 64, "attention_heads": 4}
-    assert isinstance(utils.resolve_config({"encoder": {"scratch": {}}}, ["train.lr=1"]).train.lr, float)
+    assert isinstance(resolve_config({"encoder": {"scratch": {}}}, ["train.lr=1"]).train.lr, float)
     path = tmp_path / "bad.yaml"
     path.write_text("train: [unclosed")
     with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
-        utils.load_config(path)
+        load_config(path)
 
 
 def test_chunked_backbone_equals_single_call():

@@ -10,13 +10,18 @@ import torch
 from conftest import ROOT, write_config
 
 import adapters
+import batching
+import cache
+import contrast
 import data
 import loss
 import model
 import predict
 import train
 import utils
+import vocab
 import weights
+from config import resolve_config
 
 D, LAYERS = 32, 3
 
@@ -25,15 +30,15 @@ def config(tune="lora", k=2, **encoder):
     tree = {"encoder": {"scratch": {"num_layers": LAYERS, "embed_dim": D, "attention_heads": 4}, "tune": tune,
                         "trainable_layers": k, **encoder},
             "decoder": {"dropout": 0.0, "class_dropout": 0.0}}
-    return utils.resolve_config(tree)
+    return resolve_config(tree)
 
 
 def batch_of(lengths=(12, 30, 7), seed=0):
     rng = torch.Generator().manual_seed(seed)
-    proteins = [data.make_protein(f"P{i}", "".join(data.RESIDUES[j] for j in torch.randint(0, 20, (n,), generator=rng)),
+    proteins = [data.make_protein(f"P{i}", "".join(vocab.RESIDUES[j] for j in torch.randint(0, 20, (n,), generator=rng)),
                                   "", "t") for i, n in enumerate(lengths)]
     ds = data.LocalizationDataset(proteins)
-    return data.Collate(64, 16)([ds[i] for i in range(len(ds))])
+    return batching.Collate(64, 16)([ds[i] for i in range(len(ds))])
 
 
 def plain_esm2(state):
@@ -67,7 +72,7 @@ def test_identity_at_initialisation(tune):
     torch.manual_seed(0)
     m = model.Encoder(config(tune, k=0)).eval()
     batch = batch_of()
-    real = batch["tokens"].ne(data.PAD_IDX)
+    real = batch["tokens"].ne(vocab.PAD_IDX)
     with torch.no_grad():
         ours = m.backbone_forward(batch["tokens"])
     ref = reference_outputs(plain_esm2(base_state(m.backbone)), batch)
@@ -92,7 +97,7 @@ def test_lora_after_a_step_equals_merged_weights():
             changed += int(delta.abs().max() > 1e-4)
     assert changed == 2 * 4  # every adapted Linear of the last 2 layers moved
     m.eval()
-    real = batch["tokens"].ne(data.PAD_IDX)
+    real = batch["tokens"].ne(vocab.PAD_IDX)
     with torch.no_grad():
         ours = m.backbone_forward(batch["tokens"])
     ref = reference_outputs(plain_esm2(state), batch)
@@ -167,13 +172,13 @@ def test_lora_with_every_contrastive_loss_and_the_frozen_cache(tmp_path, loss_na
             "train": {"batch_size": 8},
             "supcon": {"apply": True, "loss": loss_name, "n_pos": 1, "n_neg": 2, "hidden_dim": 16, "out_dim": 8,
                        "n_clusters": 3}}
-    cfg = utils.resolve_config(tree)
+    cfg = resolve_config(tree)
     datasets = data.build_datasets(cfg)
     torch.manual_seed(0)
     m = model.Encoder(cfg)
     if cfg.encoder.cache_frozen:
-        m.cache = train.frozen_cache(m, datasets, cfg, tmp_path)
-    train.setup_supcon(cfg, m, datasets["train"], torch.device("cpu"), logging.getLogger("test"))
+        m.cache = cache.make_cache(m, datasets, cfg)
+    contrast.setup_supcon(cfg, m, datasets["train"], torch.device("cpu"), logging.getLogger("test"))
     datasets["train"].set_epoch(0, contrastive=True)
     criteria = {"class": loss.ClassLoss(loss.class_weights(datasets["train"].class_counts())),
                 "motif": loss.MotifLoss(loss.motif_pos_weights(*datasets["train"].residue_counts()))}
@@ -215,7 +220,7 @@ def test_merged_lora_export_matches_the_trained_model(tmp_path):
                            str(tmp_path / "merged.pt"), "--to", "fair-esm"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     state = utils.load_checkpoint(ckpt)
-    trained = model.Encoder(utils.resolve_config(state["config"]), arch=state["arch"]).eval()
+    trained = model.Encoder(resolve_config(state["config"]), arch=state["arch"]).eval()
     trained.load_state_dict(state["model"])
     assert any(float(p.detach().abs().max()) > 0 for n, p in trained.named_parameters() if n.endswith("lora_B"))
     arch, merged_state = weights.read_fair_esm(tmp_path / "merged.pt")
@@ -223,7 +228,7 @@ def test_merged_lora_export_matches_the_trained_model(tmp_path):
     merged = esm.model.esm2.ESM2(2, D, 4, alphabet="ESM-1b").eval()
     assert not merged.load_state_dict(merged_state, strict=False).unexpected_keys
     batch = batch_of()
-    real = batch["tokens"].ne(data.PAD_IDX)
+    real = batch["tokens"].ne(vocab.PAD_IDX)
     with torch.no_grad():
         ours = trained.backbone_forward(batch["tokens"])
         plain = merged(batch["tokens"], repr_layers=[2])["representations"][2]

@@ -10,9 +10,10 @@ import data
 import inference
 import outputs
 import predict
+import vocab
 from metrics import classification_metrics
 
-CLASSES = data.CLASSES
+CLASSES = vocab.CLASSES
 RNG = np.random.default_rng(3)
 
 
@@ -69,9 +70,9 @@ def test_fasta_json_and_tsv(tmp_path, ckpt, capsys):
         assert list(r["probabilities"]) == CLASSES
         assert all(0.0 <= p <= 1.0 for p in r["probabilities"].values())
         assert r["predicted"] == [c for c in CLASSES if r["probabilities"][c] >= 0.5]
-        assert set(r["sites"]) == {c for c in r["predicted"] if c in data.SITE_CLASSES}
+        assert set(r["sites"]) == {c for c in r["predicted"] if c in vocab.SITE_CLASSES}
         assert all(1 <= pos <= r["length"] for pos in r["sites"].values())
-        assert set(r["segments"]) == {c for c in r["predicted"] if c in data.SEGMENT_CLASSES}
+        assert set(r["segments"]) == {c for c in r["predicted"] if c in vocab.SEGMENT_CLASSES}
         for runs in r["segments"].values():
             assert all(1 <= s <= e <= r["length"] for s, e in runs)
     plain = tmp_path / "plain.txt"
@@ -81,16 +82,16 @@ def test_fasta_json_and_tsv(tmp_path, ckpt, capsys):
     header = lines[0].split("\t")
     assert header[:3] == ["id", "length", "predicted"]
     assert header[3:11] == [f"prob_{c}" for c in CLASSES]
-    assert header[11:17] == [f"site_{c}" for c in data.SITE_CLASSES]
-    assert header[17:] == [f"segments_{c}" for c in data.SEGMENT_CLASSES]
+    assert header[11:17] == [f"site_{c}" for c in vocab.SITE_CLASSES]
+    assert header[17:] == [f"segments_{c}" for c in vocab.SEGMENT_CLASSES]
     assert len(lines) == 1 + len(SEQS)
     for line, r in zip(lines[1:], records):
         cells = line.split("\t")
         assert len(cells) == len(header)
         assert cells[:3] == [r["id"], str(r["length"]), ",".join(r["predicted"])]
         assert [float(x) for x in cells[3:11]] == [r["probabilities"][c] for c in CLASSES]
-        assert cells[11:17] == [str(r["sites"][c]) if c in r["sites"] else "" for c in data.SITE_CLASSES]
-        assert cells[17:] == [",".join(f"{s}-{e}" for s, e in r["segments"].get(c, [])) for c in data.SEGMENT_CLASSES]
+        assert cells[11:17] == [str(r["sites"][c]) if c in r["sites"] else "" for c in vocab.SITE_CLASSES]
+        assert cells[17:] == [",".join(f"{s}-{e}" for s, e in r["segments"].get(c, [])) for c in vocab.SEGMENT_CLASSES]
 
 
 def test_segments_runs():
@@ -154,9 +155,9 @@ def test_sites_and_segments(tmp_path, ckpt, capsys):
     motifs = [r.motif for r in inference.predict_chunk(inference.load_ensemble([model], cpu), proteins, cpu)]
     for r, motif in zip(load(out), motifs):
         assert r["predicted"] == CLASSES
-        assert r["sites"] == {c: int(np.argmax(motif[CLASSES.index(c)])) + 1 for c in CLASSES if c in data.SITE_CLASSES}
+        assert r["sites"] == {c: int(np.argmax(motif[CLASSES.index(c)])) + 1 for c in CLASSES if c in vocab.SITE_CLASSES}
         assert all(1 <= pos <= r["length"] for pos in r["sites"].values())
-        assert list(r["segments"]) == [c for c in CLASSES if c in data.SEGMENT_CLASSES]
+        assert list(r["segments"]) == [c for c in CLASSES if c in vocab.SEGMENT_CLASSES]
         for c, runs in r["segments"].items():
             track = motif[CLASSES.index(c)] > 0.5
             covered = np.zeros(r["length"], bool)

@@ -7,7 +7,9 @@ import pytest
 from sklearn.metrics import matthews_corrcoef, silhouette_samples
 from sklearn.neighbors import KNeighborsClassifier
 
+import batching
 import space
+from config import load_config, resolve_config
 
 
 def test_centres_are_class_means_with_multilabel_proteins():
@@ -161,7 +163,7 @@ def test_run_stores_centres_and_space_metrics(tiny_run, tmp_path):
     best = utils.load_checkpoint(tiny_run / "checkpoints" / "best.pt")
     centroids = best["centroids"]
     assert set(centroids) == {"pooled"}  # no projection head in this run
-    config = utils.resolve_config(best["config"])
+    config = resolve_config(best["config"])
     m = model.Encoder(config, arch=best["arch"]).eval()
     m.load_state_dict(best["model"])
     train_set = data.build_datasets(config)["train"]
@@ -169,7 +171,7 @@ def test_run_stores_centres_and_space_metrics(tiny_run, tmp_path):
     for protein in train_set.proteins:
         one = data.LocalizationDataset([protein])
         with torch.no_grad():
-            pooled = m(data.Collate(config.data.max_len, config.data.overlap)([one[0]]))["pooled"][0].numpy()
+            pooled = m(batching.Collate(config.data.max_len, config.data.overlap)([one[0]]))["pooled"][0].numpy()
         for c in np.flatnonzero(protein.labels):
             sums[c] = sums.get(c, 0) + pooled.astype(np.float64)
             counts[c] = counts.get(c, 0) + 1
@@ -194,8 +196,9 @@ def test_run_stores_centres_and_space_metrics(tiny_run, tmp_path):
 @pytest.fixture(scope="module")
 def supcon_run(tmp_path_factory):
     """A finished tiny SupCon run (projection head; centres of both spaces in best.pt)."""
-    import train
     from conftest import write_config
+
+    import train
     tmp = tmp_path_factory.mktemp("supcon_run")
     config = write_config(tmp, **{"supcon.apply": True, "supcon.hidden_dim": 16, "supcon.out_dim": 8})
     assert train.main(["--config", str(config)]) == 0
@@ -217,7 +220,7 @@ def test_predict_method_both_writes_head_and_centroid_everywhere(supcon_run, tmp
     import data
     import predict
     import utils
-    proteins = data.build_datasets(utils.load_config(supcon_run / "config.yaml"))["test"].proteins[:12]
+    proteins = data.build_datasets(load_config(supcon_run / "config.yaml"))["test"].proteins[:12]
     fasta = tmp_path / "in.fa"
     fasta.write_text("".join(f">{p.entry}\n{p.sequence}\n" for p in proteins))
     ckpt = supcon_run / "checkpoints" / "best.pt"

@@ -19,11 +19,12 @@ import inference
 import outputs
 import predict
 import stream
+import vocab
+from config import resolve_config
+from evaluate import run_inference
 from model import Encoder
-from train import run_inference
-from utils import resolve_config
 
-CLASSES = data.CLASSES
+CLASSES = vocab.CLASSES
 AA = list("ACDEFGHIKLMNPQRSTVWY")
 
 
@@ -184,7 +185,7 @@ def test_identical_sequences_are_predicted_once(ckpts, monkeypatch):
 
 
 def test_results_match_encoder_forward(ckpts):
-    """The streaming path computes what the model's own forward (train.run_inference) computes."""
+    """The streaming path computes what the model's own forward (evaluate.run_inference) computes."""
     proteins = [data.make_protein(i, s, "", i) for i, s in proteome()]
     cpu = torch.device("cpu")
     members = inference.load_ensemble([ckpts["a"]], cpu)
@@ -466,7 +467,7 @@ def test_sigterm_midway_leaves_nothing(tmp_path, ckpts):
     """SIGTERM (a batch system's time limit; torchrun stopping the other ranks) removes the temporary
     outputs as any error does, and exits 128 + 15."""
     rng = np.random.default_rng(9)
-    big = write_fasta(tmp_path / "big.fa", [(f"p{i}", "".join(rng.choice(list(data.RESIDUES[:20]), size=300)))
+    big = write_fasta(tmp_path / "big.fa", [(f"p{i}", "".join(rng.choice(list(vocab.RESIDUES[:20]), size=300)))
                                             for i in range(20000)])
     out = tmp_path / "out"
     out.mkdir()

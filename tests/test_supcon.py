@@ -8,13 +8,18 @@ import pytest
 import torch
 from conftest import REAL_DATA, ROOT, write_config
 
+import batching
+import contrast
 import data
 import loss
 import model
+import synthetic
 import train
 import utils
+import vocab
+from config import load_config
 
-NAMES = data.CLASSES + ["Other"]
+NAMES = vocab.CLASSES + ["Other"]
 
 
 def membership(labels):
@@ -33,7 +38,7 @@ def real_train():
 
 def test_sampling_invariants_on_real_data(real_train):
     ds, n_pos, n_neg = real_train, 3, 7
-    ds.enable_supcon(n_pos, n_neg, seed=5)
+    contrast.enable_supcon(ds, n_pos, n_neg, seed=5)
     member = membership(ds.labels)
     for anchor in range(len(ds)):
         s = ds.sampler.sample(anchor)
@@ -49,12 +54,12 @@ def test_sampling_invariants_on_real_data(real_train):
 
 def test_samples_change_with_epoch_and_cover_candidates(real_train):
     ds = real_train
-    ds.enable_supcon(2, 4, seed=0)
+    contrast.enable_supcon(ds, 2, 4, seed=0)
     first = [ds.sampler.sample(i)["neg"] for i in range(50)]
     ds.set_epoch(1, contrastive=True)
     assert first != [ds.sampler.sample(i)["neg"] for i in range(50)]
     # distinct when enough candidates: no repeated positive among the 2 for a SIGNAL anchor
-    signal = next(i for i in range(len(ds)) if ds.labels[i].tolist() == [int(c == "SIGNAL") for c in data.CLASSES])
+    signal = next(i for i in range(len(ds)) if ds.labels[i].tolist() == [int(c == "SIGNAL") for c in vocab.CLASSES])
     assert len(set(ds.sampler.sample(signal)["pos"])) == 2
     ds.sampler = None
 
@@ -64,10 +69,10 @@ def test_hard_negatives_come_from_template_classes(real_train):
     rng = np.random.default_rng(0)
     centre = rng.normal(size=(9, 8)) * 5  # class centres; embeddings near the centres of their classes
     emb = membership(ds.labels).astype(float) @ centre + rng.normal(size=(len(ds), 8))
-    dmap = data.class_distance_map(emb, ds.labels)
-    ds.enable_supcon(2, 5, hard_neg=True, distance_map=dmap, seed=1)
+    dmap = contrast.class_distance_map(emb, ds.labels)
+    contrast.enable_supcon(ds, 2, 5, hard_neg=True, distance_map=dmap, seed=1)
     member = membership(ds.labels)
-    D = data.distance_matrix(dmap)
+    D = contrast.distance_matrix(dmap)
     n_hard = 0
     for anchor in range(0, len(ds), 3):
         s = ds.sampler.sample(anchor)
@@ -88,27 +93,27 @@ def test_hard_negatives_come_from_template_classes(real_train):
 
 def test_singleton_class_and_no_negative_anchors():
     labels = np.zeros((4, 8), np.uint8)
-    labels[0, data.CLASS_INDEX["Thylakoid"]] = 1  # the only Thylakoid protein
-    labels[:, data.CLASS_INDEX["SIGNAL"]] = 1     # everyone shares SIGNAL: no negative exists
-    sampler = data.ContrastSampler(labels, n_pos=3, n_neg=2)
+    labels[0, vocab.CLASS_INDEX["Thylakoid"]] = 1  # the only Thylakoid protein
+    labels[:, vocab.CLASS_INDEX["SIGNAL"]] = 1     # everyone shares SIGNAL: no negative exists
+    sampler = contrast.ContrastSampler(labels, n_pos=3, n_neg=2)
     s = sampler.sample(0)  # positives: proteins sharing SIGNAL exist
     assert s["fallback_pos"] == 0 and sorted(set(s["pos"])) <= [1, 2, 3] and len(s["pos"]) == 3
     assert s["neg"] == [0, 0] and s["fallback_neg"] == 1  # no negative: the anchor fills the slots
     only = np.zeros((3, 8), np.uint8)
-    only[0, data.CLASS_INDEX["ER"]] = 1
-    only[1:, data.CLASS_INDEX["Nucleus"]] = 1
-    s = data.ContrastSampler(only, n_pos=2, n_neg=3).sample(0)
+    only[0, vocab.CLASS_INDEX["ER"]] = 1
+    only[1:, vocab.CLASS_INDEX["Nucleus"]] = 1
+    s = contrast.ContrastSampler(only, n_pos=2, n_neg=3).sample(0)
     assert s["pos"] == [0, 0] and s["fallback_pos"] == 1
     assert len(s["neg"]) == 3 and set(s["neg"]) <= {1, 2} and s["fallback_neg"] == 0
 
 
 def test_extended_batch_layout(tmp_path):
-    data.make_synthetic_dataset(tmp_path, 150, 3)
+    synthetic.make_synthetic_dataset(tmp_path, 150, 3)
     proteins, partitions = data.load_proteins(tmp_path)
     ds = data.LocalizationDataset([proteins[i] for i in data.fold_indices(partitions, 0)["train"]], "train")
-    ds.enable_supcon(2, 3, seed=2)
+    contrast.enable_supcon(ds, 2, 3, seed=2)
     items = [ds[i] for i in (5, 1, 7, 30)]
-    batch = data.Collate(max_len=40, overlap=10)(items)
+    batch = batching.Collate(max_len=40, overlap=10)(items)
     rows = batch["indices"].tolist()
     assert len(rows) == len(set(rows)) and rows[:4] == [5, 1, 7, 30]  # anchors first, each protein once
     assert batch["group_index"].shape == (4, 6) and batch["labels"].shape[0] == 4
@@ -154,15 +159,15 @@ def test_supcon_hard_loss_limits_and_gradients():
 
 
 def test_warm_start_gives_heads_no_gradient(tmp_path):
-    config = utils.load_config(write_config(tmp_path, **{"supcon.apply": True, "supcon.warm_start": 1,
+    config = load_config(write_config(tmp_path, **{"supcon.apply": True, "supcon.warm_start": 1,
                                                          "supcon.hidden_dim": 16, "supcon.out_dim": 8}))
     datasets = data.build_datasets(config)
     torch.manual_seed(0)
     m = model.Encoder(config)
     train_set = datasets["train"]
-    train_set.enable_supcon(config.supcon.n_pos, config.supcon.n_neg, seed=0)
+    contrast.enable_supcon(train_set, config.supcon.n_pos, config.supcon.n_neg, seed=0)
     train_set.set_epoch(0, contrastive=True)
-    batch = data.Collate(64, 16)([train_set[i] for i in range(6)])
+    batch = batching.Collate(64, 16)([train_set[i] for i in range(6)])
     assert train.phase_of(config, 0) == "warm_start" and train.phase_of(config, 1) == "joint"
     out = m(batch, heads=False, contrastive=True)
     assert set(out) == {"pooled", "projection"} and out["projection"].shape == (6, 1 + 2 + 4, 8)
@@ -209,16 +214,16 @@ def test_distance_map_script(tmp_path):
         assert dmap[a][a] == 0.0
         for b in dmap:
             assert dmap[a][b] == pytest.approx(dmap[b][a]) and dmap[a][b] >= 0
-    cfg = utils.load_config(config)
+    cfg = load_config(config)
     assert build_distance_map.build_map(cfg) == dmap  # seeded: the same initial model, the same map
 
 
 def test_class_distance_map_hand_worked():
     emb = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [3.0, 4.0]])
     labels = np.zeros((4, 8), np.uint8)
-    labels[0, data.CLASS_INDEX["SIGNAL"]] = labels[1, data.CLASS_INDEX["SIGNAL"]] = 1  # centroid (1, 0)
-    labels[1, data.CLASS_INDEX["ER"]] = labels[2, data.CLASS_INDEX["ER"]] = 1          # centroid (1, 2)
-    dmap = data.class_distance_map(emb, labels)                                       # Other: (3, 4)
+    labels[0, vocab.CLASS_INDEX["SIGNAL"]] = labels[1, vocab.CLASS_INDEX["SIGNAL"]] = 1  # centroid (1, 0)
+    labels[1, vocab.CLASS_INDEX["ER"]] = labels[2, vocab.CLASS_INDEX["ER"]] = 1          # centroid (1, 2)
+    dmap = contrast.class_distance_map(emb, labels)                                       # Other: (3, 4)
     assert set(dmap) == {"SIGNAL", "ER", "Other"}
     assert dmap["SIGNAL"]["ER"] == pytest.approx(2.0)
     assert dmap["SIGNAL"]["Other"] == pytest.approx(math.hypot(2, 4))
@@ -227,11 +232,11 @@ def test_class_distance_map_hand_worked():
 
 def test_deduplicated_batch_equals_plain_batch(tmp_path):
     """Each distinct protein through the backbone once: same losses and gradients as one row per slot."""
-    config = utils.load_config(write_config(tmp_path, **{
+    config = load_config(write_config(tmp_path, **{
         "supcon.apply": True, "supcon.n_pos": 3, "supcon.n_neg": 5, "supcon.hidden_dim": 16, "supcon.out_dim": 8,
         "supcon.drop_out": 0.0, "decoder.dropout": 0.0, "decoder.class_dropout": 0.0}))
     train_set = data.build_datasets(config)["train"]
-    train_set.enable_supcon(3, 5, seed=0)
+    contrast.enable_supcon(train_set, 3, 5, seed=0)
     items = [train_set[i] for i in range(10)]
     torch.manual_seed(0)
     m = model.Encoder(config)
@@ -239,7 +244,7 @@ def test_deduplicated_batch_equals_plain_batch(tmp_path):
     criteria = (loss.ClassLoss(loss.class_weights(train_set.class_counts())), loss.MotifLoss(pos_weight))
     results = []
     for dedup in (True, False):
-        batch = data.Collate(64, 16, dedup=dedup)(items)
+        batch = batching.Collate(64, 16, dedup=dedup)(items)
         m.zero_grad()
         out = m(batch, heads=True, contrastive=True)
         total = (criteria[0](out["class_logits"], batch["labels"])
@@ -268,22 +273,22 @@ def test_remining_changes_the_map_and_the_sampler_uses_it(tmp_path):
     labels = np.zeros((30, 8), np.uint8)
     for i in range(30):
         labels[i, i % 3] = 1  # classes 0, 1, 2 (ER, Peroxisome, Mitochondrion), 10 proteins each
-    names = data.CLASSES
+    names = vocab.CLASSES
     near = lambda a, b: {names[0]: {names[0]: 0, names[1]: a, names[2]: b}}  # noqa: E731
-    sampler = data.ContrastSampler(labels, 2, 4, hard_neg=True, distance_map=near(1.0, 5.0))
+    sampler = contrast.ContrastSampler(labels, 2, 4, hard_neg=True, distance_map=near(1.0, 5.0))
     assert all(labels[n, 1] for n in sampler.sample(0)["neg"])  # nearest to ER: Peroxisome
     sampler.set_distance_map(near(5.0, 1.0))
     assert all(labels[n, 2] for n in sampler.sample(0)["neg"])  # now Mitochondrion
 
 
 def test_mutated_anchors_are_never_shared_with_samples(tmp_path):
-    data.make_synthetic_dataset(tmp_path, 150, 3)
+    synthetic.make_synthetic_dataset(tmp_path, 150, 3)
     proteins, partitions = data.load_proteins(tmp_path)
     ds = data.LocalizationDataset([proteins[i] for i in data.fold_indices(partitions, 0)["train"]], "train")
-    ds.enable_supcon(3, 5, seed=2)
-    ds.enable_augmentation(True, 0.5, 0.5, max_copies=1, views=1, seed=0)
+    contrast.enable_supcon(ds, 3, 5, seed=2)
+    contrast.enable_augmentation(ds, True, 0.5, 0.5, max_copies=1, views=1, seed=0)
     items = [ds[i] for i in range(12)]
-    batch = data.Collate(max_len=400, overlap=10)(items)
+    batch = batching.Collate(max_len=400, overlap=10)(items)
     rows = batch["indices"].tolist()
     shared = 0
     for b, it in enumerate(items):
@@ -313,12 +318,12 @@ def test_initial_distance_map_ignores_augmentation(tmp_path):
 def test_sampling_before_setup_supcon_says_what_to_call(tmp_path):
     """build_datasets with supcon.apply leaves sampling off (the distance map may need the model):
     asking for positives then names the call to make, instead of an AttributeError on None."""
-    config = utils.load_config(write_config(tmp_path, **{"supcon.apply": True}))
+    config = load_config(write_config(tmp_path, **{"supcon.apply": True}))
     train_set = data.build_datasets(config)["train"]
     for ask in (train_set.get_pos_samples, train_set.get_neg_samples):
-        with pytest.raises(RuntimeError, match=r"call train\.setup_supcon\(config, model, dataset"):
+        with pytest.raises(RuntimeError, match=r"call contrast\.setup_supcon\(config, model, dataset"):
             ask(0)
-    train.setup_supcon(config, None, train_set, torch.device("cpu"), None)
+    contrast.setup_supcon(config, None, train_set, torch.device("cpu"), None)
     positives, negatives = train_set.get_pos_samples(0), train_set.get_neg_samples(0)
     member = membership(train_set.labels)
     assert len(positives) == config.supcon.n_pos and len(negatives) == config.supcon.n_neg

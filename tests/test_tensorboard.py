@@ -9,7 +9,7 @@ from conftest import write_config
 
 import data
 import train
-import utils
+from config import DEFAULTS, load_config
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -27,12 +27,12 @@ def read_metrics(run_dir):
 
 
 def batches_per_epoch(config_path) -> int:
-    config = utils.load_config(config_path)
+    config = load_config(config_path)
     return math.ceil(len(data.build_datasets(config)["train"]) / config.train.batch_size)
 
 
 def test_off_by_default(tiny_run):
-    assert utils.DEFAULTS["log"]["tensorboard"] is False
+    assert DEFAULTS["log"]["tensorboard"] is False
     assert not (tiny_run / "tensorboard").exists()
 
 

@@ -11,8 +11,10 @@ import torch
 from conftest import write_config
 
 import loss
+import runtime
 import train
 import utils
+from config import ConfigError, load_config, resolve_config
 
 
 def read_metrics(run_dir):
@@ -27,7 +29,7 @@ def test_tiny_run_writes_everything(tiny_run):
         for key in ("train_loss", "train_class_loss", "train_motif_loss", "val_macro_f1", "val_macro_mcc", "lr"):
             assert math.isfinite(r[key]), key
         assert r["train_loss"] == pytest.approx(r["train_class_loss"] + r["train_motif_loss"], rel=1e-5)
-    config = utils.load_config(tiny_run / "config.yaml")  # the resolved config is itself a valid config
+    config = load_config(tiny_run / "config.yaml")  # the resolved config is itself a valid config
     assert config.train.epochs == 2 and config.train.lr == 3e-3
     test = json.loads((tiny_run / "test_metrics.json").read_text())
     assert set(test["per_class"]) == set(train.CLASSES)
@@ -62,7 +64,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
 
 def test_scheduler_warmup_then_cosine():
-    cfg = utils.resolve_config({"encoder": {"scratch": {}}, "train": {"epochs": 4, "warmup_epochs": 1.0,
+    cfg = resolve_config({"encoder": {"scratch": {}}, "train": {"epochs": 4, "warmup_epochs": 1.0,
                                                                       "lr": 1.0, "min_lr_ratio": 0.1}})
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = train.make_scheduler(opt, cfg.train, steps_per_epoch=10)
@@ -160,10 +162,10 @@ def test_cpu_bf16_autocast_close_to_fp32(tmp_path):
             assert math.isfinite(b[key]) and b[key] == pytest.approx(a[key], rel=1e-2), key
     assert fp32[-1]["train_loss"] != bf16[-1]["train_loss"]
     assert test16["macro_roc_auc"] == pytest.approx(test32["macro_roc_auc"], abs=0.02)
-    assert train.amp_dtype("bf16", torch.device("cpu")) == torch.bfloat16
-    assert train.amp_dtype("auto", torch.device("cpu")) is None
-    with pytest.raises(utils.ConfigError, match="fp16 needs CUDA"):
-        train.amp_dtype("fp16", torch.device("cpu"))
+    assert runtime.amp_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert runtime.amp_dtype("auto", torch.device("cpu")) is None
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        runtime.amp_dtype("fp16", torch.device("cpu"))
 
 
 def umask_file_mode() -> int:
@@ -217,21 +219,21 @@ def test_resume_from_truncated_or_foreign_checkpoint_exits_2(tmp_path, tiny_run,
 
 
 def test_thread_oversubscription_decision():
-    assert utils.thread_oversubscription(1, 2, 2) is None
-    assert utils.thread_oversubscription(2, 1, 2) is None
-    assert utils.thread_oversubscription(2, 4, 8) is None
-    warning = utils.thread_oversubscription(2, 2, 2)  # torchrun with OMP_NUM_THREADS=2 on 2 cores
+    assert runtime.thread_oversubscription(1, 2, 2) is None
+    assert runtime.thread_oversubscription(2, 1, 2) is None
+    assert runtime.thread_oversubscription(2, 4, 8) is None
+    warning = runtime.thread_oversubscription(2, 2, 2)  # torchrun with OMP_NUM_THREADS=2 on 2 cores
     assert "2 process(es) x 2 torch threads = 4 threads on 2 available core(s)" in warning
     assert "set OMP_NUM_THREADS=1 (or torch.set_num_threads(1))" in warning and "at most" not in warning
-    assert "OMP_NUM_THREADS=4" in utils.thread_oversubscription(1, 8, 4)
-    assert "OMP_NUM_THREADS=3" in utils.thread_oversubscription(2, 4, 7)
-    many = utils.thread_oversubscription(4, 1, 2)
+    assert "OMP_NUM_THREADS=4" in runtime.thread_oversubscription(1, 8, 4)
+    assert "OMP_NUM_THREADS=3" in runtime.thread_oversubscription(2, 4, 7)
+    many = runtime.thread_oversubscription(4, 1, 2)
     assert "OMP_NUM_THREADS=1" in many and "run at most 2 processes" in many
-    assert 1 <= utils.available_cores() <= (os.cpu_count() or 1)
+    assert 1 <= runtime.available_cores() <= (os.cpu_count() or 1)
 
 
 def test_oversubscription_warning_is_logged(tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, "available_cores", lambda: 2)
+    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # 3 processes on this machine (WORLD_SIZE stays 1)
     config = write_config(tmp_path, **{"train.epochs": 1})
     assert train.main(["--config", str(config)]) == 0
@@ -244,9 +246,9 @@ def test_oversubscription_warning_is_logged(tmp_path, monkeypatch):
     handler = logging.Handler()
     handler.emit = records.append
     logger.addHandler(handler)
-    monkeypatch.setattr(utils, "available_cores", lambda: 3 * threads)
-    utils.warn_thread_oversubscription(logger)
-    monkeypatch.setattr(utils, "available_cores", lambda: 3 * threads - 1)
-    utils.warn_thread_oversubscription(logger)
+    monkeypatch.setattr(runtime, "available_cores", lambda: 3 * threads)
+    runtime.warn_thread_oversubscription(logger)
+    monkeypatch.setattr(runtime, "available_cores", lambda: 3 * threads - 1)
+    runtime.warn_thread_oversubscription(logger)
     logger.removeHandler(handler)
     assert [r.levelname for r in records] == ["WARNING"]

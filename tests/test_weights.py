@@ -18,8 +18,8 @@ from conftest import ROOT, write_config
 
 import model
 import train
-import utils
 import weights
+from config import resolve_config
 
 transformers = pytest.importorskip("transformers")
 SEQUENCES = ["MKTAYIAKQRQISFVKSHFSRQ", "MLSRAVCGTSRQLAPVLGYLGSRQKHSLPD", "ACDEFGHIKLMNPQRSTVWYXBUZO"]
@@ -55,7 +55,7 @@ def hf_reference(hf_model, sequence):
 
 
 def ours(config_tree):
-    m = model.Encoder(utils.resolve_config(config_tree)).eval()
+    m = model.Encoder(resolve_config(config_tree)).eval()
     with torch.no_grad():
         return [m.backbone_forward(tokens_of(s))[0] for s in SEQUENCES]
 

@@ -1,0 +1,322 @@
+"""The configuration: every key with its default (DEFAULTS), the rules each value must follow (type, range,
+choices), YAML files and `--set KEY=VALUE` overrides merged over the defaults, unknown keys named with the
+nearest valid one."""
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import re
+from pathlib import Path
+
+import yaml
+
+# Every valid key with its default. A key whose default is None takes the type in NULLABLE.
+DEFAULTS = {
+    "seed": 0,
+    "run_dir": "runs/default",
+    "device": "auto",
+    "data": {
+        "root": "../shared/data/mutarget",
+        "fold": 0,
+        "max_len": 1022,
+        "overlap": 200,
+        "num_workers": 0,
+        "synthetic": {"generate": False, "n_proteins": 800, "seed": 0},
+    },
+    "encoder": {
+        "model_name": None,
+        "revision": None,
+        "checkpoint": None,
+        "scratch": None,
+        "tune": "last_k",
+        "trainable_layers": 2,
+        "lora": {"rank": 8, "alpha": 8.0, "dropout": 0.1, "targets": ["q", "k", "v", "out"]},
+        "adapter": {"dim": 64},
+        "activation_checkpointing": False,
+        "chunk_tokens": 16384,
+        "chunk_max_padding": "auto",
+        "fused_attention": True,
+        "cache_frozen": False,
+        "cache_dtype": "float32",
+        "cache_on_disk": False,
+        "cache_dir": None,
+    },
+    "decoder": {"hidden_dim": 64, "dropout": 0.1, "class_dropout": 0.1},
+    "train": {
+        "epochs": 20,
+        "batch_size": 16,
+        "eval_batch_size": 32,
+        "length_buckets": False,
+        "lr": 5.0e-4,
+        "backbone_lr": 5.0e-5,
+        "weight_decay": 0.01,
+        "warmup_epochs": 1.0,
+        "min_lr_ratio": 0.0,
+        "grad_clip": 1.0,
+        "accumulate": 1,
+        "amp": "auto",
+        "patience": 5,
+        "class_weighting": "inverse_count",
+        "motif_weight": 1.0,
+        "max_pos_weight": 100.0,
+        "augment": {"apply": False, "pos_rate": 0.1, "neg_rate": 0.3, "max_copies": 3, "views": 2},
+    },
+    "supcon": {
+        "loss": "hard",
+        "multilabel": "any",
+        "jaccard_threshold": 0.5,
+        "reg_lambda": 1.0,
+        "unsup_method": "all",
+        "n_clusters": 10,
+        "cluster_tau": 1.0,
+        "tcr_eps": 0.01,
+        "sim_weight": 200.0,
+        "remine_every": 0,
+        "queue_size": 0,
+        "apply": False,
+        "n_pos": 2,
+        "n_neg": 4,
+        "temperature": 0.1,
+        "hard_neg": False,
+        "weight": 1.0,
+        "warm_start": 0,
+        "apply_supcon_loss": True,
+        "distance_map": None,
+        "hidden_dim": 512,
+        "out_dim": 128,
+        "drop_out": 0.1,
+    },
+    "log": {"tensorboard": False},
+}
+LORA_TARGETS = ("q", "k", "v", "out", "fc1", "fc2")  # query, key, value, attention output, feed-forward in / out
+SCRATCH_DEFAULTS = {"num_layers": 2, "embed_dim": 64, "attention_heads": 4}
+NULLABLE = {"encoder.model_name": str, "encoder.revision": str, "encoder.checkpoint": str, "encoder.scratch": dict,
+            "encoder.cache_dir": str, "supcon.distance_map": str}
+CHOICES = {
+    "encoder.tune": ("frozen", "last_k", "lora", "adapter", "full"),
+    "encoder.cache_dtype": ("float16", "float32"),
+    "supcon.loss": ("hard", "supcon", "mixed", "instance", "cluster", "tcr"),
+    "supcon.multilabel": ("any", "jaccard", "per_label"),
+    "supcon.unsup_method": ("all", "only"),
+    "train.amp": ("auto", "bf16", "fp16", "none"),
+    "train.class_weighting": ("inverse_count", "none"),
+}
+FLOAT_OR_AUTO = {"encoder.chunk_max_padding"}  # a number, or "auto" (chosen by the device at run time)
+MAX_SEED = 2 ** 32 - 1  # NumPy's seeds
+BIG = 10 ** 9  # upper bound of counts that have no natural one (a value above it is a typo, and would hang or overflow)
+# Allowed range of every number, (low, high) inclusive; None: unbounded on that side. Every float must be finite.
+RANGES = {
+    "seed": (0, MAX_SEED), "data.fold": (0, 4), "data.max_len": (1, 1022), "data.overlap": (0, 1021),
+    "data.num_workers": (0, 256), "data.synthetic.n_proteins": (50, 10 ** 7), "data.synthetic.seed": (0, MAX_SEED),
+    "encoder.scratch.num_layers": (1, 1000), "encoder.scratch.embed_dim": (2, 65536),
+    "encoder.scratch.attention_heads": (1, 4096), "encoder.trainable_layers": (0, 1000),
+    "encoder.lora.rank": (1, 65536), "encoder.lora.alpha": (0.0, None), "encoder.lora.dropout": (0.0, 1.0),
+    "encoder.adapter.dim": (1, 65536), "encoder.chunk_tokens": (0, BIG), "encoder.chunk_max_padding": (0.0, 1.0),
+    "decoder.hidden_dim": (0, 65536), "decoder.dropout": (0.0, 1.0), "decoder.class_dropout": (0.0, 1.0),
+    "train.epochs": (1, 10 ** 6), "train.batch_size": (1, BIG), "train.eval_batch_size": (1, BIG),
+    "train.lr": (0.0, None), "train.backbone_lr": (0.0, None), "train.weight_decay": (0.0, None),
+    "train.warmup_epochs": (0.0, 10.0 ** 6), "train.min_lr_ratio": (0.0, 1.0), "train.grad_clip": (0.0, None),
+    "train.accumulate": (1, BIG), "train.patience": (1, 10 ** 6), "train.motif_weight": (0.0, None),
+    "train.max_pos_weight": (1.0, None), "train.augment.pos_rate": (0.0, 1.0), "train.augment.neg_rate": (0.0, 1.0),
+    "train.augment.max_copies": (1, 1000), "train.augment.views": (1, 1000),
+    "supcon.jaccard_threshold": (0.0, 1.0), "supcon.reg_lambda": (0.0, None), "supcon.n_clusters": (2, 65536),
+    "supcon.cluster_tau": (0.0, None), "supcon.tcr_eps": (0.0, None), "supcon.sim_weight": (0.0, None),
+    "supcon.remine_every": (0, 10 ** 6), "supcon.queue_size": (0, BIG), "supcon.n_pos": (1, 10 ** 5),
+    "supcon.n_neg": (1, 10 ** 5), "supcon.temperature": (0.0, None), "supcon.weight": (0.0, None),
+    "supcon.warm_start": (0, 10 ** 6), "supcon.hidden_dim": (1, 65536), "supcon.out_dim": (1, 65536),
+    "supcon.drop_out": (0.0, 1.0),
+}
+# ... and the ends of those ranges that are excluded: a rate of 0 would divide by zero, a dropout of 1 keeps nothing.
+OPEN_LOW = {"encoder.lora.alpha", "train.lr", "train.backbone_lr", "supcon.jaccard_threshold", "supcon.cluster_tau",
+            "supcon.tcr_eps", "supcon.temperature"}
+OPEN_HIGH = {"encoder.lora.dropout", "decoder.dropout", "decoder.class_dropout", "supcon.drop_out"}
+NON_EMPTY = {"run_dir", "device", "data.root", "encoder.model_name", "encoder.revision", "encoder.checkpoint",
+             "encoder.cache_dir", "supcon.distance_map"}  # strings that must not be empty
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: unknown key, wrong type or value."""
+
+
+class Config(dict):
+    """A dict with attribute access (config.train.lr == config['train']['lr'])."""
+
+    def __getattr__(self, name):
+        try:
+            value = self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+        return Config(value) if isinstance(value, dict) and not isinstance(value, Config) else value
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(dict(self))
+
+
+def _all_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in tree.items():
+        keys.append(prefix + k)
+        if isinstance(v, dict):
+            keys.extend(_all_keys(v, prefix + k + "."))
+    return keys
+
+
+ALIASES = {"learning_rate": "lr", "n_epochs": "epochs", "layers": "num_layers", "n_layers": "num_layers",
+           "hidden_size": "hidden_dim", "heads": "attention_heads", "clip": "grad_clip", "lr_backbone": "backbone_lr"}
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    """Error naming the nearest valid key: the same name in other letter case, a known alias, else the
+    closest name in the same block, else the closest full key (letter case ignored throughout)."""
+    valid = _all_keys(DEFAULTS) + ["encoder.scratch." + k for k in SCRATCH_DEFAULTS]
+    key = str(key)
+    block, _, leaf = key.rpartition(".")
+    siblings = {v.rpartition(".")[2].lower(): v for v in valid if v.rpartition(".")[0].lower() == block.lower()}
+    alias = ALIASES.get(leaf.lower())
+    close = difflib.get_close_matches(leaf.lower(), list(siblings), n=1, cutoff=0.6)
+    if leaf.lower() in siblings:
+        hint = siblings[leaf.lower()]
+    elif alias in siblings:
+        hint = siblings[alias]
+    elif close:
+        hint = siblings[close[0]]
+    else:
+        full = {v.lower(): v for v in valid}
+        match = difflib.get_close_matches(key.lower(), list(full), n=1, cutoff=0.5)
+        hint = full[match[0]] if match else None
+    return ConfigError(f"{where}: unknown config key '{key}'" + (f"; did you mean '{hint}'?" if hint else ""))
+
+
+def _type_name(t) -> str:
+    return {"str": "str", "int": "int", "float": "float", "bool": "bool", "dict": "mapping", "list": "list"}.get(
+        t.__name__, t.__name__)
+
+
+def _range_text(key: str) -> str:
+    low, high = RANGES[key]
+    lo = "" if low is None else f"{'>' if key in OPEN_LOW else '>='} {low}"
+    hi = "" if high is None else f"{'<' if key in OPEN_HIGH else '<='} {high}"
+    return f"{lo}{' and ' if lo and hi else ''}{hi}"
+
+
+def _check_value(key: str, value, default, where: str):
+    """Validate one leaf value against its default's type and its RANGES / CHOICES / NON_EMPTY rule;
+    returns the (coerced) value."""
+    expected = NULLABLE.get(key, float if key in FLOAT_OR_AUTO else type(default))
+    if value is None and (key in NULLABLE):
+        return None
+    if key in FLOAT_OR_AUTO and value == "auto":
+        return value
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool))
+    if not ok:
+        shown = f"{value!r}" if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        return _fail(f"{where}: '{key}' must be {_type_name(expected)}, got {type(value).__name__} ({shown})")
+    if expected is float and not math.isfinite(value):
+        return _fail(f"{where}: '{key}' must be a finite number, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        return _fail(f"{where}: '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    if key in NON_EMPTY and not value.strip():
+        return _fail(f"{where}: '{key}' must not be empty")
+    if key == "device" and not DEVICE_RE.match(value):
+        return _fail(f"{where}: 'device' must be auto, cpu, cuda or cuda:N, got {value!r}")
+    if key in RANGES:
+        low, high = RANGES[key]
+        below = low is not None and (value <= low if key in OPEN_LOW else value < low)
+        above = high is not None and (value >= high if key in OPEN_HIGH else value > high)
+        if below or above:
+            return _fail(f"{where}: {key} must be {_range_text(key)}, got {value!r}")
+    return value
+
+
+def _fail(message: str):
+    raise ConfigError(message)
+
+
+def _merge(base: dict, override: dict, defaults: dict, prefix: str, where: str) -> None:
+    for key, value in override.items():
+        full = prefix + str(key)
+        if key not in defaults:
+            while isinstance(value, dict) and len(value) == 1:  # a --set path: name the whole key, not its block
+                (inner, value), = value.items()
+                full += f".{inner}"
+            raise _unknown_key(full, where)
+        default = defaults[key]
+        if full == "encoder.scratch" and value is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: 'encoder.scratch' must be a mapping with keys "
+                                  f"{', '.join(SCRATCH_DEFAULTS)}, got {value!r}")
+            base[key] = dict(base[key] or SCRATCH_DEFAULTS)
+            _merge(base[key], value, SCRATCH_DEFAULTS, full + ".", where)
+        elif isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{full}' is a block of keys, got {value!r}")
+            _merge(base[key], value, default, full + ".", where)
+        else:
+            base[key] = _check_value(full, value, default, where)
+
+
+def parse_override(text: str) -> dict:
+    """'train.lr=1e-4' -> {'train': {'lr': 0.0001}} (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):  # YAML reads 1e-4 as a string; accept it as a number
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    tree: dict = {}
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def resolve_config(tree: dict, overrides=None, where: str = "config") -> Config:
+    """Defaults <- tree <- overrides, validated."""
+    config = copy.deepcopy(DEFAULTS)
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys at top level")
+    _merge(config, tree, DEFAULTS, "", where)
+    for text in overrides or []:
+        _merge(config, parse_override(text), DEFAULTS, "", f"--set {text}")
+    sources = [k for k in ("model_name", "checkpoint", "scratch") if config["encoder"][k] is not None]
+    if len(sources) != 1:
+        raise ConfigError(f"{where}: set exactly one of encoder.model_name, encoder.checkpoint, "
+                          f"encoder.scratch (got {', '.join(sources) or 'none'})")
+    enc = config["encoder"]
+    unknown = [t for t in enc["lora"]["targets"] if t not in LORA_TARGETS]
+    if unknown or not enc["lora"]["targets"] or len(set(enc["lora"]["targets"])) < len(enc["lora"]["targets"]):
+        raise ConfigError(f"{where}: encoder.lora.targets: unknown target(s) {unknown or '(none given or repeated)'}; "
+                          f"choose from {', '.join(LORA_TARGETS)}")
+    scratch = enc["scratch"]
+    if scratch is not None:
+        if scratch["embed_dim"] % scratch["attention_heads"]:
+            raise ConfigError(f"{where}: encoder.scratch.embed_dim ({scratch['embed_dim']}) must be divisible by "
+                              f"attention_heads ({scratch['attention_heads']})")
+        if (scratch["embed_dim"] // scratch["attention_heads"]) % 2:
+            raise ConfigError(f"{where}: encoder.scratch.embed_dim / attention_heads must be even (rotary "
+                              f"embeddings rotate pairs of dimensions), got {scratch['embed_dim']} / "
+                              f"{scratch['attention_heads']}")
+    if config["data"]["overlap"] >= config["data"]["max_len"]:
+        raise ConfigError(f"{where}: data.overlap must be in [0, data.max_len)")
+    return Config(config)
+
+
+def load_config(path, overrides=None) -> Config:
+    """Read a YAML config and apply `--set` style overrides ('a.b=value'); validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({err})") from None
+    return resolve_config(tree, overrides, str(path))

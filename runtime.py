@@ -1,0 +1,89 @@
+"""Where and how the computation runs: the device, autocast precision, batches moved to the device,
+torchrun's process group, and a warning when processes x threads oversubscribe the cores. Shared by
+training and prediction (prediction never imports train.py)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+from config import ConfigError
+
+
+# --------------------------------------------------------------------------- set-up
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+
+
+def amp_dtype(amp: str, device: torch.device):
+    """Autocast dtype, None = fp32. CUDA: auto = bf16 where supported, else fp16. CPU: bf16 when asked
+    (train.amp: bf16); auto stays fp32 on the CPU (see the README's measurement); fp16 is CUDA-only."""
+    if amp == "none":
+        return None
+    if device.type != "cuda":
+        if amp == "fp16":
+            raise ConfigError("train.amp: fp16 needs CUDA; on the CPU use bf16 or none (auto = fp32 on the CPU)")
+        return torch.bfloat16 if amp == "bf16" else None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def autocast(device: torch.device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def init_distributed(config) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
+    NCCL with one GPU per process, else gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(config.device)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a batch scheduler)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def thread_oversubscription(processes: int, threads: int, cores: int) -> str | None:
+    """A warning saying what to set when `processes` x `threads` (torch intra-op threads per
+    process) exceed `cores`; None when they fit."""
+    if processes * threads <= cores:
+        return None
+    per = max(cores // processes, 1)
+    fix = f"set OMP_NUM_THREADS={per} (or torch.set_num_threads({per}))"
+    if processes > cores:
+        fix += f" and run at most {cores} processes"
+    return (f"{processes} process(es) x {threads} torch threads = {processes * threads} threads on {cores} available "
+            f"core(s): the cores are oversubscribed and training slows down several-fold; {fix}. torchrun sets "
+            f"OMP_NUM_THREADS=1 only when it is not already in the environment")
+
+
+def warn_thread_oversubscription(log: logging.Logger) -> None:
+    """Log thread_oversubscription's warning for this machine's processes (LOCAL_WORLD_SIZE under torchrun)."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    warning = thread_oversubscription(processes, torch.get_num_threads(), available_cores())
+    if warning:
+        log.warning(warning)
