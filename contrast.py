@@ -16,7 +16,6 @@ from evaluate import evaluate
 from utils import write_text_atomic
 from vocab import CLASSES, STANDARD, TOKENS
 
-
 _STANDARD_POSITION = np.full(len(TOKENS), -1)  # token id -> index among the 20 standard residues
 _STANDARD_POSITION[STANDARD] = np.arange(len(STANDARD))
 

@@ -9,7 +9,6 @@ import pandas as pd
 
 from utils import write_text_atomic
 
-
 _BACKGROUND_AA = "ACDEFGHIKLMNPQRSTVWY"
 
 

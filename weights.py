@@ -27,6 +27,7 @@ import torch
 
 from config import ConfigError
 from utils import UnsafeFileError, give_umask_mode, new_temp_dir, remove_stale_temps, save_checkpoint, torch_load_safe
+from vocab import TOKENS
 
 ESM_MODELS_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/"
 HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
@@ -387,7 +388,6 @@ def hf_config(arch: dict) -> dict:
             "emb_layer_norm_before": False, "is_folding_model": False, "use_cache": True, "torch_dtype": "float32"}
 
 
-HF_VOCAB = ["<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO", ".", "-", "<null_1>", "<mask>"]
 
 
 def safetensors_ready(state: dict) -> dict:
@@ -415,7 +415,7 @@ def write_hf_folder(arch: dict, state: dict, folder) -> None:
         save_file(safetensors_ready(fair_to_hf(state)), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         give_umask_mode(tmp / "model.safetensors")  # safetensors writes 0600
         (tmp / "config.json").write_text(json.dumps(hf_config(arch), indent=2) + "\n")
-        (tmp / "vocab.txt").write_text("\n".join(HF_VOCAB) + "\n")
+        (tmp / "vocab.txt").write_text("\n".join(TOKENS) + "\n")  # the same alphabet, in id order
         if folder.exists():
             folder.rmdir()  # only an empty folder is replaced
         os.replace(tmp, folder)

@@ -12,7 +12,8 @@ Model: scratch ESM-2, 4 layers, 128 dims, 8 heads, all trainable; batch 8 anchor
 n_neg 2, fold 0 training split. Padding fraction counts every token the backbone processes,
 positives and negatives included. Then the frozen-layer cache: epoch time of a 12-layer,
 128-dim scratch backbone with the last 2 layers trainable on a fixed subset of the real data,
-without and with encoder.cache_frozen (the cached epoch is the second, the first fills it).
+without and with encoder.cache_frozen in the default storage (encoder.cache_dtype; the cached epoch is the
+second, the first fills it).
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def run_cache(data_root, n_proteins: int, device: str) -> dict:
         if cached:
             windows = {(p.entry, s): min(1022, len(p.sequence) - s) + 2 for p in subset.proteins
                        for s in vocab.window_starts(len(p.sequence), 1022, 200)}
-            model.cache = FrozenCache(windows, 128, "float16")
+            model.cache = FrozenCache(windows, 128, config.encoder.cache_dtype)  # the default storage
         loader = torch.utils.data.DataLoader(subset, batch_sampler=batching.LengthBucketSampler(subset.lengths, 8, 0),
                                              collate_fn=batching.Collate())
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

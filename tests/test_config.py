@@ -7,6 +7,7 @@ import pytest
 import yaml
 from conftest import tiny_config
 
+import model
 import train
 from config import (
     CHOICES,
@@ -19,6 +20,7 @@ from config import (
     RANGES,
     SCRATCH_DEFAULTS,
     ConfigError,
+    load_config,
     resolve_config,
 )
 
@@ -177,3 +179,36 @@ def test_nearest_key_ignores_letter_case():
                            ("supcon.N_POS=2", "supcon.n_pos"), ("encoder.Tune=full", "encoder.tune")):
         with pytest.raises(ConfigError, match=f"did you mean '{nearest}'"):
             resolve_config({"encoder": {"scratch": {}}}, [given])
+
+
+def test_config_unknown_key_suggests_nearest(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.learning_rate'.*did you mean 'train.lr'"):
+        resolve_config({"encoder": {"scratch": {}}, "train": {"learning_rate": 1}})
+    with pytest.raises(ConfigError, match=r"--set trian.epochs=3: unknown config key 'trian.epochs'; did you mean "
+                                          r"'train.epochs'"):
+        resolve_config({"encoder": {"scratch": {}}}, ["trian.epochs=3"])
+    with pytest.raises(ConfigError, match=r"'train.batchsize'; did you mean 'train.batch_size'"):
+        resolve_config({"encoder": {"scratch": {}}}, ["train.batchsize=8"])
+    with pytest.raises(ConfigError, match=r"'encoder.scratch.layers'.*did you mean 'encoder.scratch.num_layers'"):
+        resolve_config({"encoder": {"scratch": {"layers": 2}}})
+
+
+def test_config_types_and_choices(tmp_path):
+    with pytest.raises(ConfigError, match=r"'train.epochs' must be int, got str"):
+        resolve_config({"encoder": {"scratch": {}}, "train": {"epochs": "ten"}})
+    with pytest.raises(ConfigError, match=r"'train.amp' must be one of auto, bf16, fp16, none"):
+        resolve_config({"encoder": {"scratch": {}}}, ["train.amp=fp8"])
+    with pytest.raises(ConfigError, match="embed_dim .30. must be divisible by attention_heads .4."):
+        model.Encoder(resolve_config({"encoder": {"scratch": {"embed_dim": 30, "attention_heads": 4}}}))
+    with pytest.raises(ConfigError, match="must be an ESM-2 model"):
+        model.Encoder(resolve_config({"encoder": {"model_name": "esm1b_t33_650M_UR50S"}}))
+    with pytest.raises(ConfigError, match="set exactly one of encoder.model_name"):
+        resolve_config({"encoder": {"scratch": {}, "model_name": "esm2_t6_8M_UR50D"}})
+    cfg = resolve_config({"encoder": {"scratch": {"num_layers": 3}}}, ["train.lr=1e-4", "train.epochs=3"])
+    assert cfg.train.lr == 1e-4 and cfg.train.epochs == 3 and cfg.encoder.scratch == {
+        "num_layers": 3, "embed_dim": 64, "attention_heads": 4}
+    assert isinstance(resolve_config({"encoder": {"scratch": {}}}, ["train.lr=1"]).train.lr, float)
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config(path)

@@ -1,23 +1,15 @@
 """Targets, windows, folds, datasets and bad input of data.py."""
-import os
 
-import helpers
 import numpy as np
 import pytest
-import torch
 from conftest import REAL_DATA
+from helpers import protein
 
-import batching
-import contrast
 import data
 import synthetic
 import vocab
 from data import DataError
 from vocab import CLASS_INDEX as C
-
-
-def protein(motif, length=100, seq=None):
-    return data.make_protein("P1", seq or "A" * length, motif, "test.csv: line 2, entry 'P1'")
 
 
 def ones(p, name):
@@ -92,85 +84,6 @@ def test_sequence_cleaning():
         data.clean_sequence("*", "f.fa: record 'Q1'")
 
 
-# ---------------------------------------------------------------- windows and stitching
-@pytest.mark.parametrize("length", [1, 50, 1022, 1023, 1500, 2500, 5400])
-def test_windows_cover_every_residue_with_overlap(length):
-    starts = vocab.window_starts(length, 1022, 200)
-    ends = [min(s + 1022, length) for s in starts]
-    assert starts[0] == 0 and ends[-1] == length
-    covered = np.zeros(length, int)
-    for s, e in zip(starts, ends):
-        covered[s:e] += 1
-    assert covered.min() >= 1
-    for (s1, e1), s2 in zip(zip(starts, ends), starts[1:]):
-        assert e1 - s2 >= 200  # consecutive windows share at least the overlap
-        assert e1 - s1 == 1022
-
-
-def test_stitch_average_is_mean_over_windows():
-    length, W = 10, 6
-    starts = vocab.window_starts(length, W, 2)  # [0, 4]
-    values = np.stack([np.arange(s, s + W, dtype=float) * 0 + k for k, s in enumerate(starts)])
-    out = helpers.stitch_average(values, starts, length)
-    expected = [0, 0, 0, 0, 0.5, 0.5, 1, 1, 1, 1]
-    assert out.tolist() == expected
-
-
-def test_collate_windows_and_masks():
-    proteins = [protein("1-5:SIGNAL", length=30), protein("", length=7)]
-    proteins[1].entry = "P2"
-    ds = data.LocalizationDataset(proteins)
-    batch = batching.Collate(max_len=12, overlap=4)([ds[0], ds[1]])
-    # protein 0: windows start 0, 8, 16, 18; protein 1: one window
-    assert batch["window_protein"].tolist() == [0, 0, 0, 0, 1]
-    assert batch["window_start"].tolist() == [0, 8, 16, 18, 0]
-    assert batch["tokens"].shape == (5, 14)  # longest window 12 + BOS + EOS, not 1024
-    t = batch["tokens"][4]
-    assert t[0] == vocab.BOS_IDX and t[8] == vocab.EOS_IDX and (t[9:] == vocab.PAD_IDX).all()
-    assert batch["residue_mask"].sum(1).tolist() == [30, 7]
-    assert batch["target_mask"][1, :, 7:].sum() == 0 and batch["target_mask"][1, :, :7].all()
-    assert batch["targets"][0, C["SIGNAL"]].nonzero().flatten().tolist() == [4]
-
-
-def test_epoch_sampler_depends_on_seed_and_epoch_only():
-    a, b = batching.EpochShuffleSampler(50, 3), batching.EpochShuffleSampler(50, 3)
-    a.set_epoch(2)
-    b.set_epoch(2)
-    torch.manual_seed(123)
-    assert list(a) == list(b) and sorted(a) == list(range(50))
-    b.set_epoch(3)
-    assert list(a) != list(b)
-
-
-def window_padding(batches, lengths, max_len=1022, overlap=200):
-    """Share of padding among the window tokens (BOS/EOS included) the backbone would see."""
-    total = padding = 0
-    for batch in batches:
-        widths = [min(max_len, lengths[i] - s) + 2 for i in batch for s in vocab.window_starts(lengths[i], max_len, overlap)]
-        total += max(widths) * len(widths)
-        padding += max(widths) * len(widths) - sum(widths)
-    return padding / total
-
-
-@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="shared MUTarget data not present")
-def test_length_buckets_bound_padding_and_cover_every_sample():
-    proteins, partitions = data.load_proteins(REAL_DATA)
-    lengths = np.array([len(p.sequence) for p in proteins])[data.fold_indices(partitions, 0)["train"]]
-    sampler = batching.LengthBucketSampler(lengths, batch_size=16, seed=0)
-    epochs = []
-    for epoch in range(2):
-        sampler.set_epoch(epoch)
-        batches = list(sampler)
-        assert len(batches) == len(sampler)
-        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # each sample once
-        assert max(map(len, batches)) == 16
-        assert window_padding(batches, lengths) <= 0.10
-        epochs.append(batches)
-    assert epochs[0] != epochs[1]  # reshuffled across epochs
-    random_batches = [list(range(i, min(i + 16, len(lengths)))) for i in range(0, len(lengths), 16)]
-    assert window_padding(random_batches, lengths) > 0.3  # what bucketing saves on this data
-
-
 # ---------------------------------------------------------------- real data
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="shared MUTarget data not present")
 def test_real_data_counts_and_folds():
@@ -210,22 +123,6 @@ def test_upstream_checkout_layout(tmp_path):
         nested = data.load_proteins(root)
         assert [p.entry for p in nested[0]] == [p.entry for p in flat[0]]
         assert (nested[1] == flat[1]).all()
-
-
-def test_synthetic_data_is_deterministic_and_covers_every_class(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-    for name, hash_seed in (("a", "1"), ("b", "2")):  # separate processes: string hashing differs
-        code = f"import synthetic; synthetic.make_synthetic_dataset({str(tmp_path / name)!r}, 300, 7)"
-        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={**os.environ, "PYTHONHASHSEED": hash_seed})
-    for name in ("SYNTHETIC_uniprot.csv", "partition.csv", "dual.fasta"):
-        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
-    proteins, partitions = data.load_proteins(tmp_path / "a")
-    labels = np.stack([p.labels for p in proteins])
-    assert (labels.sum(0) >= 10).all() and (labels.sum(1) == 0).sum() >= 10
-    assert sorted(set(partitions.tolist())) == [0, 1, 2, 3, 4]
 
 
 # ---------------------------------------------------------------- bad input
@@ -302,37 +199,3 @@ def test_fasta_parsing(tmp_path):
         data.read_fasta(path)
 
 
-def test_augmentation_rates_labels_and_epochs(tmp_path):
-    synthetic.make_synthetic_dataset(tmp_path, 300, 4)
-    proteins, _ = data.load_proteins(tmp_path)
-    ds = data.LocalizationDataset(proteins)
-    contrast.enable_augmentation(ds, True, pos_rate=0.1, neg_rate=0.3, max_copies=3, views=3, seed=0)
-    changed = {True: [0, 0], False: [0, 0]}  # inside / outside signals: [mutated, total]
-    for i in range(len(ds)):
-        item = ds[i]
-        p = item["index"]
-        assert item["labels"] is proteins[p].labels and item["targets"] is proteins[p].targets  # labels unchanged
-        inside = contrast.signal_mask(proteins[p])
-        for tokens in [item["tokens"]] + item["views"]:
-            assert len(tokens) == len(proteins[p].sequence)
-            diff = tokens != ds.tokens[p]
-            for region in (True, False):
-                changed[region][0] += int(diff[inside == region].sum())
-                changed[region][1] += int((inside == region).sum())
-            assert set(tokens[diff].tolist()) <= set(vocab.STANDARD.tolist())  # mutated to standard residues
-    assert changed[True][0] / changed[True][1] == pytest.approx(0.1, abs=0.01)
-    assert changed[False][0] / changed[False][1] == pytest.approx(0.3, abs=0.01)
-    first = ds[0]["tokens"]
-    ds.set_epoch(1, contrastive=True)
-    assert (ds[0]["tokens"] != first).any()  # regenerated every epoch
-    ds.set_epoch(0, contrastive=True)
-    assert (ds[0]["tokens"] == first).all()  # and replayed for the same (seed, epoch, item)
-
-
-def test_rarer_classes_get_more_copies():
-    labels = np.zeros((6, 8), np.uint8)
-    labels[:4, vocab.CLASS_INDEX["SIGNAL"]] = 1       # 4 SIGNAL proteins
-    labels[4, vocab.CLASS_INDEX["Thylakoid"]] = 1     # 1 Thylakoid protein: ceil(4 / 1) = 4 copies, capped
-    labels[3, vocab.CLASS_INDEX["ER"]] = 1            # SIGNAL + ER (2 ER proteins): ceil(4 / 2) = 2
-    labels[5, vocab.CLASS_INDEX["ER"]] = 1
-    assert contrast.Augmenter.copies(labels, max_copies=3).tolist() == [1, 1, 1, 2, 3, 2]

@@ -5,29 +5,11 @@ import esm
 import helpers
 import pytest
 import torch
+from helpers import batch_of, make_config
 
-import batching
-import cache
-import data
 import model
 import vocab
-from config import ConfigError, load_config, resolve_config
-
-
-def make_config(**encoder):
-    tree = {"encoder": {"scratch": {"num_layers": 2, "embed_dim": 32, "attention_heads": 4}, "tune": "full"}}
-    tree["encoder"].update(encoder)
-    return resolve_config(tree)
-
-
-def batch_of(lengths, max_len=20, overlap=6, seed=0):
-    rng = torch.Generator().manual_seed(seed)
-    proteins = []
-    for i, n in enumerate(lengths):
-        seq = "".join(vocab.RESIDUES[j] for j in torch.randint(0, 20, (n,), generator=rng).tolist())
-        proteins.append(data.make_protein(f"P{i}", seq, "", "t"))
-    ds = data.LocalizationDataset(proteins)
-    return batching.Collate(max_len, overlap)([ds[i] for i in range(len(ds))])
+from config import ConfigError
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -144,40 +126,6 @@ def test_parallel_decoders_equal_separate_heads():
         assert torch.allclose(out[:, c], h @ heads.w2[c] + heads.b2[c], atol=1e-5)
 
 
-# ---------------------------------------------------------------- config
-def test_config_unknown_key_suggests_nearest(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown config key 'train.learning_rate'.*did you mean 'train.lr'"):
-        resolve_config({"encoder": {"scratch": {}}, "train": {"learning_rate": 1}})
-    with pytest.raises(ConfigError, match=r"--set trian.epochs=3: unknown config key 'trian.epochs'; did you mean "
-                                          r"'train.epochs'"):
-        resolve_config({"encoder": {"scratch": {}}}, ["trian.epochs=3"])
-    with pytest.raises(ConfigError, match=r"'train.batchsize'; did you mean 'train.batch_size'"):
-        resolve_config({"encoder": {"scratch": {}}}, ["train.batchsize=8"])
-    with pytest.raises(ConfigError, match=r"'encoder.scratch.layers'.*did you mean 'encoder.scratch.num_layers'"):
-        resolve_config({"encoder": {"scratch": {"layers": 2}}})
-
-
-def test_config_types_and_choices(tmp_path):
-    with pytest.raises(ConfigError, match=r"'train.epochs' must be int, got str"):
-        resolve_config({"encoder": {"scratch": {}}, "train": {"epochs": "ten"}})
-    with pytest.raises(ConfigError, match=r"'train.amp' must be one of auto, bf16, fp16, none"):
-        resolve_config({"encoder": {"scratch": {}}}, ["train.amp=fp8"])
-    with pytest.raises(ConfigError, match="embed_dim .30. must be divisible by attention_heads .4."):
-        model.Encoder(resolve_config({"encoder": {"scratch": {"embed_dim": 30, "attention_heads": 4}}}))
-    with pytest.raises(ConfigError, match="must be an ESM-2 model"):
-        model.Encoder(resolve_config({"encoder": {"model_name": "esm1b_t33_650M_UR50S"}}))
-    with pytest.raises(ConfigError, match="set exactly one of encoder.model_name"):
-        resolve_config({"encoder": {"scratch": {}, "model_name": "esm2_t6_8M_UR50D"}})
-    cfg = resolve_config({"encoder": {"scratch": {"num_layers": 3}}}, ["train.lr=1e-4", "train.epochs=3"])
-    assert cfg.train.lr == 1e-4 and cfg.train.epochs == 3 and cfg.encoder.scratch == {
-        "num_layers": 3, "embed_dim": 64, "attention_heads": 4}
-    assert isinstance(resolve_config({"encoder": {"scratch": {}}}, ["train.lr=1"]).train.lr, float)
-    path = tmp_path / "bad.yaml"
-    path.write_text("train: [unclosed")
-    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
-        load_config(path)
-
-
 def test_chunked_backbone_equals_single_call():
     """Windows run longest-first in token-budget chunks give the same outputs and gradients."""
     torch.manual_seed(0)
@@ -217,28 +165,3 @@ def test_chunk_max_padding_auto_is_the_cpu_value_on_the_cpu(monkeypatch):
         make_config(chunk_max_padding="fast")
 
 
-@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 2e-2)])
-def test_frozen_cache_matches_uncached(tmp_path, dtype, tol):
-    torch.manual_seed(0)
-    m = model.Encoder(make_config(tune="last_k", trainable_layers=1)).eval()
-    batch = batch_of([30, 12, 45], max_len=20, overlap=6)
-    windows = {key: int(n) + 2 for key, n in zip(batch["window_keys"], batch["window_len"])}
-    out_plain = m(batch)
-    (out_plain["class_logits"].sum() + out_plain["motif_logits"].sum()).backward()
-    grads_plain = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-    m.zero_grad()
-    m.cache = cache.FrozenCache(windows, 32, dtype, path=tmp_path / "cache.npy")
-    for attempt in range(2):  # first pass fills the cache, the second reads it only
-        m.token_counts.update(dict.fromkeys(m.token_counts, 0))
-        out = m(batch)
-        # the frozen layers computed every window on the first pass, none on the second (MFU counts this)
-        computed = (m.token_counts["prefix_tokens"], m.token_counts["prefix_attention"])
-        assert computed == ((m.token_counts["tokens"], m.token_counts["attention"]) if attempt == 0 else (0, 0))
-        assert torch.allclose(out["class_logits"], out_plain["class_logits"], atol=tol)
-        assert torch.allclose(out["motif_logits"], out_plain["motif_logits"], atol=tol)
-    assert m.cache.misses == len(windows) and m.cache.hits == len(windows)
-    (out["class_logits"].sum() + out["motif_logits"].sum()).backward()
-    assert {n for n, p in m.named_parameters() if p.grad is not None} == set(grads_plain)
-    for name, g in grads_plain.items():
-        assert (m.get_parameter(name).grad - g).norm() <= tol * g.norm(), name  # fp16: a ReLU may flip
-    assert (tmp_path / "cache.npy").stat().st_size >= sum(windows.values()) * 32 * (2 if dtype == "float16" else 4)

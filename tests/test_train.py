@@ -1,6 +1,5 @@
 """End-to-end training: run directory contents, model selection, exact resume, losses, bad input."""
 import json
-import logging
 import math
 import os
 import stat
@@ -9,16 +8,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_config
+from helpers import read_metrics
 
-import loss
 import runtime
 import train
 import utils
 from config import ConfigError, load_config, resolve_config
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_tiny_run_writes_everything(tiny_run):
@@ -76,27 +71,6 @@ def test_scheduler_warmup_then_cosine():
     assert lrs[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
     expected = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 30)) for s in range(10, 40)]
     assert lrs[10:] == pytest.approx(expected)
-
-
-def test_class_loss_hand_worked():
-    weights = loss.class_weights([10, 40, 0], "inverse_count")
-    # 1/10 and 1/40, rescaled to mean 1 over present classes: 1.6 and 0.4; absent class 1
-    assert weights.tolist() == pytest.approx([1.6, 0.4, 1.0])
-    logits, labels = torch.tensor([[0.0, 2.0, -1.0]]), torch.tensor([[1.0, 0.0, 0.0]])
-    bce = [math.log(2), math.log(1 + math.exp(2)), math.log(1 + math.exp(-1))]
-    expected = (1.6 * bce[0] + 0.4 * bce[1] + 1.0 * bce[2]) / 3
-    assert float(loss.ClassLoss(weights)(logits, labels)) == pytest.approx(expected, rel=1e-6)
-
-
-def test_motif_loss_hand_worked():
-    pos_weight = loss.motif_pos_weights([1, 0], [9, 10], max_weight=5.0)
-    assert pos_weight.tolist() == [5.0, 1.0]  # 9/1 capped at 5; a class without positives: 1
-    logits = torch.tensor([[[0.0, 1.0, 3.0], [0.0, 0.0, 0.0]]])  # [B=1, C=2, L=3]
-    targets = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
-    mask = torch.tensor([[[True, True, False], [True, True, True]]])  # last residue of track 0 unscored
-    sp = lambda x: math.log(1 + math.exp(x))  # noqa: E731  BCE(z, 1) = sp(-z), BCE(z, 0) = sp(z)
-    expected = (5.0 * sp(0.0) + sp(1.0) + 3 * sp(0.0)) / 5
-    assert float(loss.MotifLoss(pos_weight)(logits, targets, mask)) == pytest.approx(expected, rel=1e-6)
 
 
 def test_bad_data_exits_nonzero_without_run_dir(tmp_path, capsys):
@@ -180,24 +154,6 @@ def test_run_files_get_the_umask_mode_not_0600(tiny_run):
         assert stat.S_IMODE((tiny_run / name).stat().st_mode) == umask_file_mode(), name
 
 
-@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077], ids=oct)
-def test_atomic_writes_get_the_mode_a_plain_file_gets(tmp_path, mask):
-    old = os.umask(mask)
-    try:
-        (tmp_path / "plain.txt").write_text("x")  # the independent expectation: what open() gives
-        utils.write_text_atomic(tmp_path / "a.txt", "x")
-        utils.write_yaml(tmp_path / "b.yaml", {"a": 1})
-        utils.save_checkpoint({"a": torch.zeros(2)}, tmp_path / "c.pt")
-        utils.write_text_atomic(tmp_path / "a.txt", "y")  # replacing an existing file too
-    finally:
-        os.umask(old)
-    plain = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
-    assert plain == 0o666 & ~mask
-    for name in ("a.txt", "b.yaml", "c.pt"):
-        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == plain, name
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.yaml", "c.pt", "plain.txt"]  # no temp left
-
-
 def snapshot(folder):
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
 
@@ -218,37 +174,3 @@ def test_resume_from_truncated_or_foreign_checkpoint_exits_2(tmp_path, tiny_run,
     assert snapshot(tmp_path) == before and snapshot(tiny_run) == run_before  # nothing written
 
 
-def test_thread_oversubscription_decision():
-    assert runtime.thread_oversubscription(1, 2, 2) is None
-    assert runtime.thread_oversubscription(2, 1, 2) is None
-    assert runtime.thread_oversubscription(2, 4, 8) is None
-    warning = runtime.thread_oversubscription(2, 2, 2)  # torchrun with OMP_NUM_THREADS=2 on 2 cores
-    assert "2 process(es) x 2 torch threads = 4 threads on 2 available core(s)" in warning
-    assert "set OMP_NUM_THREADS=1 (or torch.set_num_threads(1))" in warning and "at most" not in warning
-    assert "OMP_NUM_THREADS=4" in runtime.thread_oversubscription(1, 8, 4)
-    assert "OMP_NUM_THREADS=3" in runtime.thread_oversubscription(2, 4, 7)
-    many = runtime.thread_oversubscription(4, 1, 2)
-    assert "OMP_NUM_THREADS=1" in many and "run at most 2 processes" in many
-    assert 1 <= runtime.available_cores() <= (os.cpu_count() or 1)
-
-
-def test_oversubscription_warning_is_logged(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # 3 processes on this machine (WORLD_SIZE stays 1)
-    config = write_config(tmp_path, **{"train.epochs": 1})
-    assert train.main(["--config", str(config)]) == 0
-    threads = torch.get_num_threads()
-    log = (tmp_path / "run" / "train.log").read_text()
-    assert f"WARNING 3 process(es) x {threads} torch threads = {3 * threads} threads on 2 available core(s)" in log
-    assert "set OMP_NUM_THREADS=1" in log
-    records = []  # when the threads fit, nothing is logged; one core fewer, the warning
-    logger = logging.getLogger("test_threads")
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger.addHandler(handler)
-    monkeypatch.setattr(runtime, "available_cores", lambda: 3 * threads)
-    runtime.warn_thread_oversubscription(logger)
-    monkeypatch.setattr(runtime, "available_cores", lambda: 3 * threads - 1)
-    runtime.warn_thread_oversubscription(logger)
-    logger.removeHandler(handler)
-    assert [r.levelname for r in records] == ["WARNING"]

@@ -5,6 +5,7 @@ import json
 import os
 import resource
 import signal
+import stat
 import subprocess
 import sys
 from argparse import Namespace
@@ -225,3 +226,21 @@ def _saved(tree):
     torch.save(tree, buffer)
     buffer.seek(0)
     return buffer
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077], ids=oct)
+def test_atomic_writes_get_the_mode_a_plain_file_gets(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")  # the independent expectation: what open() gives
+        utils.write_text_atomic(tmp_path / "a.txt", "x")
+        utils.write_yaml(tmp_path / "b.yaml", {"a": 1})
+        utils.save_checkpoint({"a": torch.zeros(2)}, tmp_path / "c.pt")
+        utils.write_text_atomic(tmp_path / "a.txt", "y")  # replacing an existing file too
+    finally:
+        os.umask(old)
+    plain = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert plain == 0o666 & ~mask
+    for name in ("a.txt", "b.yaml", "c.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == plain, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.yaml", "c.pt", "plain.txt"]  # no temp left

@@ -267,3 +267,55 @@ def test_supcon_finite_and_correct_for_large_feature_norms(norm):
                 terms.append(-sum(s[p] - log_den for p in positives) / len(positives))
     assert math.isfinite(float(got))
     assert float(got) == pytest.approx(sum(terms) / len(terms), rel=1e-4, abs=1e-3)
+
+
+def test_supcon_hard_loss_hand_worked_and_loop():
+    z = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])  # anchor, 1 positive, 1 negative
+    # s_p = 1/0.5 = 2, s_n = 0: loss = -(2 - log(e^2 + e^0)) = log(1 + e^-2)
+    assert float(loss.SupConHardLoss(z, 0.5, 1)) == pytest.approx(math.log(1 + math.exp(-2)), rel=1e-6)
+
+    torch.manual_seed(0)
+    emb, tau, P = torch.randn(5, 1 + 3 + 4, 16), 0.1, 3
+    total = 0.0
+    for b in range(5):
+        u = [[x / math.sqrt(sum(y * y for y in v)) for x in v] for v in emb[b].tolist()]
+        s = [sum(a * c for a, c in zip(u[0], u[j])) / tau for j in range(1, 8)]
+        denom = sum(math.exp(x) for x in s)
+        total += sum(-(s[p] - math.log(denom)) for p in range(P)) / P
+    assert float(loss.SupConHardLoss(emb, tau, P)) == pytest.approx(total / 5, rel=1e-5)
+
+
+def test_supcon_hard_loss_limits_and_gradients():
+    P, N = 3, 5
+    anchor = torch.randn(4, 1, 8)
+    same = anchor.expand(4, 1 + P + N, 8).clone()
+    assert float(loss.SupConHardLoss(same, 0.1, P)) == pytest.approx(math.log(P + N), rel=1e-5)  # uninformative
+    separated = torch.cat([anchor.expand(4, 1 + P, 8), -anchor.expand(4, N, 8)], dim=1)
+    assert float(loss.SupConHardLoss(separated, 0.05, P)) == pytest.approx(math.log(P), abs=1e-6)
+    for scale in (1e-3, 1.0, 1e3):
+        z = (torch.randn(4, 1 + P + N, 8) * scale).requires_grad_()
+        loss.SupConHardLoss(z, 0.05, P).backward()
+        assert torch.isfinite(z.grad).all()
+    z16 = torch.randn(4, 1 + P + N, 8).half()
+    assert torch.isfinite(loss.SupConHardLoss(z16, 0.01, P))
+
+
+def test_class_loss_hand_worked():
+    weights = loss.class_weights([10, 40, 0], "inverse_count")
+    # 1/10 and 1/40, rescaled to mean 1 over present classes: 1.6 and 0.4; absent class 1
+    assert weights.tolist() == pytest.approx([1.6, 0.4, 1.0])
+    logits, labels = torch.tensor([[0.0, 2.0, -1.0]]), torch.tensor([[1.0, 0.0, 0.0]])
+    bce = [math.log(2), math.log(1 + math.exp(2)), math.log(1 + math.exp(-1))]
+    expected = (1.6 * bce[0] + 0.4 * bce[1] + 1.0 * bce[2]) / 3
+    assert float(loss.ClassLoss(weights)(logits, labels)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_motif_loss_hand_worked():
+    pos_weight = loss.motif_pos_weights([1, 0], [9, 10], max_weight=5.0)
+    assert pos_weight.tolist() == [5.0, 1.0]  # 9/1 capped at 5; a class without positives: 1
+    logits = torch.tensor([[[0.0, 1.0, 3.0], [0.0, 0.0, 0.0]]])  # [B=1, C=2, L=3]
+    targets = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    mask = torch.tensor([[[True, True, False], [True, True, True]]])  # last residue of track 0 unscored
+    sp = lambda x: math.log(1 + math.exp(x))  # noqa: E731  BCE(z, 1) = sp(-z), BCE(z, 0) = sp(z)
+    expected = (5.0 * sp(0.0) + sp(1.0) + 3 * sp(0.0)) / 5
+    assert float(loss.MotifLoss(pos_weight)(logits, targets, mask)) == pytest.approx(expected, rel=1e-6)

@@ -127,37 +127,6 @@ def test_extended_batch_layout(tmp_path):
         assert first.tolist() == ds.tokens[idx][:40].tolist()
 
 
-def test_supcon_hard_loss_hand_worked_and_loop():
-    z = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])  # anchor, 1 positive, 1 negative
-    # s_p = 1/0.5 = 2, s_n = 0: loss = -(2 - log(e^2 + e^0)) = log(1 + e^-2)
-    assert float(loss.SupConHardLoss(z, 0.5, 1)) == pytest.approx(math.log(1 + math.exp(-2)), rel=1e-6)
-
-    torch.manual_seed(0)
-    emb, tau, P = torch.randn(5, 1 + 3 + 4, 16), 0.1, 3
-    total = 0.0
-    for b in range(5):
-        u = [[x / math.sqrt(sum(y * y for y in v)) for x in v] for v in emb[b].tolist()]
-        s = [sum(a * c for a, c in zip(u[0], u[j])) / tau for j in range(1, 8)]
-        denom = sum(math.exp(x) for x in s)
-        total += sum(-(s[p] - math.log(denom)) for p in range(P)) / P
-    assert float(loss.SupConHardLoss(emb, tau, P)) == pytest.approx(total / 5, rel=1e-5)
-
-
-def test_supcon_hard_loss_limits_and_gradients():
-    P, N = 3, 5
-    anchor = torch.randn(4, 1, 8)
-    same = anchor.expand(4, 1 + P + N, 8).clone()
-    assert float(loss.SupConHardLoss(same, 0.1, P)) == pytest.approx(math.log(P + N), rel=1e-5)  # uninformative
-    separated = torch.cat([anchor.expand(4, 1 + P, 8), -anchor.expand(4, N, 8)], dim=1)
-    assert float(loss.SupConHardLoss(separated, 0.05, P)) == pytest.approx(math.log(P), abs=1e-6)
-    for scale in (1e-3, 1.0, 1e3):
-        z = (torch.randn(4, 1 + P + N, 8) * scale).requires_grad_()
-        loss.SupConHardLoss(z, 0.05, P).backward()
-        assert torch.isfinite(z.grad).all()
-    z16 = torch.randn(4, 1 + P + N, 8).half()
-    assert torch.isfinite(loss.SupConHardLoss(z16, 0.01, P))
-
-
 def test_warm_start_gives_heads_no_gradient(tmp_path):
     config = load_config(write_config(tmp_path, **{"supcon.apply": True, "supcon.warm_start": 1,
                                                          "supcon.hidden_dim": 16, "supcon.out_dim": 8}))
@@ -329,3 +298,39 @@ def test_sampling_before_setup_supcon_says_what_to_call(tmp_path):
     assert len(positives) == config.supcon.n_pos and len(negatives) == config.supcon.n_neg
     assert all((member[p] & member[0]).any() for p in positives)
     assert not any((member[n] & member[0]).any() for n in negatives)
+
+
+def test_augmentation_rates_labels_and_epochs(tmp_path):
+    synthetic.make_synthetic_dataset(tmp_path, 300, 4)
+    proteins, _ = data.load_proteins(tmp_path)
+    ds = data.LocalizationDataset(proteins)
+    contrast.enable_augmentation(ds, True, pos_rate=0.1, neg_rate=0.3, max_copies=3, views=3, seed=0)
+    changed = {True: [0, 0], False: [0, 0]}  # inside / outside signals: [mutated, total]
+    for i in range(len(ds)):
+        item = ds[i]
+        p = item["index"]
+        assert item["labels"] is proteins[p].labels and item["targets"] is proteins[p].targets  # labels unchanged
+        inside = contrast.signal_mask(proteins[p])
+        for tokens in [item["tokens"]] + item["views"]:
+            assert len(tokens) == len(proteins[p].sequence)
+            diff = tokens != ds.tokens[p]
+            for region in (True, False):
+                changed[region][0] += int(diff[inside == region].sum())
+                changed[region][1] += int((inside == region).sum())
+            assert set(tokens[diff].tolist()) <= set(vocab.STANDARD.tolist())  # mutated to standard residues
+    assert changed[True][0] / changed[True][1] == pytest.approx(0.1, abs=0.01)
+    assert changed[False][0] / changed[False][1] == pytest.approx(0.3, abs=0.01)
+    first = ds[0]["tokens"]
+    ds.set_epoch(1, contrastive=True)
+    assert (ds[0]["tokens"] != first).any()  # regenerated every epoch
+    ds.set_epoch(0, contrastive=True)
+    assert (ds[0]["tokens"] == first).all()  # and replayed for the same (seed, epoch, item)
+
+
+def test_rarer_classes_get_more_copies():
+    labels = np.zeros((6, 8), np.uint8)
+    labels[:4, vocab.CLASS_INDEX["SIGNAL"]] = 1       # 4 SIGNAL proteins
+    labels[4, vocab.CLASS_INDEX["Thylakoid"]] = 1     # 1 Thylakoid protein: ceil(4 / 1) = 4 copies, capped
+    labels[3, vocab.CLASS_INDEX["ER"]] = 1            # SIGNAL + ER (2 ER proteins): ceil(4 / 2) = 2
+    labels[5, vocab.CLASS_INDEX["ER"]] = 1
+    assert contrast.Augmenter.copies(labels, max_copies=3).tolist() == [1, 1, 1, 2, 3, 2]
