@@ -41,7 +41,9 @@ class FrozenCache:
                 store = np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=(total, dim))
                 reserve(path)
             except OSError as err:
-                raise WriteError(f"{path}: cannot write the frozen-layer cache ({total * dim * np.dtype(np_dtype).itemsize / 1e9:.2f} GB): {err.strerror or err}") from None
+                size = total * dim * np.dtype(np_dtype).itemsize / 1e9
+                raise WriteError(f"{path}: cannot write the frozen-layer cache ({size:.2f} GB): "
+                                 f"{err.strerror or err}") from None
             self.store = torch.from_numpy(store)
         self.filled = set()
         self.hits = self.misses = 0

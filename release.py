@@ -128,7 +128,8 @@ def write_release(models: Iterable[Trained], out) -> int:
         for i, model in enumerate(models):
             weights = f"member{i}.safetensors"
             try:
-                save_file(safetensors_ready(model.state), str(tmp / weights), metadata={"format": "pt", "source": model.name})
+                save_file(safetensors_ready(model.state), str(tmp / weights),
+                          metadata={"format": "pt", "source": model.name})
                 give_umask_mode(tmp / weights)
             except (OSError, SafetensorError) as err:
                 raise WriteError(f"{out / weights}: cannot write: {err}") from None

@@ -1,4 +1,5 @@
-"""Shared fixtures: the repository on sys.path, the real data folder, a tiny trained run."""
+"""Shared fixtures: the repository on sys.path, the real data folder, a tiny trained run, checkpoints and a
+proteome for prediction."""
 import sys
 from pathlib import Path
 
@@ -45,3 +46,19 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny_run")
     assert train.main(["--config", str(write_config(tmp))]) == 0
     return tmp / "run"
+
+
+@pytest.fixture(scope="session")
+def ckpts(tiny_run, tmp_path_factory):
+    """best.pt of the tiny run and two variants with projection heads (they predict a mix of classes)."""
+    from helpers import with_heads
+    tmp = tmp_path_factory.mktemp("ckpts")
+    best = tiny_run / "checkpoints" / "best.pt"
+    return {"best": best, "a": with_heads(best, tmp / "a.pt", 0.4, 1), "b": with_heads(best, tmp / "b.pt", 0.8, 2)}
+
+
+@pytest.fixture(scope="session")
+def fasta(tmp_path_factory):
+    """A proteome (helpers.proteome) as a FASTA file."""
+    from helpers import proteome, write_fasta
+    return write_fasta(tmp_path_factory.mktemp("input") / "proteome.fa", proteome())

@@ -7,9 +7,11 @@ from conftest import write_config
 
 import batching
 import data
+import predict
 import train
 import vocab
 from config import resolve_config
+from model import Encoder
 
 
 def stitch_average(window_values: np.ndarray, starts, length: int) -> np.ndarray:
@@ -71,3 +73,80 @@ def cached_run(tmp_path, name, cache_dir, **sets):
         overrides["encoder.cache_dir"] = str(cache_dir)
     assert train.main(["--config", str(write_config(tmp_path / name, **overrides))]) == 0
     return tmp_path / name / "run"
+
+
+AA = list("ACDEFGHIKLMNPQRSTVWY")
+
+
+def random_seq(rng, n):
+    return "".join(rng.choice(AA, size=n))
+
+
+def proteome(seed=5):
+    """(id, sequence) pairs: 1 to 230 residues (the tiny model's windows hold 64), repeated sequences
+    under other ids, ids with characters GFF3 and file names must escape."""
+    rng = np.random.default_rng(seed)
+    seqs = [random_seq(rng, int(n)) for n in rng.integers(1, 230, size=22)] + [random_seq(rng, 64), random_seq(rng, 65)]
+    ids = [f"prot{i}" for i in range(len(seqs))]
+    ids[1], ids[2], ids[3] = "sp|P0A7Z4|RL1_ECOLI", "we;ird=id,a&b%c", ">starts_with_gt"
+    pairs = list(zip(ids, seqs))
+    pairs += [("copy_of_prot5", seqs[5]), ("copy_of_prot0", seqs[0]), ("copy2_of_prot5", seqs[5])]
+    return pairs
+
+
+def write_fasta(path, pairs):
+    path.write_text("".join(f">{i}\n{s}\n" for i, s in pairs))
+    return path
+
+
+def run(capsys, *argv):
+    code = predict.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def records_of(path):
+    return json.loads(path.read_text())
+
+
+def probs_of(records):
+    return np.array([[r["probabilities"][c] for c in vocab.CLASSES] for r in records])
+
+
+def with_heads(src, dst, class_bias: float, seed: int):
+    """A copy of checkpoint `src` with shifted class biases and a (random) projection head."""
+    state = torch.load(src, weights_only=True)
+    state["config"]["supcon"] = {**state["config"].get("supcon", {}), "apply": True, "hidden_dim": 16, "out_dim": 8}
+    torch.manual_seed(seed)
+    fresh = Encoder(resolve_config(state["config"]), arch=state["arch"]).state_dict()
+    state["model"].update({k: v for k, v in fresh.items() if k.startswith("projection.")})
+    state["model"]["classifier.bias"] += class_bias
+    torch.save(state, dst)
+    return dst
+
+
+OUTPUTS = ("out.json", "out.tsv", "out.gff3", "emb.npz")
+
+
+def predict_all(capsys, folder, ckpt_paths, fasta, *extra, jsonl=False):
+    """Every streamable output into `folder` (JSON Lines too with jsonl); returns {name: bytes}."""
+    code, err = run(capsys, "--checkpoint", *ckpt_paths, "--fasta", fasta, "--out", folder / "out.json",
+                    "--tsv", folder / "out.tsv", "--gff3", folder / "out.gff3", "--embeddings", folder / "emb.npz",
+                    "--device", "cpu", *extra)
+    assert code == 0, err
+    if jsonl:
+        code, err = run(capsys, "--checkpoint", *ckpt_paths, "--fasta", fasta, "--out", folder / "out.jsonl",
+                        "--device", "cpu", *extra)
+        assert code == 0, err
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+# --------------------------------------------------------------------------- bad input
+def check_failure(capsys, tmp_path, argv, *needles):
+    out, plots = tmp_path / "res" / "out.json", tmp_path / "res" / "plots"
+    code, err = run(capsys, *argv, "--out", out, "--gff3", tmp_path / "res" / "out.gff3", "--plot-dir", plots,
+                    "--embeddings", tmp_path / "res" / "emb.npz", "--device", "cpu", "--chunk-size", 2)
+    assert code == 2, err
+    assert err.startswith("error: ") or "\nerror: " in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not (tmp_path / "res").exists()  # no output, no temporary file, not even the folder

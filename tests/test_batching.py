@@ -1,5 +1,4 @@
 """Batches (batching.py): collation of windows and masks, epoch samplers, length buckets."""
-
 import numpy as np
 import pytest
 import torch

@@ -1,15 +1,15 @@
 """predict.py on the tiny training run: FASTA / CSV input, ensembles, outputs and errors."""
-import json
 import stat
 
+import helpers
 import numpy as np
 import pytest
 import torch
+from helpers import probs_of, records_of, run
 
 import data
 import inference
 import outputs
-import predict
 import vocab
 from metrics import classification_metrics
 
@@ -18,7 +18,7 @@ RNG = np.random.default_rng(3)
 
 
 def random_seq(n):
-    return "".join(RNG.choice(list("ACDEFGHIKLMNPQRSTVWY"), size=n))
+    return helpers.random_seq(RNG, n)
 
 
 SEQS = {"P1": random_seq(40), "P2": random_seq(150), "P3": random_seq(9)}  # P2 spans several 64-residue windows
@@ -31,39 +31,26 @@ def ckpt(tiny_run):
 
 def shifted(ckpt, path, class_bias=1.0, motif_bias=-1.0):
     """A copy of best.pt with shifted head biases (a second, different model)."""
-    state = torch.load(ckpt / "best.pt", weights_only=False)
+    state = torch.load(ckpt / "best.pt", weights_only=True)
     state["model"]["classifier.bias"] += class_bias
     state["model"]["decoders.b2"] += motif_bias
     torch.save(state, path)
     return path
 
 
-def write_fasta(path):
+def write_sample_fasta(path):
     """Multi-line records, a blank line, lowercase and a trailing '*'."""
     s1, s2, s3 = SEQS["P1"], SEQS["P2"], SEQS["P3"]
     path.write_text(f">P1 first protein\n{s1[:25]}\n{s1[25:]}\n\n>P2\n{s2[:60].lower()}\n{s2[60:]}*\n>P3\n{s3}\n")
     return path
 
 
-def run(capsys, *argv):
-    code = predict.main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
-def load(path):
-    return json.loads(path.read_text())
-
-
-def probs_of(records):
-    return np.array([[r["probabilities"][c] for c in CLASSES] for r in records])
-
-
 def test_fasta_json_and_tsv(tmp_path, ckpt, capsys):
     out, tsv = tmp_path / "out.json", tmp_path / "out.tsv"
-    code, err = run(capsys, "--checkpoint", ckpt / "best.pt", "--fasta", write_fasta(tmp_path / "in.fa"),
+    code, err = run(capsys, "--checkpoint", ckpt / "best.pt", "--fasta", write_sample_fasta(tmp_path / "in.fa"),
                     "--out", out, "--tsv", tsv, "--device", "cpu", "--batch-size", 2)
     assert code == 0, err
-    records = load(out)
+    records = records_of(out)
     assert [r["id"] for r in records] == list(SEQS)
     assert [r["length"] for r in records] == [len(s) for s in SEQS.values()]
     for r in records:
@@ -101,9 +88,9 @@ def test_segments_runs():
 
 
 def test_ensemble_is_mean(tmp_path, ckpt, capsys):
-    fasta = write_fasta(tmp_path / "in.fa")
+    fasta = write_sample_fasta(tmp_path / "in.fa")
     best, last = ckpt / "best.pt", ckpt / "last.pt"
-    a, b = torch.load(best, weights_only=False), torch.load(last, weights_only=False)
+    a, b = torch.load(best, weights_only=True), torch.load(last, weights_only=True)
     if all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]):  # best epoch = last: make them differ
         last = shifted(ckpt, tmp_path / "last_shifted.pt")
 
@@ -111,7 +98,7 @@ def test_ensemble_is_mean(tmp_path, ckpt, capsys):
         out = tmp_path / f"{name}.json"
         code, err = run(capsys, "--checkpoint", *paths, "--fasta", fasta, "--out", out, "--device", "cpu")
         assert code == 0, err
-        return probs_of(load(out))
+        return probs_of(records_of(out))
 
     p_best, p_last = predict_with("best", best), predict_with("last", last)
     assert not np.allclose(p_best, p_last)
@@ -133,11 +120,11 @@ def test_ensemble_is_mean(tmp_path, ckpt, capsys):
 
 def test_tuned_thresholds(tmp_path, ckpt, capsys):
     out = tmp_path / "out.json"
-    code, err = run(capsys, "--checkpoint", ckpt / "best.pt", "--fasta", write_fasta(tmp_path / "in.fa"),
+    code, err = run(capsys, "--checkpoint", ckpt / "best.pt", "--fasta", write_sample_fasta(tmp_path / "in.fa"),
                     "--out", out, "--device", "cpu", "--tuned-thresholds")
     assert code == 0, err
-    stored = torch.load(ckpt / "best.pt", weights_only=False)["thresholds"]
-    for r in load(out):
+    stored = torch.load(ckpt / "best.pt", weights_only=True)["thresholds"]
+    for r in records_of(out):
         for c in CLASSES:  # probabilities are rounded to 4 decimals: skip those too close to call
             if abs(r["probabilities"][c] - stored[c]) > 1e-4:
                 assert (c in r["predicted"]) == (r["probabilities"][c] > stored[c]), (r["id"], c)
@@ -147,13 +134,13 @@ def test_sites_and_segments(tmp_path, ckpt, capsys):
     """A model that predicts every class: a site for each site class, segments for each segment class."""
     model = shifted(ckpt, tmp_path / "all.pt", class_bias=20.0, motif_bias=0.0)
     out = tmp_path / "out.json"
-    code, err = run(capsys, "--checkpoint", model, "--fasta", write_fasta(tmp_path / "in.fa"), "--out", out,
+    code, err = run(capsys, "--checkpoint", model, "--fasta", write_sample_fasta(tmp_path / "in.fa"), "--out", out,
                     "--device", "cpu")
     assert code == 0, err
     proteins = [data.make_protein(k, s, "", k) for k, s in SEQS.items()]
     cpu = torch.device("cpu")
     motifs = [r.motif for r in inference.predict_chunk(inference.load_ensemble([model], cpu), proteins, cpu)]
-    for r, motif in zip(load(out), motifs):
+    for r, motif in zip(records_of(out), motifs):
         assert r["predicted"] == CLASSES
         assert r["sites"] == {c: int(np.argmax(motif[CLASSES.index(c)])) + 1 for c in CLASSES if c in vocab.SITE_CLASSES}
         assert all(1 <= pos <= r["length"] for pos in r["sites"].values())
@@ -179,12 +166,12 @@ def test_csv_metrics(tmp_path, ckpt, capsys):
     code, err = run(capsys, "--checkpoint", ckpt / "best.pt", "--csv", csv, "--out", out,
                     "--metrics", metrics_path, "--device", "cpu")
     assert code == 0, err
-    records, metrics = load(out), load(metrics_path)
+    records, metrics = records_of(out), records_of(metrics_path)
     chunked = tmp_path / "metrics_chunked.json"  # streamed in chunks of 2: the same metrics
     code, err = run(capsys, "--checkpoint", ckpt / "best.pt", "--csv", csv, "--metrics", chunked, "--device", "cpu",
                     "--chunk-size", 2)
     assert code == 0, err
-    assert load(chunked) == metrics
+    assert records_of(chunked) == metrics
     assert [r["id"] for r in records] == [r[0] for r in rows]
     assert {"macro_f1", "macro_mcc", "residue"} <= set(metrics)
     assert list(metrics["per_class"]) == CLASSES
@@ -211,7 +198,7 @@ def test_csv_metrics_average_the_classes_the_set_holds(tmp_path, ckpt, capsys):
     code, err = run(capsys, "--checkpoint", ckpt / "best.pt", "--csv", csv, "--out", out, "--metrics", metrics_path,
                     "--device", "cpu", "--tuned-thresholds")
     assert code == 0, err
-    metrics, records = load(metrics_path), load(out)
+    metrics, records = records_of(metrics_path), records_of(out)
     signal = metrics["per_class"]["SIGNAL"]
     assert metrics["macro_mcc"] == signal["mcc"] and metrics["macro_f1"] == signal["f1"]
     truth = np.array([e.startswith("S") for e, _, _ in rows])
@@ -249,30 +236,30 @@ def test_invalid_residue(tmp_path, ckpt, capsys):
 
 def test_missing_checkpoint(tmp_path, ckpt, capsys):
     missing = tmp_path / "nope.pt"
-    check_failure(capsys, tmp_path, ["--checkpoint", ckpt / "best.pt", missing, "--fasta", write_fasta(tmp_path / "in.fa")],
+    check_failure(capsys, tmp_path, ["--checkpoint", ckpt / "best.pt", missing, "--fasta", write_sample_fasta(tmp_path / "in.fa")],
                   str(missing))
 
 
 def test_tuned_thresholds_missing(tmp_path, ckpt, capsys):
-    state = torch.load(ckpt / "best.pt", weights_only=False)
+    state = torch.load(ckpt / "best.pt", weights_only=True)
     state.pop("thresholds", None)
     bare = tmp_path / "bare.pt"
     torch.save(state, bare)
-    check_failure(capsys, tmp_path, ["--checkpoint", ckpt / "best.pt", bare, "--fasta", write_fasta(tmp_path / "in.fa"),
+    check_failure(capsys, tmp_path, ["--checkpoint", ckpt / "best.pt", bare, "--fasta", write_sample_fasta(tmp_path / "in.fa"),
                                      "--tuned-thresholds"], str(bare), "threshold")
 
 
 def test_classes_mismatch(tmp_path, ckpt, capsys):
-    state = torch.load(ckpt / "best.pt", weights_only=False)
+    state = torch.load(ckpt / "best.pt", weights_only=True)
     state["classes"] = list(reversed(CLASSES))
     odd = tmp_path / "odd.pt"
     torch.save(state, odd)
-    check_failure(capsys, tmp_path, ["--checkpoint", odd, "--fasta", write_fasta(tmp_path / "in.fa")], str(odd), "classes")
+    check_failure(capsys, tmp_path, ["--checkpoint", odd, "--fasta", write_sample_fasta(tmp_path / "in.fa")], str(odd), "classes")
 
 
 def test_truncated_checkpoint(tmp_path, ckpt, capsys):
     whole = (ckpt / "best.pt").read_bytes()
     cut = tmp_path / "cut.pt"
     cut.write_bytes(whole[: len(whole) // 3])
-    check_failure(capsys, tmp_path, ["--checkpoint", cut, "--fasta", write_fasta(tmp_path / "in.fa")], str(cut),
+    check_failure(capsys, tmp_path, ["--checkpoint", cut, "--fasta", write_sample_fasta(tmp_path / "in.fa")], str(cut),
                   "not a readable checkpoint")

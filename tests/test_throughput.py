@@ -1,5 +1,4 @@
 """Speed figures (throughput.py): FLOPs by hand, the GPU peak by name, figures in metrics.jsonl."""
-
 import pytest
 import torch
 from helpers import cached_run, read_metrics

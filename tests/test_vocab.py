@@ -1,5 +1,4 @@
 """The vocabulary (vocab.py): ESM-2's alphabet against fair-esm's, tokenisation, windows."""
-
 import helpers
 import numpy as np
 import pytest

@@ -1,0 +1,66 @@
+"""Input of predict.py (inputs.py): FASTA / CSV records checked before any prediction, --skip-invalid, pipes,
+byte-order marks."""
+import os
+
+from helpers import check_failure, records_of, run, write_fasta
+
+
+def test_duplicate_ids(tmp_path, ckpts, capsys):
+    fasta = write_fasta(tmp_path / "dup.fa", [("A", "MKV"), ("B", "MKL"), ("A", "MKW")])
+    check_failure(capsys, tmp_path, ["--checkpoint", ckpts["a"], "--fasta", fasta], str(fasta), "'A'", "duplicate")
+    csv = tmp_path / "dup.csv"
+    csv.write_text("Entry,MOTIF,Sequence\nQ1,,MKV\nQ2,,MKL\nQ1,,MKW\n")
+    check_failure(capsys, tmp_path, ["--checkpoint", ckpts["a"], "--csv", csv], str(csv), "line 4", "'Q1'", "duplicate")
+
+
+def test_invalid_and_empty_records(tmp_path, ckpts, capsys):
+    fasta = write_fasta(tmp_path / "bad.fa", [("ok", "MKLV"), ("broken", "MKJLV")])
+    check_failure(capsys, tmp_path, ["--checkpoint", ckpts["a"], "--fasta", fasta], str(fasta), "'broken'", "'J'")
+    empty = tmp_path / "empty.fa"
+    empty.write_text(">first\nMKLV\n>hollow\n>last\nMKV\n")
+    check_failure(capsys, tmp_path, ["--checkpoint", ckpts["a"], "--fasta", empty], str(empty), "'hollow'", "empty")
+
+
+def test_skip_invalid(tmp_path, ckpts, capsys):
+    good = [("g1", "MKLVAAR" * 5), ("g2", "MSTQ" * 30), ("g3", "MKW")]
+    text = f">g1\n{good[0][1]}\n>bad1\nMKJ*X\n>g2\n{good[1][1]}\n>hollow\n>g3\n{good[2][1]}\n>bad2\nMK1L\n"
+    fasta = tmp_path / "mixed.fa"
+    fasta.write_text(text)
+    out = tmp_path / "res" / "out.json"
+    code, err = run(capsys, "--checkpoint", ckpts["a"], "--fasta", fasta, "--out", out, "--skip-invalid",
+                    "--device", "cpu")
+    assert code == 0, err
+    report = tmp_path / "res" / "out.json.skipped.tsv"
+    assert f"listed in {report}" in err
+    for name in ("bad1", "hollow", "bad2"):
+        assert f"'{name}'" in err
+    rows = [line.split("\t") for line in report.read_text().splitlines()]
+    assert rows[0] == ["id", "line", "reason"]
+    assert [(r[0], r[1]) for r in rows[1:]] == [("bad1", "3"), ("hollow", "7"), ("bad2", "10")]
+    assert "invalid residue" in rows[1][2] and "empty" in rows[2][2] and "'1'" in rows[3][2]
+    clean = tmp_path / "clean.json"
+    code, err = run(capsys, "--checkpoint", ckpts["a"], "--fasta", write_fasta(tmp_path / "clean.fa", good),
+                    "--out", clean, "--device", "cpu")
+    assert code == 0, err
+    assert records_of(out) == records_of(clean)  # the rest predicted as if alone
+    custom = tmp_path / "skipped.txt"
+    code, err = run(capsys, "--checkpoint", ckpts["a"], "--fasta", fasta, "--tsv", tmp_path / "o.tsv",
+                    "--skip-invalid", "--skipped", custom, "--device", "cpu")
+    assert code == 0 and custom.read_text() == report.read_text()
+
+
+def test_nothing_left_to_predict(tmp_path, ckpts, capsys):
+    fasta = write_fasta(tmp_path / "all_bad.fa", [("x", "MKJ"), ("y", "B@")])
+    check_failure(capsys, tmp_path, ["--checkpoint", ckpts["a"], "--fasta", fasta, "--skip-invalid",
+                                     "--skipped", tmp_path / "res" / "skipped.tsv"], str(fasta), "no record left")
+
+
+def test_pipe_input_refused_and_byte_order_mark_accepted(tmp_path, ckpts, capsys):
+    fifo = tmp_path / "pipe.fa"
+    os.mkfifo(fifo)
+    check_failure(capsys, tmp_path, ["--checkpoint", ckpts["a"], "--fasta", fifo], str(fifo), "not a regular file")
+    bom = tmp_path / "bom.fa"
+    bom.write_bytes("\ufeff>first\nMKLVA\n>second\nMKW\n".encode("utf-8"))  # as Windows editors save it
+    code, err = run(capsys, "--checkpoint", ckpts["a"], "--fasta", bom, "--out", tmp_path / "bom.json")
+    assert code == 0, err
+    assert [r["id"] for r in records_of(tmp_path / "bom.json")] == ["first", "second"]
