@@ -7,12 +7,14 @@ import stat
 import numpy as np
 import pytest
 import torch
-from conftest import write_config
+from conftest import ROOT, write_config
 from helpers import read_metrics
 
+import predict
 import runtime
 import train
 import utils
+import vocab
 from config import ConfigError, load_config, resolve_config
 
 
@@ -174,3 +176,22 @@ def test_resume_from_truncated_or_foreign_checkpoint_exits_2(tmp_path, tiny_run,
     assert snapshot(tmp_path) == before and snapshot(tiny_run) == run_before  # nothing written
 
 
+
+
+def test_checkpoint_written_before_the_layout_change_resumes_and_predicts(tmp_path, capsys):
+    """tests/fixtures/best_510a3f0.pt: best.pt of a 2-epoch tiny run (16-dim, 1 layer, synthetic data of 60
+    proteins, seed 3) written by commit 510a3f0, the last before the modules were reorganised. It still
+    predicts, and resumes for a third epoch on the same (regenerated) data."""
+    fixture = ROOT / "tests" / "fixtures" / "best_510a3f0.pt"
+    fasta = tmp_path / "in.fa"
+    fasta.write_text(">A\nMKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMKALRPDEDRLSPLHSVYVDQWDWERVMGDGERQFSTLKSTVEAIWAGIKATEAAVSEEFGLAPFLPDQIHFVHSQELLSRYPDLDAKGRERAIAKDLGAVFLVGIGGKLSDGHRHDVRAPDYDDWSTPSELGHAGLNGDILVWNPVLEDAFELSSMGIRVDADTLKHQLALTGDEDRLELEWHQALLRGEMPQTIGGGIGQSRLTMLLLQLPHIGQVQAGVWPAACRPEGVEEGPVA\n")
+    out = tmp_path / "out.json"
+    assert predict.main(["--checkpoint", str(fixture), "--fasta", str(fasta), "--out", str(out), "--method", "both",
+                         "--tuned-thresholds", "--device", "cpu"]) == 0, capsys.readouterr().err
+    record = json.loads(out.read_text())[0]
+    assert record["id"] == "A" and set(record["probabilities"]) == set(vocab.CLASSES) and "centroid" in record
+    run_dir = tmp_path / "resumed"
+    assert train.main(["--resume", str(fixture), "--set", "train.epochs=3", f"run_dir={run_dir}",
+                       f"data.root={tmp_path / 'data'}"]) == 0, capsys.readouterr().err
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [2]
+    assert "resumed from" in (run_dir / "train.log").read_text()
