@@ -1,0 +1,159 @@
+"""Packed sequences: the windows of a backbone call as one token stream without padding (the "THD" layout of
+flash-attention's variable-length kernels and BioNeMo), attention restricted to each window.
+
+A call's windows, longest first, are concatenated: tokens [N] (each window BOS, residues, EOS) with their
+lengths (a host list; cumulative lengths on the device for the fused kernel). Every per-token operation
+(layer norms, projections, feed-forward) runs on [N, d], with no padding at all; attention runs per window:
+  - on CUDA in bf16 / fp16: PyTorch's fused variable-length kernel (torch.nn.attention.varlen.varlen_attn,
+    flash-attention based, in PyTorch itself: no flash-attn wheel to match to torch and CUDA), one launch for
+    the whole call;
+  - otherwise (the CPU, fp32): scaled_dot_product_attention per group of equal-length windows (adjacent,
+    since the windows are sorted by length), with no mask: exact.
+Rotary positions restart at every window's BOS; fair-esm's token-dropout rescaling is computed per window.
+The results equal the padded layout's at every real token (tests: 1e-5 in fp32, gradients too).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vocab import PAD_IDX
+
+try:  # PyTorch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older PyTorch: the exact path everywhere
+    varlen_attn = None
+
+
+@dataclass
+class Stream:
+    """One backbone call's windows as a token stream: tokens [N] (device), lengths (host, BOS and EOS included,
+    non-increasing), positions [N] (each token's position in its window, 0 at BOS; device), cu [W + 1]
+    (int32 cumulative lengths; device), groups (host: (first token, windows, length) of each run of equal
+    lengths)."""
+
+    tokens: torch.Tensor
+    lengths: list
+    positions: torch.Tensor
+    cu: torch.Tensor
+    groups: list
+
+    @property
+    def max_len(self) -> int:
+        return self.lengths[0] if self.lengths else 0
+
+
+def make_stream(tokens: torch.Tensor, lengths: list) -> Stream:
+    """Stream of windows `tokens` [N] whose lengths (host list, non-increasing) sum to N. Everything is
+    computed on the host from `lengths` and copied without waiting: no synchronisation with the device."""
+    groups, start = [], 0
+    for length in lengths:
+        if groups and groups[-1][2] == length:
+            first, count, _ = groups[-1]
+            groups[-1] = (first, count + 1, length)
+        else:
+            groups.append((start, 1, length))
+        start += length
+    positions = torch.cat([torch.arange(length) for length in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
+    cu = torch.tensor([0] + list(_cumsum(lengths)), dtype=torch.int32)
+    device = tokens.device
+    return Stream(tokens, list(lengths), positions.to(device, non_blocking=True), cu.to(device, non_blocking=True),
+                  groups)
+
+
+def _cumsum(values):
+    total = 0
+    for v in values:
+        total += v
+        yield total
+
+
+def embed(backbone, stream: Stream) -> torch.Tensor:
+    """Token embeddings [N, d] with fair-esm's token-dropout rescaling, computed per window: scaled by
+    (1 - 0.15 * 0.8) / (1 - the window's share of <mask> tokens)."""
+    x = backbone.embed_scale * backbone.embed_tokens(stream.tokens)
+    if backbone.token_dropout:
+        is_mask = stream.tokens.eq(backbone.mask_idx)
+        x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
+        lengths = torch.tensor(stream.lengths, device=x.device)
+        window = torch.repeat_interleave(torch.arange(len(stream.lengths), device=x.device), lengths,
+                                         output_size=stream.tokens.shape[0])
+        masked = torch.zeros(len(stream.lengths), device=x.device, dtype=x.dtype).index_add_(
+            0, window, is_mask.to(x.dtype))
+        observed = masked / lengths.to(x.dtype)
+        x = x * ((1 - 0.15 * 0.8) / (1 - observed))[window][:, None]
+    return x
+
+
+def rotary(rot_emb, q: torch.Tensor, k: torch.Tensor, stream: Stream):
+    """fair-esm's rotary embedding on q, k [N, H, dh] at each token's position within its window (the same
+    cos / sin values fair-esm computes for a padded row)."""
+    t = torch.arange(stream.max_len, device=q.device, dtype=rot_emb.inv_freq.dtype)
+    freqs = torch.einsum("i,j->ij", t, rot_emb.inv_freq)
+    table = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = table.cos()[stream.positions][:, None, :], table.sin()[stream.positions][:, None, :]
+
+    def rotate_half(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def fused_varlen_available(q: torch.Tensor) -> bool:
+    """Whether attention of this call can use the fused variable-length kernel: CUDA, half precision."""
+    return varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stream: Stream) -> torch.Tensor:
+    """Softmax attention within each window (scale 1: the query is scaled already): q, k, v [N, H, dh] -> [N, H, dh]."""
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):  # the fused kernel takes one half-precision dtype
+        dtype = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if fused_varlen_available(q):
+        return varlen_attn(q, k, v, stream.cu, stream.cu, stream.max_len, stream.max_len, scale=1.0)
+    parts = []
+    for first, count, length in stream.groups:  # windows of one length: a batch for the fused CPU kernel
+        end = first + count * length
+
+        def heads_first(t):
+            return t[first:end].view(count, length, *t.shape[1:]).transpose(1, 2)  # [count, H, length, dh]
+        o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), scale=1.0)
+        parts.append(o.transpose(1, 2).reshape(count * length, *q.shape[1:]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def transformer_layer(layer, x: torch.Tensor, stream: Stream) -> torch.Tensor:
+    """One fair-esm TransformerLayer (pre-LayerNorm, rotary self-attention, GELU feed-forward) on the packed
+    stream x [N, d]: the same weights and arithmetic as model.transformer_layer on a padded batch."""
+    attn = layer.self_attn
+    N, d = x.shape
+    heads = attn.num_heads
+    h = layer.self_attn_layer_norm(x)
+    q = (attn.q_proj(h) * attn.scaling).view(N, heads, d // heads)
+    k, v = attn.k_proj(h).view(N, heads, d // heads), attn.v_proj(h).view(N, heads, d // heads)
+    if attn.rot_emb is not None:
+        q, k = rotary(attn.rot_emb, q, k, stream)
+    o = attention(q, k, v, stream)
+    x = x + attn.out_proj(o.reshape(N, d))
+    return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
+
+
+def pack(tokens: torch.Tensor, widths: list) -> torch.Tensor:
+    """Padded windows tokens [W, T] (real widths `widths`, non-increasing) -> the stream of their tokens [N]."""
+    return torch.cat([tokens[w, :width] for w, width in enumerate(widths)]) if widths else tokens.new_zeros(0)
+
+
+def unpack(stream_out: torch.Tensor, widths: list, width: int) -> torch.Tensor:
+    """Stream outputs [N, d] -> padded [W, width, d] (zeros past each window's end)."""
+    out = stream_out.new_zeros(len(widths), width, stream_out.shape[-1])
+    start = 0
+    for w, n in enumerate(widths):
+        out[w, :n] = stream_out[start:start + n]
+        start += n
+    return out
+
+
+def is_padding(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens.eq(PAD_IDX)
