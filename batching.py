@@ -11,9 +11,11 @@ from vocab import BOS_IDX, EOS_IDX, NUM_CLASSES, PAD_IDX, window_starts
 class Collate:
     """Batch of proteins -> windows for the backbone plus protein-level tensors.
 
-    Returns tokens [W, T] (BOS + residues + EOS, padded to the longest window of the batch),
-    window_protein / window_start / window_len [W], window_keys [(entry, start)] * W,
-    residue_mask [M, L], labels [B, 8],
+    Returns tokens [W, T] (BOS + residues + EOS, padded to the longest window of the batch; windows
+    longest first), window_protein / window_start / window_len [W], window_widths (host list of W
+    token counts, BOS and EOS included), window_keys [(entry, start)] * W, the packed stream of the
+    same windows: packed_tokens [N] (N = sum of the widths) and packed_dest [N] (where each token's
+    output is stitched: row * L + residue, BOS / EOS to M * L), residue_mask [M, L], labels [B, 8],
     targets [B, 8, L] and target_mask [B, 8, L] (real residues of known tracks), lengths [M],
     indices [M], entries (list of B). M = B for plain batches.
 
@@ -58,13 +60,22 @@ class Collate:
         for b, toks in enumerate(sequences):
             for s in window_starts(lengths[b], self.max_len, self.overlap):
                 windows.append((b, s, toks[s:s + self.max_len]))
-        width = max(len(w[2]) for w in windows) + 2
-        tokens = torch.full((len(windows), width), PAD_IDX, dtype=torch.long)
+        windows.sort(key=lambda w: -len(w[2]))  # longest first (stable): the backbone's order, padded or packed
+        widths = [len(w[2]) + 2 for w in windows]  # BOS + residues + EOS
+        tokens = torch.full((len(windows), widths[0]), PAD_IDX, dtype=torch.long)
         for w, (_, _, toks) in enumerate(windows):
             tokens[w, 0] = BOS_IDX
             tokens[w, 1:len(toks) + 1] = torch.from_numpy(toks)
             tokens[w, len(toks) + 1] = EOS_IDX
         L = max(lengths)
+        # the packed stream: every window's tokens one after the other, and where each token's output goes
+        # when stitching (protein row * L + residue; BOS / EOS to the dump row B' * L)
+        packed = np.concatenate([tokens[w, :width].numpy() for w, width in enumerate(widths)])
+        dest = np.full(len(packed), len(sequences) * L, dtype=np.int64)
+        offset = 0
+        for (b, s, toks), width in zip(windows, widths):
+            dest[offset + 1:offset + 1 + len(toks)] = b * L + s + np.arange(len(toks))
+            offset += width
         residue_mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
         targets = torch.zeros(len(items), NUM_CLASSES, L)
         for b, it in enumerate(items):
@@ -75,7 +86,10 @@ class Collate:
             "window_protein": torch.tensor([w[0] for w in windows]),
             "window_start": torch.tensor([w[1] for w in windows]),
             "window_len": torch.tensor([len(w[2]) for w in windows]),
+            "window_widths": widths,  # host list: read without waiting for the device
             "window_keys": [(entries[w[0]], w[1]) for w in windows],  # identify windows across batches
+            "packed_tokens": torch.from_numpy(packed),
+            "packed_dest": torch.from_numpy(dest),
             "residue_mask": residue_mask,
             "labels": torch.from_numpy(np.stack([it["labels"] for it in items]).astype(np.float32)),
             "targets": targets,

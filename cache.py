@@ -17,7 +17,7 @@ import torch
 
 from runtime import amp_dtype
 from utils import WriteError, remove_stale_temps, write_atomic
-from vocab import PAD_IDX, window_starts
+from vocab import window_starts
 
 
 class FrozenCache:
@@ -48,24 +48,23 @@ class FrozenCache:
         self.filled = set()
         self.hits = self.misses = 0
 
-    def fetch(self, keys: list, tokens: torch.Tensor, compute) -> torch.Tensor:
-        """Frozen-prefix outputs [W, T, d] of these windows; computes (compute(tokens[rows])) and
-        stores the ones not cached yet. Padding positions are 0."""
+    def fetch(self, keys: list, windows: list, compute) -> list:
+        """Frozen-prefix outputs [width, d] (float32, on the windows' device) of these windows (token tensors
+        [width], BOS .. EOS); computes (compute(list of windows) -> list of [width, d]) and stores the ones not
+        cached yet."""
         missing = [w for w, key in enumerate(keys) if key not in self.filled]
         if missing:
             with torch.no_grad():
-                fresh = compute(tokens[missing]).float().cpu()
-            for row, w in enumerate(missing):
+                fresh = compute([windows[w] for w in missing])
+            for values, w in zip(fresh, missing):
                 offset, width = self.slots[keys[w]]
-                self.store[offset:offset + width] = fresh[row, :width].to(self.store.dtype)
+                self.store[offset:offset + width] = values.float().cpu().to(self.store.dtype)
                 self.filled.add(keys[w])
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
-        x = torch.zeros(tokens.shape[0], tokens.shape[1], self.store.shape[1])
-        for w, key in enumerate(keys):
-            offset, width = self.slots[key]
-            x[w, :width] = self.store[offset:offset + width].float()
-        return x.to(tokens.device, non_blocking=True)
+        device = windows[0].device
+        return [self.store[offset:offset + width].to(device, torch.float32, non_blocking=True)
+                for offset, width in (self.slots[key] for key in keys)]
 
 
 def reserve(path) -> None:
@@ -115,33 +114,31 @@ class DiskCache:
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.npy"
 
-    def fetch(self, keys, tokens: torch.Tensor, compute) -> torch.Tensor:
-        """Frozen-prefix outputs [W, T, d] of the windows in tokens [W, T]; computes (compute(tokens[rows]))
-        and stores the ones not cached yet. `keys` (entry, start) are not needed: content decides."""
-        rows = tokens.cpu().numpy()
-        widths = (rows != PAD_IDX).sum(1)
-        window_keys = [self.window_key(row[:width]) for row, width in zip(rows, widths)]
+    def fetch(self, keys, windows: list, compute) -> list:
+        """Frozen-prefix outputs [width, d] (float32, on the windows' device) of these windows (token tensors
+        [width]); computes (compute(list of windows) -> list of [width, d]) and stores the ones not cached yet.
+        `keys` (entry, start) are not needed: content decides."""
+        rows = [w.cpu().numpy() for w in windows]
+        window_keys = [self.window_key(row) for row in rows]
         found = {}
         for w, key in enumerate(window_keys):
             try:
                 values = np.load(self.path(key), allow_pickle=False)
             except (OSError, ValueError, EOFError):  # absent, or unreadable: computed and written again
                 continue
-            if values.ndim == 2 and values.shape[0] == widths[w] and values.dtype == self.dtype:
+            if values.ndim == 2 and values.shape[0] == len(rows[w]) and values.dtype == self.dtype:
                 found[w] = values
         missing = [w for w in range(len(rows)) if w not in found]
         if missing:
             with torch.no_grad():
-                fresh = compute(tokens[missing]).float().cpu().numpy()
-            for row, w in enumerate(missing):
-                found[w] = fresh[row, :widths[w]].astype(self.dtype)
+                fresh = compute([windows[w] for w in missing])
+            for values, w in zip(fresh, missing):
+                found[w] = values.float().cpu().numpy().astype(self.dtype)
                 self._store(window_keys[w], found[w])
         self.misses += len(missing)
         self.hits += len(rows) - len(missing)
-        x = torch.zeros(tokens.shape[0], tokens.shape[1], next(iter(found.values())).shape[1])
-        for w, values in found.items():
-            x[w, :widths[w]] = torch.from_numpy(values.astype(np.float32))
-        return x.to(tokens.device, non_blocking=True)
+        device = windows[0].device
+        return [torch.from_numpy(found[w].astype(np.float32)).to(device, non_blocking=True) for w in range(len(rows))]
 
     def _store(self, key: str, values: np.ndarray) -> None:
         def write(tmp):

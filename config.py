@@ -21,7 +21,7 @@ DEFAULTS = {
         "fold": 0,
         "max_len": 1022,
         "overlap": 200,
-        "num_workers": 0,
+        "num_workers": "auto",
         "synthetic": {"generate": False, "n_proteins": 800, "seed": 0},
     },
     "encoder": {
@@ -34,7 +34,8 @@ DEFAULTS = {
         "lora": {"rank": 8, "alpha": 8.0, "dropout": 0.1, "targets": ["q", "k", "v", "out"]},
         "adapter": {"dim": 64},
         "activation_checkpointing": False,
-        "chunk_tokens": 16384,
+        "packed": True,
+        "chunk_tokens": "auto",
         "chunk_max_padding": "auto",
         "fused_attention": True,
         "cache_frozen": False,
@@ -56,6 +57,8 @@ DEFAULTS = {
         "grad_clip": 1.0,
         "accumulate": 1,
         "amp": "auto",
+        "compile": False,
+        "parallel": "ddp",
         "patience": 5,
         "class_weighting": "inverse_count",
         "motif_weight": 1.0,
@@ -101,8 +104,10 @@ CHOICES = {
     "supcon.unsup_method": ("all", "only"),
     "train.amp": ("auto", "bf16", "fp16", "none"),
     "train.class_weighting": ("inverse_count", "none"),
+    "train.parallel": ("ddp", "fsdp"),
 }
 FLOAT_OR_AUTO = {"encoder.chunk_max_padding"}  # a number, or "auto" (chosen by the device at run time)
+INT_OR_AUTO = {"encoder.chunk_tokens", "data.num_workers"}  # an integer, or "auto" (chosen at run time)
 MAX_SEED = 2 ** 32 - 1  # NumPy's seeds
 BIG = 10 ** 9  # upper bound of counts that have no natural one (a value above it is a typo, and would hang or overflow)
 # Allowed range of every number, (low, high) inclusive; None: unbounded on that side. Every float must be finite.
@@ -204,10 +209,10 @@ def _range_text(key: str) -> str:
 def _check_value(key: str, value, default, where: str):
     """Validate one leaf value against its default's type and its RANGES / CHOICES / NON_EMPTY rule;
     returns the (coerced) value."""
-    expected = NULLABLE.get(key, float if key in FLOAT_OR_AUTO else type(default))
+    expected = NULLABLE.get(key, float if key in FLOAT_OR_AUTO else int if key in INT_OR_AUTO else type(default))
     if value is None and (key in NULLABLE):
         return None
-    if key in FLOAT_OR_AUTO and value == "auto":
+    if key in FLOAT_OR_AUTO | INT_OR_AUTO and value == "auto":
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -307,6 +312,11 @@ def resolve_config(tree: dict, overrides=None, where: str = "config") -> Config:
                               f"{scratch['attention_heads']}")
     if config["data"]["overlap"] >= config["data"]["max_len"]:
         raise ConfigError(f"{where}: data.overlap must be in [0, data.max_len)")
+    budget, window = enc["chunk_tokens"], config["data"]["max_len"] + 2
+    if budget != "auto" and 0 < budget < window:
+        raise ConfigError(f"{where}: encoder.chunk_tokens ({budget}) is smaller than a window (data.max_len + BOS + "
+                          f"EOS = {window} tokens): every backbone call must hold at least one window; use >= {window}, "
+                          f"0 (no limit) or auto")
     return Config(config)
 
 

@@ -15,8 +15,7 @@ import space
 from batching import Collate, length_sorted_batches
 from data import LocalizationDataset
 from metrics import format_table, score, tune_thresholds
-from model import load_model_state
-from runtime import amp_dtype, autocast, to_device
+from runtime import amp_dtype, autocast, load_model_full_state, to_device
 from utils import load_checkpoint, save_checkpoint, write_text_atomic
 from vocab import CLASSES
 
@@ -37,14 +36,14 @@ def run_inference(model, dataset, batch_size: int, device, amp: str = "none", ma
     for batch in tqdm(loader, desc=f"eval {dataset.name}", leave=False, disable=None):
         batch = to_device(batch, device)
         with autocast(device, amp_dtype(amp, device)):
-            out = model(batch)
+            out = model(batch, project=projection is not None)
         p = torch.sigmoid(out["class_logits"].float()).cpu().numpy()
         mp = torch.sigmoid(out["motif_logits"].float()).cpu().numpy()
         tm = batch["target_mask"].cpu().numpy()
         rows = batch["indices"].cpu().numpy()
         pooled[rows] = out["pooled"].float().cpu().numpy()
         if projection is not None:
-            projection[rows] = model.projection(out["pooled"]).float().cpu().numpy()
+            projection[rows] = out["pooled_projection"].float().cpu().numpy()
         for row, (i, length) in enumerate(zip(batch["indices"].tolist(), batch["lengths"].tolist())):
             probs[i] = p[row]
             motif_probs[i] = mp[row, :, :length]
@@ -60,12 +59,16 @@ def evaluate(model, dataset, config, device) -> dict:
                          config.data.max_len, config.data.overlap)
 
 
-def final_test(model, datasets, config, device, ckpt_dir: Path, state: dict, log) -> dict:
-    """Evaluate the best checkpoint on test at 0.5 and at MCC-optimal thresholds tuned on valid."""
+def final_test(trainer, best_epoch) -> dict:
+    """Evaluate the best checkpoint on test at 0.5 and at MCC-optimal thresholds tuned on valid; write
+    test_metrics.json and store the thresholds and class centres in best.pt. trainer: train.Trainer (sharded,
+    every process runs this; the main process alone writes)."""
+    model, datasets, config, device, log = trainer.model, trainer.datasets, trainer.config, trainer.device, trainer.log
+    ckpt_dir = Path(config.run_dir) / "checkpoints"
     best_path = ckpt_dir / "best.pt" if (ckpt_dir / "best.pt").is_file() else ckpt_dir / "last.pt"
     best = load_checkpoint(best_path) if best_path.is_file() else None
     if best is not None:
-        load_model_state(model, best["model"], best_path)
+        load_model_full_state(model, best["model"], best_path)
     else:
         log.warning("no checkpoint was written (0 epochs?): evaluating the current model")
     valid = evaluate(model, datasets["valid"], config, device)
@@ -75,7 +78,9 @@ def final_test(model, datasets, config, device, ckpt_dir: Path, state: dict, log
     result = score(test)
     tuned = score(test, thresholds)
     centroids, train_out = fit_centroids(model, datasets["train"].proteins, valid, config, device)
-    result.update({"best_epoch": state["best_epoch"], "checkpoint": str(best_path) if best else None,
+    if not trainer.main_process:
+        return result
+    result.update({"best_epoch": best_epoch, "checkpoint": str(best_path) if best else None,
                    "thresholds": dict(zip(CLASSES, map(float, thresholds))),
                    "tuned": {k: tuned[k] for k in ("macro_f1", "macro_mcc", "per_class", "subset_accuracy", "jaccard")},
                    "valid": {k: valid_scores[k] for k in ("macro_f1", "macro_mcc")},
@@ -85,7 +90,7 @@ def final_test(model, datasets, config, device, ckpt_dir: Path, state: dict, log
     if best is not None:
         best["thresholds"], best["centroids"] = result["thresholds"], space.to_stored(centroids)
         save_checkpoint(best, best_path)
-    log.info("test (best epoch %s):\n%s", state["best_epoch"], format_table(result))
+    log.info("test (best epoch %s):\n%s", best_epoch, format_table(result))
     log.info("test with valid-tuned thresholds: macro-F1 %.4f macro-MCC %.4f", tuned["macro_f1"], tuned["macro_mcc"])
     for name, m in result["space"].items():
         log.info("%s space: centroid macro-MCC %.4f (max-separation) %.4f (thresholds), macro AP %.4f, %d-NN macro-MCC "

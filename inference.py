@@ -185,12 +185,18 @@ def plan_batches(lengths, max_len: int, overlap: int, max_tokens: int,
 
 
 class Batch:
-    """Windows of a few proteins for the backbone: tokens [W, T] (BOS, residues, EOS, padding; T a
-    multiple of WIDTH_STEP), per protein its windows as (row, start, residues), and `full`, the
-    window count of a batch that fills the token budget at this width."""
+    """Windows of a few proteins for the backbone, padded or packed.
 
-    def __init__(self, sequences: list[str], max_len: int, overlap: int, device, max_tokens: int = 16384):
-        self.lengths = [len(s) for s in sequences]
+    Padded (the CPU's default: results independent of the batching, see the module docstring): tokens [W, T]
+    (BOS, residues, EOS, padding; T a multiple of WIDTH_STEP), per protein its windows as (row, start,
+    residues), and `full`, the window count of a batch that fills the token budget at this width.
+    Packed (packed=True; the GPU's default): tokens [N], the windows' tokens one after the other, longest first,
+    `widths` their token counts, and per protein its windows as (first token, start, residues).
+    """
+
+    def __init__(self, sequences: list[str], max_len: int, overlap: int, device, max_tokens: int = 16384,
+                 packed: bool = False):
+        self.lengths, self.packed = [len(s) for s in sequences], packed
         width = window_width(max(self.lengths), max_len)
         self.full = max(1, max_tokens // width)
         self.spans, pieces = [], []
@@ -202,11 +208,20 @@ class Batch:
                 spans.append((len(pieces), s, len(piece)))
                 pieces.append(piece)
             self.spans.append(spans)
+        framed = [np.concatenate([[vocab.BOS_IDX], piece, [vocab.EOS_IDX]]) for piece in pieces]
+        if packed:
+            order = sorted(range(len(framed)), key=lambda w: -len(framed[w]))  # longest first
+            offsets, start = {}, 0
+            for w in order:
+                offsets[w] = start
+                start += len(framed[w])
+            self.spans = [[(offsets[row], s, n) for row, s, n in spans] for spans in self.spans]
+            self.widths = [len(framed[w]) for w in order]
+            self.tokens = torch.from_numpy(np.concatenate([framed[w] for w in order])).to(device)
+            return
         tokens = torch.full((len(pieces), width), vocab.PAD_IDX, dtype=torch.long)
-        for row, piece in enumerate(pieces):
-            tokens[row, 0] = vocab.BOS_IDX
-            tokens[row, 1:len(piece) + 1] = torch.from_numpy(piece)
-            tokens[row, len(piece) + 1] = vocab.EOS_IDX
+        for row, piece in enumerate(framed):
+            tokens[row, :len(piece)] = torch.from_numpy(piece)
         self.tokens = tokens.to(device)
 
 
@@ -221,12 +236,21 @@ def call_sizes(windows: int, full: int) -> list[int]:
 
 
 def run_backbone(model: Encoder, batch: Batch) -> torch.Tensor:
-    """The batch's windows through the backbone, in calls of call_sizes: [W, T, d]."""
+    """The batch's windows through the backbone: packed, in one call ([N, d]; the batch holds at most
+    --max-tokens tokens); padded, in calls of call_sizes ([W, T, d])."""
+    if batch.packed:
+        return model.packed_forward(batch.tokens, batch.widths, budget=0)
     parts, start = [], 0
     for size in call_sizes(batch.tokens.shape[0], batch.full):
-        parts.append(model.backbone_forward(batch.tokens[start:start + size]))
+        parts.append(model.backbone_forward(batch.tokens[start:start + size], packed=False))
         start += size
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def window_residues(reps: torch.Tensor, place: int, n: int) -> torch.Tensor:
+    """A window's residue outputs [n, d]: from padded reps [W, T, d] (place = row) or a packed stream's [N, d]
+    (place = the window's first token)."""
+    return reps[place, 1:n + 1] if reps.dim() == 3 else reps[place + 1:place + 1 + n]
 
 
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -235,14 +259,15 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def stitch(reps: torch.Tensor, spans, length: int) -> torch.Tensor:
-    """Residue representations of one protein [length, d] from its windows' [W, T, d] (overlaps averaged)."""
+    """Residue representations of one protein [length, d] from its windows' outputs (padded [W, T, d] or
+    packed [N, d]; overlaps averaged)."""
     if len(spans) == 1:
-        row, _, n = spans[0]
-        return reps[row, 1:n + 1]
+        place, _, n = spans[0]
+        return window_residues(reps, place, n)
     total = reps.new_zeros(length, reps.shape[-1])
     count = reps.new_zeros(length, 1)
-    for row, s, n in spans:
-        total[s:s + n] += reps[row, 1:n + 1]
+    for place, s, n in spans:
+        total[s:s + n] += window_residues(reps, place, n)
         count[s:s + n] += 1
     return total / count
 
@@ -262,7 +287,7 @@ def run_member(model: Encoder, batch: Batch, dtype=None) -> dict:
     projection [B, k] (None without a projection head). Probabilities are sigmoids of fp32 logits."""
     B = len(batch.lengths)
     with autocast(batch.tokens.device, dtype):
-        reps = run_backbone(model, batch).float()  # [W, T, d]
+        reps = run_backbone(model, batch).float()  # [W, T, d] padded, [N, d] packed
         residues = [stitch(reps, spans, n) for spans, n in zip(batch.spans, batch.lengths)]
         pooled = torch.stack([r.mean(0) for r in residues])  # [B, d]
         starts = np.cumsum([0] + [-(-n // ROW_ALIGN) * ROW_ALIGN for n in batch.lengths])
@@ -294,9 +319,9 @@ class Result:
 
 
 def run_ensemble(members: list[Member], sequences: list[str], device, dtype=None,
-                 max_tokens: int = 16384) -> list[Result]:
+                 max_tokens: int = 16384, packed: bool = False) -> list[Result]:
     """Every checkpoint on one batch of sequences; means over the checkpoints, in checkpoint order."""
-    batch = Batch(sequences, members[0].max_len, members[0].overlap, device, max_tokens)
+    batch = Batch(sequences, members[0].max_len, members[0].overlap, device, max_tokens, packed)
     outs = [run_member(m.model, batch, dtype) for m in members]
     n = len(outs)
     keep_projection = all(o["projection"] is not None for o in outs) and len({o["projection"].shape for o in outs}) == 1
@@ -316,7 +341,7 @@ def run_ensemble(members: list[Member], sequences: list[str], device, dtype=None
 
 
 def predict_chunk(members: list[Member], proteins, device, dtype=None, max_tokens: int = 16384,
-                  max_proteins: int | None = None, rank: int = 0, world: int = 1, on_batch=None):
+                  max_proteins: int | None = None, rank: int = 0, world: int = 1, on_batch=None, packed: bool = False):
     """Results for `proteins` (list of data.Protein), in their order, on rank 0 (None on other ranks).
 
     Identical sequences are predicted once. The distinct sequences are length-sorted and batched
@@ -333,7 +358,7 @@ def predict_chunk(members: list[Member], proteins, device, dtype=None, max_token
     results = {}
     for batch in batches[rank::world]:
         results.update(zip(batch, run_ensemble(members, [sequences[i] for i in batch], device, dtype,
-                                                    max_tokens)))
+                                                    max_tokens, packed)))
         if on_batch is not None:
             on_batch(int(copies[batch].sum()))
     if world > 1:

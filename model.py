@@ -1,29 +1,19 @@
-"""ESM-2 backbone (fair-esm) with MUTarget's heads: per-residue motif tracks and protein classes."""
+"""MUTarget's model: the ESM-2 backbone run over windows (padded or packed, with the frozen-layer cache),
+stitched per protein, then the heads: per-residue motif tracks and protein classes (and SupCon's projection)."""
 from __future__ import annotations
 
-import esm
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from adapters import add_adapters, add_lora, first_adapted_layer, is_peft_parameter
+import packing
+from backbone import AUTO_CHUNK_MAX_PADDING, auto_chunk_tokens, build_backbone, set_trainable, transformer_layer
 from config import ConfigError
 from vocab import NUM_CLASSES, PAD_IDX
-from weights import WeightsError, load_pretrained  # noqa: F401  (WeightsError: re-exported)
-
-
-def build_backbone(encoder_cfg, arch: dict | None = None) -> esm.model.esm2.ESM2:
-    """The configured ESM-2 (see weights.py for the sources). With `arch` (from a checkpoint) only
-    the architecture is built: the checkpoint holds the weights."""
-    if arch is not None:
-        return esm.model.esm2.ESM2(alphabet="ESM-1b", **arch)
-    if encoder_cfg["scratch"] is not None:
-        s = encoder_cfg["scratch"]  # sizes checked by utils.resolve_config
-        return esm.model.esm2.ESM2(num_layers=s["num_layers"], embed_dim=s["embed_dim"],
-                                   attention_heads=s["attention_heads"], alphabet="ESM-1b")
-    return load_pretrained(encoder_cfg)
+from weights import WeightsError  # noqa: F401  (re-exported: model.WeightsError)
 
 
 def load_model_state(model: nn.Module, state: dict, path) -> None:
@@ -43,11 +33,6 @@ def load_model_state(model: nn.Module, state: dict, path) -> None:
     model.load_state_dict(state)
 
 
-def backbone_arch(backbone) -> dict:
-    return {"num_layers": backbone.num_layers, "embed_dim": backbone.embed_dim,
-            "attention_heads": backbone.attention_heads, "token_dropout": backbone.token_dropout}
-
-
 def stitch_windows(window_repr: torch.Tensor, batch: dict) -> torch.Tensor:
     """Per-residue window outputs [W, T, d] (BOS at 0) -> per-protein [B, L, d], overlaps averaged."""
     W, T, d = window_repr.shape
@@ -60,6 +45,17 @@ def stitch_windows(window_repr: torch.Tensor, batch: dict) -> torch.Tensor:
     total = window_repr.new_zeros(B * L + 1, d).index_add_(0, dest.reshape(-1), values)
     count = window_repr.new_zeros(B * L + 1).index_add_(0, dest.reshape(-1), real.reshape(-1).to(values.dtype))
     return (total[:-1] / count[:-1].clamp(min=1).unsqueeze(-1)).view(B, L, d)
+
+
+def stitch_packed(stream_repr: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-token stream outputs [N, d] -> per-protein [M, L, d], overlaps averaged (batch['packed_dest'] sends
+    each residue's output to its protein row, BOS / EOS to a dump row)."""
+    M, L = batch["residue_mask"].shape
+    d = stream_repr.shape[-1]
+    dest = batch["packed_dest"]
+    total = stream_repr.new_zeros(M * L + 1, d).index_add_(0, dest, stream_repr)
+    count = stream_repr.new_zeros(M * L + 1).index_add_(0, dest, stream_repr.new_ones(dest.shape[0]))
+    return (total[:-1] / count[:-1].clamp(min=1).unsqueeze(-1)).view(M, L, d)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -147,7 +143,8 @@ class Encoder(nn.Module):
       'pooled' [M, d] always;
       heads: 'motif_logits' [B, 8, L], 'class_logits' [B, 8] (the B anchors = the batch's first rows);
       contrastive: 'projection' [B, 1 + P + N, out_dim] (or [B, V, out_dim] for V views), rows
-      gathered by batch['group_index']; with the cluster loss also 'clusters' [B, V, K] (softmax).
+      gathered by batch['group_index']; with the cluster loss also 'clusters' [B, V, K] (softmax);
+      project: 'pooled_projection' [M, out_dim], the projection head on every protein.
     SupCon warm start runs heads=False, contrastive=True: the heads are not run at all.
     Padding, BOS and EOS never enter pooling (residue_mask) or the heads' targets.
     """
@@ -161,10 +158,16 @@ class Encoder(nn.Module):
         self.first_trainable = set_trainable(self.backbone, enc)
         self.activation_checkpointing = enc["activation_checkpointing"]
         self.chunk_tokens, self.chunk_max_padding = enc["chunk_tokens"], enc["chunk_max_padding"]
-        # what the backbone ran (throughput.py); prefix_*: what the frozen leading layers really computed
-        # (fewer than tokens / attention when the frozen-layer cache serves windows)
-        self.token_counts = {"tokens": 0, "padding": 0, "attention": 0, "prefix_tokens": 0, "prefix_attention": 0}
+        # what the backbone ran (throughput.py): real tokens (BOS and EOS included), padded_tokens (what the
+        # layers processed, padding included), (query, key) pairs within windows; prefix_*: what the frozen
+        # leading layers really computed (less when the frozen-layer cache serves windows)
+        self.token_counts = {"tokens": 0, "padded_tokens": 0, "attention": 0, "prefix_tokens": 0,
+                             "prefix_attention": 0}
         self.fused_attention = enc["fused_attention"]
+        self.pack = enc["packed"]  # the packed layout when attention is fused (see the packed property)
+        for layer in self.backbone.layers:  # each layer's fused forwards, as methods of the layer (FSDP hooks them)
+            layer.packed_forward = functools.partial(packing.transformer_layer, layer)
+            layer.padded_forward = functools.partial(transformer_layer, layer)
         self.cache = None  # cache.FrozenCache / DiskCache, attached by the trainer (encoder.cache_frozen / cache_dir)
         d = self.backbone.embed_dim
         self.decoders = ParallelLinearDecoders(d, NUM_CLASSES, dec["hidden_dim"], dec["dropout"])
@@ -178,64 +181,103 @@ class Encoder(nn.Module):
         self.queue = (EmbeddingQueue(sc["queue_size"], sc["out_dim"], NUM_CLASSES)  # past embeddings
                       if sc.get("apply") and sc.get("loss") in ("supcon", "mixed") and sc.get("queue_size") else None)
 
-    def backbone_forward(self, tokens: torch.Tensor, window_len: torch.Tensor | None = None,
-                         window_keys: list | None = None) -> torch.Tensor:
-        """tokens [W, T] -> last-layer representations [W, T, d] (after the final layer norm).
+    @property
+    def packed(self) -> bool:
+        """Whether the backbone runs packed streams (encoder.packed): with fused attention only, since fair-esm's
+        own layer code (encoder.fused_attention: false) needs padded batches."""
+        return self.pack and self.fused_attention
 
-        With window_len [W] and encoder.chunk_tokens > 0 the windows run longest first in chunks
-        of at most chunk_tokens tokens and at most chunk_max_padding padding (auto: by device, see
-        AUTO_CHUNK_MAX_PADDING), each chunk padded only to its own longest window: less padding and
-        bounded memory, the same outputs at every real position (positions past a
-        window's EOS hold arbitrary values, as padding does in a single call). With a frozen-layer
-        cache and window_keys [(entry, start)] the frozen layers run once per window, ever.
+    def backbone_forward(self, tokens: torch.Tensor, widths: list | None = None,
+                         window_keys: list | None = None, packed: bool | None = None) -> torch.Tensor:
+        """tokens [W, T] (BOS, residues, EOS, padding) -> last-layer representations [W, T, d] (after the final
+        layer norm; positions past a window's EOS hold arbitrary values). widths: each window's token count
+        (host list; read from the tokens, one wait for the device, when not given).
+
+        Packed (encoder.packed): the windows run as one stream without padding (packed_forward). Padded: the
+        windows run longest first in chunks of at most encoder.chunk_tokens tokens and at most
+        encoder.chunk_max_padding padding (auto: by device, see AUTO_CHUNK_MAX_PADDING), each chunk padded
+        only to its own longest window. With a frozen-layer cache and window_keys [(entry, start)] the frozen
+        layers run once per window, ever. packed: True / False overrides the model's layout (prediction picks
+        its own).
         """
-        if self.chunk_tokens <= 0 or window_len is None:
-            return self._backbone(tokens, window_keys)
+        packed = self.packed if packed is None else packed
+        chunked = widths is not None  # padded: batches without their widths run in one call, as given
+        if widths is None:
+            widths = tokens.ne(PAD_IDX).sum(1).tolist()
+        order = sorted(range(len(widths)), key=lambda w: -widths[w])  # longest first
+        keys = window_keys and [window_keys[w] for w in order]
+        if packed:
+            flat = torch.cat([tokens[w, :widths[w]] for w in order])
+            reps = self.packed_forward(flat, [widths[w] for w in order], keys)
+            out = reps.new_zeros(tokens.shape[0], tokens.shape[1], reps.shape[-1])
+            start = 0
+            for w in order:
+                out[w, :widths[w]] = reps[start:start + widths[w]]
+                start += widths[w]
+            return out
+        budget = self.token_budget(tokens.device)
+        if not chunked or not budget:
+            return self._backbone(tokens, widths, window_keys)
         max_padding = self.chunk_max_padding
         if max_padding == "auto":
             max_padding = AUTO_CHUNK_MAX_PADDING.get(tokens.device.type, 0.1)
-        widths = (window_len + 2).tolist()
-        order = sorted(range(len(widths)), key=lambda w: -widths[w])
         chunks, current = [], []
         for w in order:  # descending widths: the chunk's first window is its widest
             size, width = len(current) + 1, widths[current[0]] if current else 0
             padding = size * width - (sum(widths[v] for v in current) + widths[w])
-            if current and (size * width > self.chunk_tokens or padding > max_padding * size * width):
+            if current and (size * width > budget or padding > max_padding * size * width):
                 chunks.append(current)
                 current = []
             current.append(w)
         chunks.append(current)
         if len(chunks) == 1 and widths[order[0]] == tokens.shape[1]:
-            return self._backbone(tokens, window_keys)
-        parts = [self._backbone(tokens[idx, :widths[idx[0]]], window_keys and [window_keys[w] for w in idx])
-                 for idx in chunks]
+            return self._backbone(tokens, widths, window_keys)
+        parts = [self._backbone(tokens[idx, :widths[idx[0]]], [widths[w] for w in idx],
+                                window_keys and [window_keys[w] for w in idx]) for idx in chunks]
         out = parts[0].new_zeros(tokens.shape[0], tokens.shape[1], parts[0].shape[-1])
         for idx, part in zip(chunks, parts):
             out[idx, :part.shape[1]] = part
         return out
 
-    def _backbone(self, tokens: torch.Tensor, keys: list | None = None) -> torch.Tensor:
-        """fair-esm's ESM2.forward without the LM head: tokens [W, T] -> [W, T, d]. The frozen
+    def token_budget(self, device: torch.device) -> int:
+        """Tokens per backbone call (encoder.chunk_tokens; auto: by device and model, see auto_chunk_tokens);
+        0: no limit."""
+        if self.chunk_tokens == "auto":
+            self.chunk_tokens = auto_chunk_tokens(device, self.backbone.embed_dim,
+                                                  self.backbone.num_layers - self.first_trainable)
+        return self.chunk_tokens
+
+    def _backbone(self, tokens: torch.Tensor, widths: list, keys: list | None = None) -> torch.Tensor:
+        """fair-esm's ESM2.forward without the LM head, padded: tokens [W, T] -> [W, T, d]. The frozen
         leading layers run without autograd, or come from the frozen-layer cache."""
         keep = (tokens.ne(PAD_IDX))[:, None, None, :]  # attend to real tokens only
-        self.token_counts["tokens"] += tokens.numel()  # what the backbone processes, padding included
-        self.token_counts["padding"] += int(tokens.eq(PAD_IDX).sum())
-        self.token_counts["attention"] += tokens.shape[0] * tokens.shape[1] ** 2  # (query, key) pairs per layer
+        self.count(widths, padded=tokens.numel())
         if self.cache is not None and keys is not None:
-            x = self.cache.fetch(keys, tokens, self._frozen_prefix)
+            windows = [tokens[w, :width] for w, width in enumerate(widths)]
+            x = tokens.new_zeros(*tokens.shape, self.backbone.embed_dim, dtype=torch.float32)
+            for w, values in enumerate(self.cache.fetch(keys, windows, self._padded_prefix)):
+                x[w, :widths[w]] = values
         else:
-            x = self._frozen_prefix(tokens)
+            x = self._frozen_prefix(tokens, widths)
         x = self._layers(x, keep, self.first_trainable, self.backbone.num_layers)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.first_trainable < self.backbone.num_layers):
             return self.backbone.emb_layer_norm_after(x)
 
-    def _frozen_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _padded_prefix(self, windows: list) -> list:
+        """The frozen prefix of windows (token tensors, longest first) run padded -> [width, d] each."""
+        widths = [len(w) for w in windows]
+        tokens = torch.full((len(windows), widths[0]), PAD_IDX, dtype=torch.long, device=windows[0].device)
+        for w, window in enumerate(windows):
+            tokens[w, :widths[w]] = window
+        x = self._frozen_prefix(tokens, widths)
+        return [x[w, :width] for w, width in enumerate(widths)]
+
+    def _frozen_prefix(self, tokens: torch.Tensor, widths: list) -> torch.Tensor:
         """Token embedding (with fair-esm's token-dropout scaling) and the layers before
         first_trainable: tokens [W, T] -> [W, T, d]."""
         bb = self.backbone
         padding = tokens.eq(PAD_IDX)
-        self.token_counts["prefix_tokens"] += tokens.numel()
-        self.token_counts["prefix_attention"] += tokens.shape[0] * tokens.shape[1] ** 2
+        self.count(widths, prefix=True)
         with torch.set_grad_enabled(torch.is_grad_enabled() and bb.embed_tokens.weight.requires_grad):
             x = bb.embed_scale * bb.embed_tokens(tokens)
             if bb.token_dropout:  # fair-esm rescales by the training mask ratio even without masks
@@ -246,6 +288,17 @@ class Encoder(nn.Module):
             x = x * (~padding).unsqueeze(-1).to(x.dtype)
         return self._layers(x, (~padding)[:, None, None, :], 0, min(self.first_trainable, bb.num_layers))
 
+    def count(self, widths: list, padded: int | None = None, prefix: bool = False) -> None:
+        """Add a call's work to token_counts (host arithmetic only: no wait for the device)."""
+        tokens, pairs = sum(widths), sum(w * w for w in widths)
+        if prefix:
+            self.token_counts["prefix_tokens"] += tokens
+            self.token_counts["prefix_attention"] += pairs
+            return
+        self.token_counts["tokens"] += tokens
+        self.token_counts["padded_tokens"] += tokens if padded is None else padded
+        self.token_counts["attention"] += pairs
+
     def _layers(self, x: torch.Tensor, keep: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Transformer layers start..stop-1 on x [W, T, d]; autograd only for trainable ones.
         encoder.fused_attention: false runs fair-esm's own layer code instead (explicit attention)."""
@@ -254,7 +307,7 @@ class Encoder(nn.Module):
 
         def layer(i, x):
             if self.fused_attention:
-                return transformer_layer(self.backbone.layers[i], x, keep)
+                return self.backbone.layers[i].padded_forward(x, keep)
             return self.backbone.layers[i](x.transpose(0, 1), self_attn_padding_mask=padding)[0].transpose(0, 1)
 
         for i in range(start, stop):
@@ -265,15 +318,93 @@ class Encoder(nn.Module):
                     x = layer(i, x)
         return x
 
+    # ------------------------------------------------------------------ packed
+    def packed_forward(self, tokens: torch.Tensor, widths: list, keys: list | None = None,
+                       budget: int | None = None) -> torch.Tensor:
+        """The windows of a packed stream, tokens [N] (each window BOS .. EOS, widths: host list, longest
+        first) -> last-layer representations [N, d]: in calls of at most `budget` tokens (default the
+        token_budget; 0: one call), filled greedily, each with no padding at all (packing.py)."""
+        budget = self.token_budget(tokens.device) if budget is None else budget
+        calls, current, size = [], [], 0
+        for w, width in enumerate(widths):
+            if current and budget and size + width > budget:
+                calls.append(current)
+                current, size = [], 0
+            current.append(w)
+            size += width
+        calls.append(current)
+        parts, start = [], 0
+        for idx in calls:
+            n = sum(widths[w] for w in idx)
+            parts.append(self._packed_call(tokens[start:start + n], [widths[w] for w in idx],
+                                           keys and [keys[w] for w in idx]))
+            start += n
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _packed_call(self, tokens: torch.Tensor, widths: list, keys: list | None) -> torch.Tensor:
+        """One backbone call on a stream: tokens [N] -> [N, d]; frozen leading layers without autograd or
+        from the cache."""
+        self.count(widths)
+        stream = packing.make_stream(tokens, widths)
+        if self.cache is not None and keys is not None:
+            windows = list(torch.split(tokens, widths))
+            x = torch.cat(self.cache.fetch(keys, windows, self._stream_prefix))
+        else:
+            x = self._packed_prefix(stream)
+        x = self._packed_layers(x, stream, self.first_trainable, self.backbone.num_layers)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.first_trainable < self.backbone.num_layers):
+            return self.backbone.emb_layer_norm_after(x)
+
+    def _stream_prefix(self, windows: list) -> list:
+        """The frozen prefix of windows (token tensors) run as one stream -> [width, d] each."""
+        widths = [len(w) for w in windows]
+        return list(torch.split(self._packed_prefix(packing.make_stream(torch.cat(windows), widths)), widths))
+
+    def _packed_prefix(self, stream: packing.Stream) -> torch.Tensor:
+        """Token embeddings and the frozen leading layers of a stream -> [N, d]."""
+        bb = self.backbone
+        self.count(stream.lengths, prefix=True)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bb.embed_tokens.weight.requires_grad):
+            x = packing.embed(bb, stream)
+        return self._packed_layers(x, stream, 0, min(self.first_trainable, bb.num_layers))
+
+    def _packed_layers(self, x: torch.Tensor, stream: packing.Stream, start: int, stop: int) -> torch.Tensor:
+        """Transformer layers start..stop-1 on the stream x [N, d]; autograd only for trainable ones."""
+        for i in range(start, stop):
+            layer = self.backbone.layers[i]
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= self.first_trainable):
+                if self.activation_checkpointing and torch.is_grad_enabled():  # recompute in the backward pass
+                    x = torch.utils.checkpoint.checkpoint(layer.packed_forward, x, stream, use_reentrant=False)
+                else:
+                    x = layer.packed_forward(x, stream)
+        return x
+
+    def compile_layers(self) -> None:
+        """train.compile: each layer's per-token work before and after attention through torch.compile
+        (dynamic shapes: one graph per layer and grad mode serves every token count); attention itself stays
+        eager (the fused variable-length kernel, or exact per-window calls on the CPU)."""
+        import torch._dynamo
+        layers = self.backbone.layers
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(layers))
+        before = torch.compile(packing.before_attention, dynamic=True)
+        after = torch.compile(packing.after_attention, dynamic=True)
+        for layer in layers:
+            layer.packed_forward = functools.partial(packing.transformer_layer, layer, parts=(before, after))
+
     def embed(self, batch: dict) -> torch.Tensor:
         """Per-residue embeddings of each protein [B, L, d], windows stitched."""
-        reps = self.backbone_forward(batch["tokens"], batch["window_len"], batch.get("window_keys"))
+        if self.packed:
+            reps = self.packed_forward(batch["packed_tokens"], batch["window_widths"], batch.get("window_keys"))
+            return stitch_packed(reps, batch)
+        reps = self.backbone_forward(batch["tokens"], batch["window_widths"], batch.get("window_keys"))
         return stitch_windows(reps, batch)
 
-    def forward(self, batch: dict, heads: bool = True, contrastive: bool = False) -> dict:
+    def forward(self, batch: dict, heads: bool = True, contrastive: bool = False, project: bool = False) -> dict:
         residues = self.embed(batch)
         pooled = masked_mean(residues, batch["residue_mask"])
         out = {"pooled": pooled}
+        if project:  # every protein's projection (evaluation: the embedding space of centroid prediction)
+            out["pooled_projection"] = self.projection(pooled)
         if heads:
             n_anchors = batch["labels"].shape[0]
             out["motif_logits"] = self.decoders(residues[:n_anchors])
@@ -285,63 +416,3 @@ class Encoder(nn.Module):
         return out
 
 
-# encoder.chunk_max_padding: auto, by device. On the CPU padding costs its full compute, so chunks stay
-# tight; on a GPU every chunk costs kernel launches, and fewer, fuller chunks win: a 150M-size
-# last_k step (bf16, H100) took 0.35 s at 0.1 against 0.10 s at 0.5 (8 anchors; 0.47 vs 0.27 s at 32).
-AUTO_CHUNK_MAX_PADDING = {"cpu": 0.1, "cuda": 0.5}
-
-# Fused attention kernels allowed. Not cuDNN's: PyTorch prefers it for bf16 / fp16 on recent GPUs,
-# and it builds a plan for every new sequence length (150-350 ms each on an H100, measured), while
-# protein batches seldom repeat a length: bf16 training of the demo ran 10x slower than fp32 with it.
-ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def transformer_layer(layer, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """One fair-esm TransformerLayer (pre-LayerNorm, rotary self-attention, GELU feed-forward) on
-    x [B, T, d], with PyTorch's fused scaled_dot_product_attention instead of fair-esm's explicit
-    [B*H, T, T] attention matrix; keep [B, 1, 1, T] marks real tokens. Same weights, same result."""
-    attn = layer.self_attn
-    B, T, d = x.shape
-    heads = attn.num_heads
-
-    def split(t):  # [B, T, d] -> [B, H, T, d / H]
-        return t.view(B, T, heads, d // heads).transpose(1, 2)
-
-    h = layer.self_attn_layer_norm(x)
-    q, k, v = split(attn.q_proj(h) * attn.scaling), split(attn.k_proj(h)), split(attn.v_proj(h))
-    if attn.rot_emb is not None:
-        q, k = attn.rot_emb(q, k)
-    with sdpa_kernel(ATTENTION_BACKENDS):  # here, not around the layer loop: activation checkpointing
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1.0)  # recomputes outside that loop
-    x = x + attn.out_proj(o.transpose(1, 2).reshape(B, T, d))
-    return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
-
-
-def set_trainable(backbone, encoder_cfg) -> int:
-    """Freeze the backbone by encoder.tune and add LoRA / adapters; returns the index of the first
-    layer that trains (num_layers when none does): layers before it are frozen and cacheable.
-
-    frozen: nothing trains. last_k: the last k = trainable_layers layers and the final layer norm.
-    full: everything, token embeddings included. lora / adapter: only the LoRA matrices or the
-    bottleneck adapters of the last k layers (k = 0: all layers); every pretrained weight stays frozen.
-    """
-    tune, k, n = encoder_cfg["tune"], encoder_cfg["trainable_layers"], backbone.num_layers
-    if tune in ("lora", "adapter"):
-        first = first_adapted_layer(n, k, tune)
-        if tune == "lora":
-            lora = encoder_cfg["lora"]
-            add_lora(backbone, first, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
-        else:
-            add_adapters(backbone, first, encoder_cfg["adapter"]["dim"])
-        for name, param in backbone.named_parameters():
-            param.requires_grad = is_peft_parameter(name)
-        return first
-    first = {"frozen": n, "full": 0}.get(tune, n - min(max(k, 0), n))
-    for name, param in backbone.named_parameters():
-        if name.startswith("layers."):
-            param.requires_grad = int(name.split(".")[1]) >= first
-        elif name.startswith("emb_layer_norm_after"):
-            param.requires_grad = first < n
-        else:  # token embeddings
-            param.requires_grad = tune == "full"
-    return first

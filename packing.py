@@ -18,13 +18,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from vocab import PAD_IDX
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:  # PyTorch >= 2.10
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # pragma: no cover - older PyTorch: the exact path everywhere
     varlen_attn = None
+
+
+# Fused attention kernels allowed. Not cuDNN's: PyTorch prefers it for bf16 / fp16 on recent GPUs, and it builds a
+# plan for every new sequence length (150-350 ms each on an H100, measured), while protein batches seldom repeat a
+# length: bf16 training of the demo ran 10x slower than fp32 with it.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -42,7 +47,7 @@ class Stream:
 
     @property
     def max_len(self) -> int:
-        return self.lengths[0] if self.lengths else 0
+        return max(self.lengths, default=0)
 
 
 def make_stream(tokens: torch.Tensor, lengths: list) -> Stream:
@@ -87,18 +92,18 @@ def embed(backbone, stream: Stream) -> torch.Tensor:
     return x
 
 
-def rotary(rot_emb, q: torch.Tensor, k: torch.Tensor, stream: Stream):
-    """fair-esm's rotary embedding on q, k [N, H, dh] at each token's position within its window (the same
-    cos / sin values fair-esm computes for a padded row)."""
-    t = torch.arange(stream.max_len, device=q.device, dtype=rot_emb.inv_freq.dtype)
+def rotary_tables(rot_emb, stream: Stream) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [N, 1, dh] of fair-esm's rotary embedding at each token's position within its window (the
+    values fair-esm computes for a padded row: positions restart at every window's BOS)."""
+    t = torch.arange(stream.max_len, device=stream.tokens.device, dtype=rot_emb.inv_freq.dtype)
     freqs = torch.einsum("i,j->ij", t, rot_emb.inv_freq)
     table = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = table.cos()[stream.positions][:, None, :], table.sin()[stream.positions][:, None, :]
+    return table.cos()[stream.positions][:, None, :], table.sin()[stream.positions][:, None, :]
 
-    def rotate_half(x):
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((-x2, x1), dim=-1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
 
 
 def fused_varlen_available(q: torch.Tensor) -> bool:
@@ -119,14 +124,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stream: Stream)
 
         def heads_first(t):
             return t[first:end].view(count, length, *t.shape[1:]).transpose(1, 2)  # [count, H, length, dh]
-        o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), scale=1.0)
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), scale=1.0)
         parts.append(o.transpose(1, 2).reshape(count * length, *q.shape[1:]))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def transformer_layer(layer, x: torch.Tensor, stream: Stream) -> torch.Tensor:
-    """One fair-esm TransformerLayer (pre-LayerNorm, rotary self-attention, GELU feed-forward) on the packed
-    stream x [N, d]: the same weights and arithmetic as model.transformer_layer on a padded batch."""
+def before_attention(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The per-token part of a layer before attention: pre-LayerNorm, q (scaled), k, v [N, H, dh], rotary."""
     attn = layer.self_attn
     N, d = x.shape
     heads = attn.num_heads
@@ -134,26 +139,21 @@ def transformer_layer(layer, x: torch.Tensor, stream: Stream) -> torch.Tensor:
     q = (attn.q_proj(h) * attn.scaling).view(N, heads, d // heads)
     k, v = attn.k_proj(h).view(N, heads, d // heads), attn.v_proj(h).view(N, heads, d // heads)
     if attn.rot_emb is not None:
-        q, k = rotary(attn.rot_emb, q, k, stream)
-    o = attention(q, k, v, stream)
-    x = x + attn.out_proj(o.reshape(N, d))
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return q, k, v
+
+
+def after_attention(layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """The per-token part of a layer after attention: output projection, residual, GELU feed-forward."""
+    x = x + layer.self_attn.out_proj(o.reshape(x.shape))
     return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
 
 
-def pack(tokens: torch.Tensor, widths: list) -> torch.Tensor:
-    """Padded windows tokens [W, T] (real widths `widths`, non-increasing) -> the stream of their tokens [N]."""
-    return torch.cat([tokens[w, :width] for w, width in enumerate(widths)]) if widths else tokens.new_zeros(0)
-
-
-def unpack(stream_out: torch.Tensor, widths: list, width: int) -> torch.Tensor:
-    """Stream outputs [N, d] -> padded [W, width, d] (zeros past each window's end)."""
-    out = stream_out.new_zeros(len(widths), width, stream_out.shape[-1])
-    start = 0
-    for w, n in enumerate(widths):
-        out[w, :n] = stream_out[start:start + n]
-        start += n
-    return out
-
-
-def is_padding(tokens: torch.Tensor) -> torch.Tensor:
-    return tokens.eq(PAD_IDX)
+def transformer_layer(layer, x: torch.Tensor, stream: Stream, parts=(before_attention, after_attention)) -> torch.Tensor:
+    """One fair-esm TransformerLayer (pre-LayerNorm, rotary self-attention, GELU feed-forward) on the packed
+    stream x [N, d]: the same weights and arithmetic as model.transformer_layer on a padded batch. `parts`:
+    the per-token functions before and after attention (compiled ones with train.compile)."""
+    before, after = parts
+    cos, sin = rotary_tables(layer.self_attn.rot_emb, stream) if layer.self_attn.rot_emb is not None else (None, None)
+    q, k, v = before(layer, x, cos, sin)
+    return after(layer, x, attention(q, k, v, stream))

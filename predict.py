@@ -4,7 +4,7 @@ python predict.py (--checkpoint CKPT [CKPT ...] | --model DIR) (--fasta IN.fa | 
                   [--out OUT.json | OUT.jsonl] [--tsv OUT.tsv] [--gff3 OUT.gff3] [--embeddings OUT.npz]
                   [--plot-dir DIR [--plot-limit N | --plot-ids ID ...]] [--metrics METRICS.json]
                   [--skip-invalid [--skipped FILE]] [--chunk-size 1000] [--max-tokens 16384]
-                  [--precision auto] [--device auto] [--batch-size N] [--tuned-thresholds]
+                  [--precision auto] [--layout auto] [--device auto] [--batch-size N] [--tuned-thresholds]
                   [--method head|centroid|both [--space auto|pooled|projection] [--centroid-rule threshold|maxsep]]
 torchrun --nproc_per_node=K predict.py ...   (K processes share the work; same files as one process)
 
@@ -76,6 +76,10 @@ def parse_args(argv=None):
                      help="at most N proteins per batch (default: --max-tokens alone decides)")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                      help="auto: bf16 autocast on CUDA, fp32 on the CPU")
+    run.add_argument("--layout", choices=("auto", "packed", "padded"), default="auto",
+                     help="packed: each batch's windows as one token stream without padding (the GPU's default); "
+                          "padded: windows padded to canonical widths, whose results do not depend on the batching "
+                          "bit for bit (the CPU's default); auto: packed on CUDA, padded on the CPU")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     run.add_argument("--tuned-thresholds", action="store_true",
                      help="use the mean of the checkpoints' valid-tuned thresholds instead of 0.5")

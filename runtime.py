@@ -87,3 +87,71 @@ def warn_thread_oversubscription(log: logging.Logger) -> None:
     warning = thread_oversubscription(processes, torch.get_num_threads(), available_cores())
     if warning:
         log.warning(warning)
+
+
+def check_compiler(device: torch.device) -> None:
+    """train.compile: torch.compile must work on this platform (a C++ compiler for the CPU, Triton for CUDA):
+    a tiny function is compiled and run once, at start-up; a ConfigError naming the key otherwise."""
+    try:
+        torch.compile(lambda x: x * 2 + 1, dynamic=True)(torch.ones(3, device=device))
+    except Exception as err:  # the compiler's own errors are of many kinds
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"train.compile: true, but torch.compile does not work on this platform ({type(err).__name__}: "
+                          f"{first}); set train.compile: false") from None
+
+
+def shard_model(model) -> None:
+    """train.parallel: fsdp: FSDP2 (fully_shard) on every transformer layer, then on the rest of the model, so
+    each process holds 1 / world of the weights, gradients and optimiser state, and a layer's weights are
+    gathered just for its forward and backward. The layers' fused forwards (packed_forward, padded_forward)
+    are registered as forward methods, so FSDP gathers for them as for forward."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    for layer in model.backbone.layers:
+        fully_shard(layer)
+        for name in ("packed_forward", "padded_forward"):
+            register_fsdp_forward_method(layer, name)
+    fully_shard(model)
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def full_state(model, optimizer=None) -> tuple[dict, dict | None]:
+    """(model state, optimiser state) as a checkpoint stores them: whole tensors on the CPU whatever the
+    sharding (a sharded model gathers them: every process must call this), the optimiser's keyed by parameter
+    name, so that any number of processes can resume them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if not is_sharded(model):
+        return model.state_dict(), None if optimizer is None else get_optimizer_state_dict(model, optimizer)
+    return (get_model_state_dict(model, options=options),
+            None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def load_model_full_state(model, state: dict, path) -> None:
+    """A checkpoint's whole model state into the model: checked by model.load_model_state (a ConfigError naming
+    the file when it does not fit), or, sharded, each process taking its part."""
+    if not is_sharded(model):
+        from model import load_model_state
+        load_model_state(model, state, path)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict, path) -> None:
+    """A checkpoint's optimiser state: keyed by parameter name (this version, any number of processes) or by
+    position (earlier checkpoints: unsharded models only)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    sharded = is_sharded(model)
+    if state["state"] and all(isinstance(k, int) for k in state["state"]) or \
+            all(isinstance(p, int) for group in state["param_groups"] for p in group["params"]):
+        if sharded:
+            raise ConfigError(f"{path}: an optimiser state of an earlier version (parameters by position) cannot be "
+                              f"sharded; resume it once with train.parallel: ddp, then continue with fsdp")
+        optimizer.load_state_dict(state)
+        return
+    # strict=False: parameters that have had no gradient yet (the heads during a warm start) have no state
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=sharded, strict=False))

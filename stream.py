@@ -218,6 +218,7 @@ def run(args, rank: int, world: int, device) -> None:
         space = use_centroids(members, args.space)
         centroid = outputs.Centroid(space, centroid_thresholds(members), args.centroid_rule)
     dtype = autocast_dtype(args.precision, device)
+    packed = args.layout == "packed" or (args.layout == "auto" and device.type == "cuda")
     writers = labelled = None
     if rank == 0:
         report_skipped(scan, args.skipped)
@@ -233,7 +234,7 @@ def run(args, rank: int, world: int, device) -> None:
                 progress.update(n)
 
             results = predict_chunk(members, chunk, device, dtype, args.max_tokens, args.batch_size, rank, world,
-                                    on_batch if rank == 0 else None)
+                                    on_batch if rank == 0 else None, packed)
             if rank != 0:
                 continue
             progress.update(len(chunk) - counted[0])  # the other processes' share

@@ -1,15 +1,17 @@
-"""Training speed of every epoch: anchors/s, backbone tokens/s (real and padded) and, on CUDA, an
-estimated model-FLOPs utilisation (MFU, as nanoGPT prints it).
+"""Training speed of every epoch: anchors/s, backbone tokens/s (real and padded) and, on CUDA, the
+model-FLOPs utilisation (MFU) as the standard counts it.
 
-FLOPs are estimated from what the backbone ran (model.token_counts: tokens, padding and attention
-pairs, padding included, as the hardware computes them): a forward pass costs 2 FLOPs per weight of
-the transformer layers per token plus 4 d per attention pair per layer; the backward pass costs
-twice the forward pass in layers whose weights train (gradients for inputs and weights), once in
-layers that only pass gradients on (LoRA / adapters train small added matrices; their own FLOPs are
-neglected), nothing in frozen leading layers. The frozen leading layers are charged only for the
-windows they really computed (prefix_tokens / prefix_attention: a frozen-layer cache serves the
-others). Heads are neglected. Peak: dense bf16 / fp16 tensor
-FLOP/s of known GPUs; other devices get no MFU.
+Model FLOPs count the useful work on the real tokens (BOS and EOS included, padding never), from what
+the backbone ran (model.token_counts, host-side counters: no synchronisation): a forward pass costs 2
+FLOPs per weight of each transformer layer per token (12 d^2 weights: q, k, v, out, and the 4 d
+feed-forward) plus 4 d per (query, key) pair within a window per layer (2 d for the scores, 2 d for
+the weighted sum); the backward pass costs twice the forward in layers whose weights train, once in
+layers that only pass gradients back (LoRA / adapters train small added matrices, whose own FLOPs are
+neglected), nothing in the frozen leading layers. Those frozen layers are charged only for the windows
+they really computed (prefix_tokens / prefix_attention: a frozen-layer cache serves the others free).
+Embeddings and heads are neglected. MFU = these FLOPs / the epoch's wall time (the whole steps: data,
+backbone, heads, losses, optimiser) / the dense bf16 peak of the GPU (PEAK_TFLOPS; other devices get no
+MFU), summed over processes.
 """
 from __future__ import annotations
 
@@ -50,13 +52,12 @@ def backbone_flops(arch: dict, first_trainable: int, weights_train: bool, tokens
 
 
 def epoch_speed(counts: dict, seconds: float, arch: dict, first_trainable: int, tune: str, device) -> dict:
-    """{anchors_per_s, tokens_per_s (real), padded_tokens_per_s (all), mfu (CUDA, known GPU)} from the
-    epoch's counts {anchors, tokens, padding, attention, prefix_tokens, prefix_attention} (summed over
-    processes) and its wall time."""
+    """{anchors_per_s, tokens_per_s (real), padded_tokens_per_s (what the layers processed, padding included),
+    mfu (CUDA, known GPU)} from the epoch's counts {anchors, tokens, padded_tokens, attention, prefix_tokens,
+    prefix_attention} (summed over processes) and its wall time."""
     seconds = max(seconds, 1e-9)
-    speed = {"anchors_per_s": counts["anchors"] / seconds,
-             "tokens_per_s": (counts["tokens"] - counts["padding"]) / seconds,
-             "padded_tokens_per_s": counts["tokens"] / seconds}
+    speed = {"anchors_per_s": counts["anchors"] / seconds, "tokens_per_s": counts["tokens"] / seconds,
+             "padded_tokens_per_s": counts["padded_tokens"] / seconds}
     peak = peak_flops(device)
     if peak is not None:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1

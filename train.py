@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import tblog
 from adapters import is_peft_parameter
+from backbone import backbone_arch
 from batching import Collate, EpochShuffleSampler, LengthBucketSampler, RankSlice
 from cache import make_cache
 from config import ConfigError, load_config, resolve_config
@@ -31,8 +32,9 @@ from data import DataError, build_datasets
 from evaluate import evaluate, final_test
 from loss import ClassLoss, MotifLoss, class_weights, contrastive_loss, motif_pos_weights
 from metrics import score
-from model import Encoder, backbone_arch, load_model_state
-from runtime import amp_dtype, autocast, init_distributed, to_device, warn_thread_oversubscription
+from model import Encoder, load_model_state
+from runtime import (amp_dtype, autocast, available_cores, check_compiler, full_state, init_distributed,
+                     load_optimizer_state, shard_model, to_device, warn_thread_oversubscription)
 from throughput import epoch_speed
 from utils import (load_checkpoint, log_to_file, remove_stale_temps, rng_state, save_checkpoint, seed_everything,
                    set_rng_state, setup_logging, write_atomic, write_text_atomic, write_yaml)
@@ -115,6 +117,7 @@ class Trainer:
     distance_map: dict | None
     log: logging.Logger
     main_process: bool = True
+    sharded: bool = False  # train.parallel: fsdp: every process validates and gathers the checkpoint with rank 0
     tb: tblog.Off = tblog.OFF
     history: list = field(default_factory=list)  # metrics.jsonl records so far
 
@@ -136,7 +139,7 @@ def run(args) -> int:
         trainer.sampler.set_epoch(epoch)
         trainer.datasets["train"].set_epoch(epoch, contrastive=phase != "supervised")
         stats = average_over_ranks(train_epoch(trainer, epoch))
-        if trainer.main_process:
+        if trainer.main_process or trainer.sharded:
             progress = end_epoch(trainer, progress, epoch, phase, stats, start)
         if dist.is_available() and dist.is_initialized():  # everyone follows the main process's decisions
             box = [progress]
@@ -151,9 +154,8 @@ def run(args) -> int:
             log.info("early stop: no val macro-MCC gain for %d epochs", config.train.patience)
             break
     trainer.tb.close()
-    if trainer.main_process:
-        final_test(trainer.model, trainer.datasets, config, trainer.device, trainer.run_dir / "checkpoints",
-                   asdict(progress), log)
+    if trainer.main_process or trainer.sharded:
+        final_test(trainer, progress.best_epoch)
     return 0
 
 
@@ -171,6 +173,9 @@ def set_up(args) -> tuple[Trainer, Progress]:
     tblog.require(config)
     rank, world, device = init_distributed(config)
     amp_dtype(config.train.amp, device)  # an impossible train.amp fails here, before anything is written
+    if config.train.parallel == "fsdp" and world == 1:
+        raise ConfigError("train.parallel: fsdp shards the model over processes: start it with torchrun "
+                          "--nproc_per_node=N (N >= 2), or use train.parallel: ddp in one process")
     main_process = rank == 0  # only the main process logs and writes files
     log = setup_logging(quiet=not main_process)
     seed_everything(config.seed)  # the same initial model on every rank
@@ -202,6 +207,12 @@ def set_up(args) -> tuple[Trainer, Progress]:
         warn_thread_oversubscription(log)
     if caching:
         model.cache = make_cache(model, datasets, config, rank)
+    if config.train.compile:
+        if not model.packed:
+            raise ConfigError("train.compile compiles the packed layout's layers: set encoder.packed: true (with "
+                              "encoder.fused_attention: true), or train.compile: false")
+        check_compiler(device)
+        model.compile_layers()
     if config.supcon.apply and config.encoder.tune == "frozen":
         log.warning("SupCon is on but the backbone is frozen: the contrastive loss can only train the "
                     "projection head, which no prediction uses (set encoder.tune: last_k or full)")
@@ -215,21 +226,25 @@ def set_up(args) -> tuple[Trainer, Progress]:
     criteria = {"class": ClassLoss(class_weights(train_set.class_counts(), config.train.class_weighting)).to(device),
                 "motif": MotifLoss(motif_pos_weights(*train_set.residue_counts(), config.train.max_pos_weight)).to(device)}
     sampler, loader = make_loader(train_set, config, rank, world, device)
+    sharded = config.train.parallel == "fsdp"
+    if sharded:
+        shard_model(model)  # before the optimiser: it steps the shards
     optimizer = make_optimizer(model, config.train)
     scheduler = make_scheduler(optimizer, config.train, math.ceil(len(loader) / config.train.accumulate))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(config.train.amp, device) == torch.float16)
     net = model
     if world > 1:
         seed_everything(config.seed + rank)  # per-rank dropout streams
+    if world > 1 and not sharded:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=config.supcon.apply)  # warm start leaves the heads unused
     trainer = Trainer(config, device, model, net, datasets, sampler, loader, optimizer, scheduler, scaler, criteria,
-                      distance_map, log, main_process)
+                      distance_map, log, main_process, sharded)
 
     progress = Progress()
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
+        load_optimizer_state(model, optimizer, resume["optimizer"], args.resume)
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         progress = Progress(**{k: resume[k] for k in asdict(progress)})
@@ -266,8 +281,16 @@ def make_loader(train_set, config, rank: int = 0, world: int = 1, device=torch.d
                               f"least the number of processes ({world})")
         batches = RankSlice(batches, rank, world)
     loader = DataLoader(train_set, batch_sampler=batches, collate_fn=Collate(config.data.max_len, config.data.overlap),
-                        num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
+                        num_workers=loader_workers(config.data.num_workers, device), pin_memory=device.type == "cuda")
     return sampler, loader
+
+
+def loader_workers(num_workers, device: torch.device) -> int:
+    """data.num_workers; auto: none on the CPU (the cores compute), else up to 4 worker processes (one core
+    left to this one) that sample and collate the next batches while the GPU runs the current one."""
+    if num_workers != "auto":
+        return num_workers
+    return 0 if device.type != "cuda" else max(0, min(4, available_cores() - 1))
 
 
 def make_optimizer(model: Encoder, train_cfg) -> torch.optim.AdamW:
@@ -280,8 +303,9 @@ def make_optimizer(model: Encoder, train_cfg) -> torch.optim.AdamW:
             part = "backbone" if name.startswith("backbone.") and not is_peft_parameter(name) else "heads"
             groups[(part, param.ndim > 1 and not name.endswith("b1"))].append(param)
     lr = {"backbone": train_cfg.backbone_lr, "heads": train_cfg.lr}
+    fused = next(model.parameters()).is_cuda  # one kernel for all parameters, no host synchronisation
     return torch.optim.AdamW([{"params": ps, "lr": lr[part], "weight_decay": train_cfg.weight_decay if decay else 0.0}
-                              for (part, decay), ps in sorted(groups.items())])
+                              for (part, decay), ps in sorted(groups.items())], fused=fused or None)
 
 
 def make_scheduler(optimizer, train_cfg, steps_per_epoch: int):
@@ -351,7 +375,8 @@ def train_epoch(trainer: Trainer, epoch: int) -> EpochStats:
         if step + 1 == group_start + group_size:
             trainer.scaler.unscale_(optimizer)
             if cfg.grad_clip > 0:
-                sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).detach()
+                norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).detach()
+                sums["grad_norm"] += norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
             trainer.scaler.step(optimizer)
             trainer.scaler.update()
             trainer.scheduler.step()
@@ -412,13 +437,18 @@ def average_over_ranks(stats: EpochStats) -> EpochStats:
 def end_epoch(trainer: Trainer, progress: Progress, epoch: int, phase: str, stats: EpochStats,
               start: float) -> Progress:
     """Validate, select on val macro-MCC (after the warm start), write checkpoints (last.pt; best.pt when
-    improved), then the epoch's metrics.jsonl row and TensorBoard values, and log. Returns the new progress."""
+    improved), then the epoch's metrics.jsonl row and TensorBoard values, and log. Returns the new progress.
+    Sharded (train.parallel: fsdp), every process runs it (validation and gathering the weights need them
+    all); the main process alone writes."""
     config, model = trainer.config, trainer.model
     val = score(evaluate(model, trainer.datasets["valid"], config, trainer.device))
     selectable = phase != "warm_start"  # model selection starts after the warm start
     improved = selectable and val["macro_mcc"] > progress.best_metric
     progress = Progress(epoch + 1, val["macro_mcc"] if improved else progress.best_metric,
                         epoch if improved else progress.best_epoch, 0 if improved else progress.bad_epochs + selectable)
+    model_state, optimizer_state = full_state(model, trainer.optimizer)
+    if not trainer.main_process:
+        return progress
     speed = epoch_speed(stats.work, stats.seconds, backbone_arch(model.backbone), model.first_trainable,
                         config.encoder.tune, trainer.device)
     cache = {"cache_hits": model.cache.hits, "cache_misses": model.cache.misses} if model.cache is not None else {}
@@ -426,10 +456,10 @@ def end_epoch(trainer: Trainer, progress: Progress, epoch: int, phase: str, stat
               "lr": trainer.scheduler.get_last_lr()[0], "val_macro_f1": val["macro_f1"],
               "val_macro_mcc": val["macro_mcc"], "val_macro_site_accuracy": val["residue"]["macro_site_accuracy"],
               "val_macro_iou": val["residue"]["macro_iou"], "best": improved, "time_s": time.time() - start}
-    checkpoint = {"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-                  "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
-                  **asdict(progress), "rng": rng_state(), "config": config.to_dict(),
-                  "arch": backbone_arch(model.backbone), "classes": CLASSES, "distance_map": trainer.distance_map}
+    checkpoint = {"model": model_state, "optimizer": optimizer_state, "scheduler": trainer.scheduler.state_dict(),
+                  "scaler": trainer.scaler.state_dict(), **asdict(progress), "rng": rng_state(),
+                  "config": config.to_dict(), "arch": backbone_arch(model.backbone), "classes": CLASSES,
+                  "distance_map": trainer.distance_map}
     ckpt_dir = trainer.run_dir / "checkpoints"
     save_checkpoint(checkpoint, ckpt_dir / "last.pt")  # first: a metrics row always has its checkpoint
     if improved:

@@ -5,8 +5,10 @@ python scripts/bench.py [--data-root DIR] [--json OUT.json] [--seconds S] [--dev
 Modes, each measured in its own process (so peak memory is its own), same model and data:
   naive: every window padded to 1024 tokens, no deduplication, random batches, fair-esm's own
          attention code (the upstream SupCon branch's cost);
-  fast:  length-bucketed batches, windows run longest-first in chunks with little padding, each
-         distinct protein once per step, fused attention;
+  fast:  length-bucketed batches, each distinct protein once per step, fused attention, the windows of a
+         step packed into one token stream without padding (encoder.packed, the default);
+  fast_padded: fast with encoder.packed: false (windows run longest-first in chunks with little padding),
+         for the packed / padded speed ratio;
   fast_bf16: fast under bf16 autocast (train.amp: bf16), for the bf16 / fp32 speed ratio.
 Model: scratch ESM-2, 4 layers, 128 dims, 8 heads, all trainable; batch 8 anchors, n_pos 2,
 n_neg 2, fold 0 training split. Padding fraction counts every token the backbone processes,
@@ -41,6 +43,9 @@ from model import Encoder  # noqa: E402
 from throughput import peak_rss_mb  # noqa: E402
 
 
+MODES = ("naive", "fast", "fast_padded", "fast_bf16")
+
+
 def bench_config(data_root, layers=4, tune="full", supcon=True, **encoder):
     return resolve_config({
         "seed": 0, "device": "cpu", "data": {"root": str(data_root), "fold": 0},
@@ -66,7 +71,8 @@ class PadTo:
 def run_mode(mode: str, data_root, seconds: float, device: str) -> dict:
     """Training steps for about `seconds` (after one warm-up step) -> figures of the mode."""
     naive = mode == "naive"
-    config = bench_config(data_root, chunk_tokens=0 if naive else 16384, fused_attention=not naive)
+    config = bench_config(data_root, chunk_tokens=0 if naive else 16384, fused_attention=not naive,
+                          packed=mode != "fast_padded")
     dtype = runtime.amp_dtype("bf16" if mode == "fast_bf16" else "none", torch.device(device))
     torch.manual_seed(0)
     train_set = data.build_datasets(config)["train"]
@@ -109,8 +115,8 @@ def run_mode(mode: str, data_root, seconds: float, device: str) -> dict:
         if data_time + step_time >= seconds:
             break
     counts = model.token_counts
-    return {"anchors_per_s": anchors / (data_time + step_time), "tokens_per_anchor": counts["tokens"] / anchors,
-            "padding_fraction": counts["padding"] / counts["tokens"], "data_time_fraction": data_time / (data_time + step_time),
+    return {"anchors_per_s": anchors / (data_time + step_time), "tokens_per_anchor": counts["padded_tokens"] / anchors,
+            "padding_fraction": 1 - counts["tokens"] / counts["padded_tokens"], "data_time_fraction": data_time / (data_time + step_time),
             "peak_rss_mb": peak_rss_mb(), "steps": steps, "anchors": anchors}
 
 
@@ -156,7 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=90.0, help="measured time per mode")
     p.add_argument("--cache-proteins", type=int, default=160, help="proteins in the cache benchmark's subset")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--mode", choices=["naive", "fast", "fast_bf16", "cache"], help=argparse.SUPPRESS)  # one child
+    p.add_argument("--mode", choices=MODES + ("cache",), help=argparse.SUPPRESS)  # one child
     args = p.parse_args(argv)
     if args.mode:
         result = (run_cache(args.data_root, args.cache_proteins, args.device) if args.mode == "cache"
@@ -164,7 +170,7 @@ def main(argv=None) -> int:
         print(json.dumps(result))
         return 0
     results = {"device": args.device, "threads": torch.get_num_threads()}
-    for mode in ("naive", "fast", "fast_bf16", "cache"):
+    for mode in MODES + ("cache",):
         child = subprocess.run([sys.executable, __file__, "--mode", mode, "--data-root", args.data_root,
                                 "--seconds", str(args.seconds), "--cache-proteins", str(args.cache_proteins),
                                 "--device", args.device], capture_output=True, text=True)
@@ -174,12 +180,13 @@ def main(argv=None) -> int:
         results[mode] = json.loads(child.stdout.strip().splitlines()[-1])
     results["fast_over_naive"] = results["fast"]["anchors_per_s"] / results["naive"]["anchors_per_s"]
     results["bf16_over_fp32"] = results["fast_bf16"]["anchors_per_s"] / results["fast"]["anchors_per_s"]
+    results["packed_over_padded"] = results["fast"]["anchors_per_s"] / results["fast_padded"]["anchors_per_s"]
     keys = ("anchors_per_s", "tokens_per_anchor", "padding_fraction", "data_time_fraction", "peak_rss_mb")
-    print(f"{'mode':9} " + " ".join(f"{k:>18}" for k in keys))
-    for mode in ("naive", "fast", "fast_bf16"):
-        print(f"{mode:9} " + " ".join(f"{results[mode][k]:18.3f}" for k in keys))
-    print(f"fast / naive anchors per second: {results['fast_over_naive']:.2f}x; "
-          f"bf16 / fp32 (fast): {results['bf16_over_fp32']:.2f}x")
+    print(f"{'mode':11} " + " ".join(f"{k:>18}" for k in keys))
+    for mode in MODES:
+        print(f"{mode:11} " + " ".join(f"{results[mode][k]:18.3f}" for k in keys))
+    print(f"fast / naive anchors per second: {results['fast_over_naive']:.2f}x; packed / padded (fast): "
+          f"{results['packed_over_padded']:.2f}x; bf16 / fp32 (fast): {results['bf16_over_fp32']:.2f}x")
     c = results["cache"]
     print(f"frozen-layer cache, 12 layers (last 2 trainable), {c['n_proteins']} proteins: uncached epoch "
           f"{c['uncached_s']:.1f}s, cached epoch {c['cached_s']:.1f}s ({c['speedup']:.2f}x; filling epoch "

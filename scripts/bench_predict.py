@@ -39,9 +39,10 @@ import inference  # noqa: E402
 import outputs  # noqa: E402
 import predict  # noqa: E402
 import release  # noqa: E402
+from backbone import backbone_arch  # noqa: E402
 from config import load_config  # noqa: E402
 from evaluate import run_inference  # noqa: E402
-from model import Encoder, backbone_arch  # noqa: E402
+from model import Encoder  # noqa: E402
 from throughput import peak_rss_mb  # noqa: E402
 from utils import write_text_atomic  # noqa: E402
 from vocab import CLASSES, SITE_CLASSES  # noqa: E402

@@ -13,6 +13,7 @@ from config import (
     CHOICES,
     DEFAULTS,
     FLOAT_OR_AUTO,
+    INT_OR_AUTO,
     NON_EMPTY,
     NULLABLE,
     OPEN_HIGH,
@@ -66,6 +67,8 @@ def wrong_values(key, default, rng):
     garbage = ["".join(rng.choice("abcxyz_!?%") for _ in range(rng.randint(1, 8))), [rng.random()], {"k": 1}]
     if key in FLOAT_OR_AUTO:
         kind = float
+    if key in INT_OR_AUTO:
+        kind = int
     if kind is bool:
         return garbage + [1, 0.5, "yes please", None]
     if kind in (int, float):

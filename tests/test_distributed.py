@@ -14,6 +14,7 @@ import batching
 import contrast
 import data
 import loss
+import runtime
 import train
 from config import resolve_config
 
@@ -44,31 +45,72 @@ def first_step_gradients(config, rank=0, world=1):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, len(batch["labels"])
 
 
-def _worker(rank, world, init_file, tree, out):  # noqa: D103
+def first_steps_losses(config, rank=0, world=1, steps=3):
+    """Losses of the first `steps` optimiser steps on the global batches of epoch 0; with world > 1 the model
+    is sharded (train.parallel: fsdp) and each step's loss is the mean of the processes' (the loss of the
+    global batch: the motif loss is normalised over the global batch)."""
+    train_set = data.build_datasets(config)["train"]
+    torch.manual_seed(0)
+    model = train.Encoder(config)
+    if world > 1:
+        runtime.shard_model(model)
+    optimizer = train.make_optimizer(model, config.train)
+    criteria = {"class": loss.ClassLoss(loss.class_weights(train_set.class_counts())),
+                "motif": loss.MotifLoss(loss.motif_pos_weights(*train_set.residue_counts()))}
+    _, loader = train.make_loader(train_set, config, rank, world)
+    losses = []
+    for _, batch in zip(range(steps), loader):
+        total, _, _ = train.step_losses(model, batch, criteria, config)
+        total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = total.detach().clone()
+        if world > 1:
+            dist.all_reduce(value)
+        losses.append(float(value) / world)
+    return losses
+
+
+def _worker(rank, world, init_file, trees, fsdp_tree, out):  # noqa: D103
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        grads, n_anchors = first_step_gradients(resolve_config(tree), rank, world)
-        assert n_anchors == 8 // world
+        results = {"grads": []}
+        for tree in trees:
+            grads, n_anchors = first_step_gradients(resolve_config(tree), rank, world)
+            assert n_anchors == 8 // world
+            results["grads"].append(grads)
+        results["fsdp_losses"] = first_steps_losses(resolve_config(fsdp_tree), rank, world)
         if rank == 0:
-            torch.save(grads, out)
+            torch.save(results, out)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("loss_name,tune", [("hard", "full"), ("supcon", "full"), ("instance", "full"),
-                                            ("cluster", "full"), ("tcr", "full"), ("hard", "lora"), ("supcon", "adapter")])
-def test_two_processes_give_the_gradients_of_one(tmp_path, loss_name, tune):
-    """Anchor batches (hard) and in-batch losses over views gathered across processes; LoRA and adapters too."""
-    tree = tiny_supcon_tree(tmp_path, loss_name, tune)
-    config = resolve_config(tree)
-    expected, n_anchors = first_step_gradients(config)  # also writes the synthetic data once
-    assert n_anchors == 8
-    out = tmp_path / "ddp_grads.pt"
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), tree, str(out)), nprocs=2)
-    got = torch.load(out)
-    assert got.keys() == expected.keys() and len(got) > (6 if tune != "full" else 10)
-    for name, g in expected.items():
-        assert (got[name] - g).norm() <= 1e-4 * g.norm() + 1e-8, name  # fp32 rounding only
+CASES = [("hard", "full"), ("supcon", "full"), ("instance", "full"), ("cluster", "full"), ("tcr", "full"),
+         ("hard", "lora"), ("supcon", "adapter")]
+
+
+def test_two_processes_give_the_gradients_of_one(tmp_path):
+    """Two gloo processes (one spawn for every case, to pay for starting them once):
+    - DistributedDataParallel: the gradients of one process on the global batch, for anchor batches (hard)
+      and the in-batch losses over views gathered across processes, LoRA and adapters too;
+    - FSDP2 (train.parallel: fsdp): the losses of the first 3 optimiser steps equal one unsharded process's,
+      to 1e-5 (relative): the sharded gradients and AdamW steps are the unsharded ones."""
+    trees = [tiny_supcon_tree(tmp_path, loss_name, tune) for loss_name, tune in CASES]
+    fsdp_tree = tiny_config(tmp_path, **{"train.batch_size": 8, "train.parallel": "fsdp", "decoder.dropout": 0.0,
+                                         "decoder.class_dropout": 0.0})
+    expected = [first_step_gradients(resolve_config(tree)) for tree in trees]  # also writes the synthetic data
+    expected_losses = first_steps_losses(resolve_config(fsdp_tree))
+    out = tmp_path / "ranks.pt"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), trees, fsdp_tree, str(out)), nprocs=2)
+    got = torch.load(out, weights_only=True)
+    for (loss_name, tune), (grads, n_anchors), ranks in zip(CASES, expected, got["grads"]):
+        assert n_anchors == 8
+        assert ranks.keys() == grads.keys() and len(ranks) > (6 if tune != "full" else 10), (loss_name, tune)
+        for name, g in grads.items():
+            assert (ranks[name] - g).norm() <= 1e-4 * g.norm() + 1e-8, (loss_name, tune, name)  # fp32 rounding only
+    assert len(expected_losses) == 3 and expected_losses[0] != expected_losses[2]
+    assert got["fsdp_losses"] == pytest.approx(expected_losses, rel=1e-5)
 
 
 def test_rank_slices_make_up_the_global_batch():
@@ -93,3 +135,25 @@ def test_torchrun_then_resume_in_one_process(tmp_path):
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in records] == ["warm_start", "joint"]
     assert (run_dir / "test_metrics.json").is_file()
+
+
+def test_fsdp_under_torchrun_then_resume_in_one_process(tmp_path, capsys):
+    """train.parallel: fsdp trains under torchrun (2 gloo processes, the demo's kind of backbone) and writes
+    checkpoints that hold the whole state: one process resumes them (as ddp). Without torchrun, fsdp is refused."""
+    config = write_config(tmp_path, **{"train.epochs": 2, "train.parallel": "fsdp"})
+    assert train.main(["--config", str(config)]) == 2
+    assert "train.parallel: fsdp shards the model over processes: start it with torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), "--config", str(config), "--stop-after", "1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    model = train.Encoder(resolve_config(ckpt["config"]), arch=ckpt["arch"])
+    assert {k: tuple(v.shape) for k, v in ckpt["model"].items()} == {k: tuple(v.shape) for k, v in
+                                                                      model.state_dict().items()}  # whole tensors
+    assert all(isinstance(k, str) for k in ckpt["optimizer"]["state"])  # by parameter name: any number of processes
+    assert train.main(["--resume", str(run_dir / "checkpoints" / "last.pt"), "--set", "train.parallel=ddp"]) == 0
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1] and (run_dir / "test_metrics.json").is_file()

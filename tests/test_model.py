@@ -26,7 +26,8 @@ def test_backbone_forward_equals_fair_esm(fused):
     assert torch.allclose(ours[real], theirs[real], atol=1e-5)
 
 
-def test_fused_attention_never_takes_cudnn(monkeypatch):
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_attention_never_takes_cudnn(monkeypatch, packed):
     """cuDNN's attention builds a plan per new sequence length (150-350 ms each on an H100, measured
     with bf16): the backbone's attention must run with that backend switched off, while leaving the
     process-wide setting as it found it."""
@@ -38,11 +39,11 @@ def test_fused_attention_never_takes_cudnn(monkeypatch):
         return sdpa(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
-    m = model.Encoder(make_config()).eval()
+    m = model.Encoder(make_config(packed=packed)).eval()
     before = torch.backends.cuda.cudnn_sdp_enabled()
     with torch.no_grad():
         m.backbone_forward(batch_of([5, 18, 11], max_len=30)["tokens"])
-    assert seen == [False, False]  # both layers
+    assert seen == [False] * (6 if packed else 2)  # both layers (packed: each window's length on its own)
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
 
 
@@ -91,18 +92,20 @@ def test_tuning_modes(tune, k, trainable_layers, norm, embed):
         assert (p.grad is not None and p.grad.abs().sum() > 0) == p.requires_grad, name
 
 
-def test_load_fair_esm_format_checkpoint(tmp_path):
+@pytest.mark.parametrize("packed", [False, True])
+def test_load_fair_esm_format_checkpoint(tmp_path, packed):
     torch.manual_seed(0)
     source = esm.model.esm2.ESM2(2, 32, 4, alphabet="ESM-1b")
     state = {"encoder." + k: v for k, v in source.state_dict().items() if not k.startswith("contact_head.regression")}
     cfg = Namespace(encoder_layers=2, encoder_embed_dim=32, encoder_attention_heads=4, token_dropout=True)
     path = tmp_path / "esm2_tiny.pt"
     torch.save({"cfg": {"model": cfg}, "model": state}, path)
-    m = model.Encoder(make_config(scratch=None, checkpoint=str(path))).eval()
+    m = model.Encoder(make_config(scratch=None, checkpoint=str(path), packed=packed)).eval()
     tokens = batch_of([8, 15])["tokens"]
+    real = tokens.ne(vocab.PAD_IDX)  # padding positions hold arbitrary values (packed: none are computed)
     with torch.no_grad():
-        assert torch.allclose(m.backbone_forward(tokens),
-                              source.eval()(tokens, repr_layers=[2])["representations"][2], atol=1e-6)
+        assert torch.allclose(m.backbone_forward(tokens)[real],
+                              source.eval()(tokens, repr_layers=[2])["representations"][2][real], atol=1e-6)
 
 
 def test_missing_weight_files_fail_with_both_remedies(tmp_path, monkeypatch):
@@ -129,7 +132,7 @@ def test_parallel_decoders_equal_separate_heads():
 def test_chunked_backbone_equals_single_call():
     """Windows run longest-first in token-budget chunks give the same outputs and gradients."""
     torch.manual_seed(0)
-    m = model.Encoder(make_config(chunk_tokens=120)).eval()  # no dropout; gradients still flow
+    m = model.Encoder(make_config(packed=False)).eval()  # the padded layout; no dropout; gradients still flow
     batch = batch_of([20, 150, 33, 90, 61, 7], max_len=64, overlap=16)
     results = []
     for budget in (120, 0):  # 120 tokens: several chunks of different widths; 0: one call
@@ -152,10 +155,11 @@ def test_chunk_max_padding_auto_is_the_cpu_value_on_the_cpu(monkeypatch):
     batch = batch_of([20, 150, 33, 90, 61, 7, 44, 120], max_len=64, overlap=16)
     calls = {}
     for value in ("auto", 0.1, 0.5):
-        m = model.Encoder(make_config(chunk_tokens=4096, chunk_max_padding=value)).eval()
+        m = model.Encoder(make_config(chunk_tokens=4096, chunk_max_padding=value, packed=False)).eval()
         count = []
         real = m._backbone
-        monkeypatch.setattr(m, "_backbone", lambda tokens, keys=None, real=real: count.append(1) or real(tokens, keys))
+        monkeypatch.setattr(m, "_backbone", lambda tokens, widths, keys=None, real=real: count.append(1) or real(
+            tokens, widths, keys))
         with torch.no_grad():
             m.embed(batch)
         calls[value] = len(count)

@@ -1,0 +1,159 @@
+"""Packed sequences (packing.py, Encoder's packed layout): outputs and gradients equal the padded layout's (fp32,
+CPU) for windows of 1 to 1022 residues, with token dropout, the frozen-layer cache and LoRA; token budgets;
+compiled layers equal eager ones; refusals of impossible settings."""
+import numpy as np
+import pytest
+import torch
+
+import backbone
+import batching
+import cache
+import data
+import model
+import packing
+import vocab
+from config import ConfigError, resolve_config
+
+LENGTHS = [1, 1022, 5, 300, 2100, 37, 37, 37, 1022]  # one window of every kind; 2100: three overlapping windows
+
+
+def encoder(packed, seed=0, **encoder_keys):
+    torch.manual_seed(seed)
+    tree = {"encoder": {"scratch": {"num_layers": 2, "embed_dim": 32, "attention_heads": 4}, "tune": "full",
+                        "packed": packed, **encoder_keys},
+            "decoder": {"dropout": 0.0, "class_dropout": 0.0}}
+    return model.Encoder(resolve_config(tree))
+
+
+def batch(lengths=LENGTHS, seed=1):
+    rng = np.random.default_rng(seed)
+    proteins = [data.make_protein(f"P{i}", "".join(rng.choice(list(vocab.STANDARD_RESIDUES), size=n)), "", "t")
+                for i, n in enumerate(lengths)]
+    dataset = data.LocalizationDataset(proteins)
+    return batching.Collate()([dataset[i] for i in range(len(dataset))])
+
+
+def outputs_and_grads(m, b):
+    m.zero_grad()
+    out = m(b)
+    (out["class_logits"].square().sum() + out["motif_logits"].sum() + out["pooled"].sum()).backward()
+    return out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def assert_close(a, b, tol=1e-5):
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    for key in ("pooled", "class_logits", "motif_logits"):
+        assert (out_a[key] - out_b[key]).abs().max() <= tol, key
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name in grads_a:
+        scale = grads_b[name].abs().max().clamp(min=1)
+        assert (grads_a[name] - grads_b[name]).abs().max() <= tol * scale, name
+
+
+@pytest.mark.parametrize("tune", ["full", "lora"])
+def test_packed_equals_padded_outputs_and_gradients(tune):
+    """Windows of 1 and 1022 residues, a long protein stitched from three, equal-length windows side by side;
+    every parameter's gradient; LoRA adapters too."""
+    b = batch()
+    keys = {"tune": tune, "trainable_layers": 0, "lora": {"dropout": 0.0}} if tune == "lora" else {}
+    padded, packed = encoder(False, **keys), encoder(True, **keys)
+    assert packed.packed and not padded.packed
+    if tune == "lora":  # B starts at zero: move it, so the adapters change the outputs
+        for m in (padded, packed):
+            torch.manual_seed(5)
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.data.normal_()
+    assert_close(outputs_and_grads(packed, b), outputs_and_grads(padded, b))
+
+
+def test_token_dropout_rescaling_is_per_window():
+    """<mask> tokens: fair-esm rescales each row by its own share of masks; the stream does it per window."""
+    m = encoder(True).eval()
+    assert m.backbone.token_dropout
+    tokens = batch([30, 12, 64])["tokens"]
+    tokens[0, 3:9] = vocab.MASK_IDX  # 6 of 32 tokens in the first window, 1 of 14 in the second, none in the third
+    tokens[1, 5] = vocab.MASK_IDX
+    real = tokens.ne(vocab.PAD_IDX)
+    with torch.no_grad():
+        packed, padded = m.backbone_forward(tokens, packed=True), m.backbone_forward(tokens, packed=False)
+    assert (packed[real] - padded[real]).abs().max() <= 1e-5
+    assert (packed[~real] == 0).all()  # no padding was computed
+
+
+def test_stream_layout_hand_worked():
+    s = packing.make_stream(torch.arange(10), [4, 4, 2])
+    assert s.groups == [(0, 2, 4), (8, 1, 2)] and s.max_len == 4
+    assert s.positions.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1] and s.cu.tolist() == [0, 4, 8, 10]
+    b = batch([3, 7])
+    assert b["window_widths"] == [9, 5]  # longest first
+    assert b["packed_tokens"].tolist() == torch.cat([b["tokens"][0, :9], b["tokens"][1, :5]]).tolist()
+    # rows are protein * 7 + residue (7: the longest protein); BOS and EOS go to the dump row 2 * 7 = 14
+    assert b["packed_dest"].tolist() == [14, 7, 8, 9, 10, 11, 12, 13, 14, 14, 0, 1, 2, 14]
+
+
+def test_frozen_layer_cache_on_the_stream(tmp_path):
+    b = batch([50, 1022, 9, 300])
+    plain = encoder(True, tune="last_k", trainable_layers=1)
+    cached = encoder(True, tune="last_k", trainable_layers=1)
+    windows = {key: width for key, width in zip(b["window_keys"], b["window_widths"])}
+    cached.cache = cache.FrozenCache(windows, 32, "float32")
+    expected = outputs_and_grads(plain, b)
+    for attempt in range(2):  # fills, then reads only
+        cached.token_counts.update(dict.fromkeys(cached.token_counts, 0))
+        assert_close(outputs_and_grads(cached, b), expected)
+        assert cached.token_counts["prefix_tokens"] == (sum(b["window_widths"]) if attempt == 0 else 0)
+    assert cached.cache.hits == len(windows)
+
+
+def test_token_budget_splits_calls_without_changing_results():
+    b = batch()
+    m = encoder(True).eval()
+    calls = []
+    real_call = m._packed_call
+    m._packed_call = lambda tokens, widths, keys: calls.append(sum(widths)) or real_call(tokens, widths, keys)
+    with torch.no_grad():
+        whole = m.packed_forward(b["packed_tokens"], b["window_widths"], budget=0)
+        split = m.packed_forward(b["packed_tokens"], b["window_widths"], budget=1100)
+    assert calls[0] == sum(b["window_widths"]) and len(calls) > 3 and max(calls[1:]) <= 1100
+    assert (whole - split).abs().max() <= 1e-5
+
+
+def test_counts_are_real_tokens_and_pairs():
+    """Throughput counts the real tokens (BOS and EOS included) and the (query, key) pairs within windows; the
+    padded layout also counts what its padding cost."""
+    b = batch([3, 7, 40])
+    for packed in (True, False):
+        m = encoder(packed, chunk_max_padding=1.0).eval()  # padded: one call, padded to its longest window
+        with torch.no_grad():
+            m(b)
+        widths = b["window_widths"]
+        assert m.token_counts["tokens"] == sum(widths) and m.token_counts["attention"] == sum(w * w for w in widths)
+        assert m.token_counts["padded_tokens"] == (sum(widths) if packed else len(widths) * max(widths))
+
+
+def test_settings_that_cannot_work_are_refused():
+    base = {"encoder": {"scratch": {}}}
+    with pytest.raises(ConfigError, match=r"encoder.chunk_tokens \(500\) is smaller than a window .*1024 tokens"):
+        resolve_config(base, ["encoder.chunk_tokens=500"])
+    assert resolve_config(base, ["encoder.chunk_tokens=500", "data.max_len=200", "data.overlap=50"])
+    assert resolve_config(base)["encoder"]["chunk_tokens"] == "auto" and resolve_config(base)["encoder"]["packed"]
+    assert backbone.auto_chunk_tokens(torch.device("cpu"), 1280, 33) == 16384
+    unfused = encoder(True, fused_attention=False)
+    assert not unfused.packed  # fair-esm's own layer code: padded
+
+
+def test_compiled_layers_equal_eager():
+    """train.compile: the per-token parts of each layer through torch.compile (where this platform compiles:
+    a C++ compiler on the CPU); outputs and gradients equal the eager ones."""
+    import runtime
+    try:
+        runtime.check_compiler(torch.device("cpu"))
+    except ConfigError as err:
+        pytest.skip(f"no compiler on this platform: {err}")
+    b = batch([40, 300, 9, 9])
+    eager, compiled = encoder(True), encoder(True)
+    compiled.compile_layers()
+    assert_close(outputs_and_grads(compiled, b), outputs_and_grads(eager, b), tol=1e-4)
+    from torch._dynamo.utils import counters
+    assert counters["stats"]["unique_graphs"] <= 4 * 2 * len(compiled.backbone.layers)  # bounded, whatever N
