@@ -230,14 +230,14 @@ def enable_supcon(dataset: LocalizationDataset, n_pos: int, n_neg: int, hard_neg
     dataset.sampler = ContrastSampler(dataset.labels, n_pos, n_neg, hard_neg, distance_map, seed)
 
 
-def enable_augmentation(dataset: LocalizationDataset, apply: bool, pos_rate: float, neg_rate: float,
-                        max_copies: int = 1, views: int = 1, seed: int = 0) -> None:
-    """MUTarget's mutation augmentation on a dataset (training split only): see Augmenter. With apply, rarer
-    classes get more copies per epoch (up to max_copies); views > 1 adds that many mutated views of each
-    protein to every item (for the in-batch contrastive losses)."""
-    dataset.augmenter = Augmenter(dataset.proteins, pos_rate, neg_rate, views, seed, apply)
-    if apply and max_copies > 1:
-        copies = dataset.augmenter.copies(dataset.labels, max_copies)
+def enable_augmentation(dataset: LocalizationDataset, aug, views: int = 1, seed: int = 0) -> None:
+    """MUTarget's mutation augmentation on a dataset (training split only): see Augmenter. `aug`: the
+    train.augment settings (apply, pos_rate, neg_rate, max_copies). With apply, rarer classes get more copies
+    per epoch (up to max_copies); views > 1 adds that many mutated views of each protein to every item (for
+    the in-batch contrastive losses)."""
+    dataset.augmenter = Augmenter(dataset.proteins, aug.pos_rate, aug.neg_rate, views, seed, aug.apply)
+    if aug.apply and aug.max_copies > 1:
+        copies = dataset.augmenter.copies(dataset.labels, aug.max_copies)
         dataset.item_protein = np.repeat(np.arange(len(dataset.proteins)), copies)
 
 
@@ -284,7 +284,7 @@ def setup_supcon(config, model, train_set, device, log, resume=None):
     sc, aug = config.supcon, config.train.augment
     if uses_mutations(config):
         views = max(aug.views, 2) if sc.apply and sc.loss != "hard" else 1
-        enable_augmentation(train_set, aug.apply, aug.pos_rate, aug.neg_rate, aug.max_copies, views, config.seed)
+        enable_augmentation(train_set, aug, views, config.seed)
     if not sc.apply or sc.loss != "hard":  # the in-batch losses need views, not sampled pairs
         return None
     distance_map = None

@@ -318,11 +318,23 @@ class Result:
     distances: np.ndarray | None = None
 
 
-def run_ensemble(members: list[Member], sequences: list[str], device, dtype=None,
-                 max_tokens: int = 16384, packed: bool = False) -> list[Result]:
+@dataclass
+class Settings:
+    """How predict.py runs the models: device, autocast dtype (None: fp32), token budget of a batch, at most
+    max_proteins proteins a batch (None: no limit), packed or padded layout (Batch)."""
+
+    device: torch.device
+    dtype: torch.dtype | None = None
+    max_tokens: int = 16384
+    max_proteins: int | None = None
+    packed: bool = False
+
+
+def run_ensemble(members: list[Member], sequences: list[str], settings: Settings) -> list[Result]:
     """Every checkpoint on one batch of sequences; means over the checkpoints, in checkpoint order."""
-    batch = Batch(sequences, members[0].max_len, members[0].overlap, device, max_tokens, packed)
-    outs = [run_member(m.model, batch, dtype) for m in members]
+    batch = Batch(sequences, members[0].max_len, members[0].overlap, settings.device, settings.max_tokens,
+                  settings.packed)
+    outs = [run_member(m.model, batch, settings.dtype) for m in members]
     n = len(outs)
     keep_projection = all(o["projection"] is not None for o in outs) and len({o["projection"].shape for o in outs}) == 1
     keep_pooled = len({o["pooled"].shape for o in outs}) == 1  # backbones of different sizes: no mean embedding
@@ -340,8 +352,8 @@ def run_ensemble(members: list[Member], sequences: list[str], device, dtype=None
             for i in range(len(sequences))]
 
 
-def predict_chunk(members: list[Member], proteins, device, dtype=None, max_tokens: int = 16384,
-                  max_proteins: int | None = None, rank: int = 0, world: int = 1, on_batch=None, packed: bool = False):
+def predict_chunk(members: list[Member], proteins, settings: Settings, rank: int = 0, world: int = 1,
+                  on_batch=None):
     """Results for `proteins` (list of data.Protein), in their order, on rank 0 (None on other ranks).
 
     Identical sequences are predicted once. The distinct sequences are length-sorted and batched
@@ -354,11 +366,10 @@ def predict_chunk(members: list[Member], proteins, device, dtype=None, max_token
     sequences = list(unique)
     copies = np.bincount(of_protein, minlength=len(sequences))
     batches = plan_batches([len(s) for s in sequences], members[0].max_len, members[0].overlap,
-                           max_tokens, max_proteins)
+                           settings.max_tokens, settings.max_proteins)
     results = {}
     for batch in batches[rank::world]:
-        results.update(zip(batch, run_ensemble(members, [sequences[i] for i in batch], device, dtype,
-                                                    max_tokens, packed)))
+        results.update(zip(batch, run_ensemble(members, [sequences[i] for i in batch], settings)))
         if on_batch is not None:
             on_batch(int(copies[batch].sum()))
     if world > 1:

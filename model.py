@@ -379,15 +379,16 @@ class Encoder(nn.Module):
                     x = layer.packed_forward(x, stream)
         return x
 
-    def compile_layers(self) -> None:
+    def compile_layers(self, backend: str = "inductor") -> None:
         """train.compile: each layer's per-token work before and after attention through torch.compile
         (dynamic shapes: one graph per layer and grad mode serves every token count); attention itself stays
-        eager (the fused variable-length kernel, or exact per-window calls on the CPU)."""
+        eager (the fused variable-length kernel, or exact per-window calls on the CPU). `backend` other than
+        inductor only for tests (aot_eager: the same captured graphs without code generation)."""
         import torch._dynamo
         layers = self.backbone.layers
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(layers))
-        before = torch.compile(packing.before_attention, dynamic=True)
-        after = torch.compile(packing.after_attention, dynamic=True)
+        before = torch.compile(packing.before_attention, dynamic=True, backend=backend)
+        after = torch.compile(packing.after_attention, dynamic=True, backend=backend)
         for layer in layers:
             layer.packed_forward = functools.partial(packing.transformer_layer, layer, parts=(before, after))
 

@@ -33,6 +33,7 @@ from config import Config
 from data import DataError
 from inference import (
     PredictError,
+    Settings,
     autocast_dtype,
     build_ensemble,
     centroid_thresholds,
@@ -217,8 +218,8 @@ def run(args, rank: int, world: int, device) -> None:
     if args.method != "head":
         space = use_centroids(members, args.space)
         centroid = outputs.Centroid(space, centroid_thresholds(members), args.centroid_rule)
-    dtype = autocast_dtype(args.precision, device)
-    packed = args.layout == "packed" or (args.layout == "auto" and device.type == "cuda")
+    settings = Settings(device, autocast_dtype(args.precision, device), args.max_tokens, args.batch_size,
+                        packed=args.layout == "packed" or (args.layout == "auto" and device.type == "cuda"))
     writers = labelled = None
     if rank == 0:
         report_skipped(scan, args.skipped)
@@ -233,8 +234,7 @@ def run(args, rank: int, world: int, device) -> None:
                 counted[0] += n
                 progress.update(n)
 
-            results = predict_chunk(members, chunk, device, dtype, args.max_tokens, args.batch_size, rank, world,
-                                    on_batch if rank == 0 else None, packed)
+            results = predict_chunk(members, chunk, settings, rank, world, on_batch if rank == 0 else None)
             if rank != 0:
                 continue
             progress.update(len(chunk) - counted[0])  # the other processes' share

@@ -35,13 +35,14 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def backbone_flops(arch: dict, first_trainable: int, weights_train: bool, tokens: float, attention_pairs: float,
-                   prefix_tokens: float | None = None, prefix_attention_pairs: float | None = None) -> float:
-    """Estimated FLOPs of forward + backward over `tokens` tokens and `attention_pairs` (query, key)
-    pairs per layer (the frozen leading layers: over prefix_tokens / prefix_attention_pairs, default
-    the same): see the module docstring. weights_train: the trainable layers' own weights train
-    (last_k, full), not only added matrices (lora, adapter)."""
+def backbone_flops(arch: dict, first_trainable: int, weights_train: bool, counts: dict) -> float:
+    """Estimated FLOPs of forward + backward over counts["tokens"] tokens and counts["attention"] (query, key)
+    pairs per layer (the frozen leading layers: over counts["prefix_tokens"] / counts["prefix_attention"]
+    where present, else the same): see the module docstring. weights_train: the trainable layers' own weights
+    train (last_k, full), not only added matrices (lora, adapter)."""
     d, n = arch["embed_dim"], arch["num_layers"]
+    tokens, attention_pairs = counts["tokens"], counts["attention"]
+    prefix_tokens, prefix_attention_pairs = counts.get("prefix_tokens"), counts.get("prefix_attention")
 
     def per_layer(t, pairs):  # q, k, v, out (4 d^2) + fc1, fc2 (8 d^2) per token; attention per pair
         return 2 * 12 * d * d * t + 4 * d * pairs
@@ -61,8 +62,7 @@ def epoch_speed(counts: dict, seconds: float, arch: dict, first_trainable: int, 
     peak = peak_flops(device)
     if peak is not None:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        flops = backbone_flops(arch, first_trainable, tune in ("last_k", "full"), counts["tokens"], counts["attention"],
-                               counts.get("prefix_tokens"), counts.get("prefix_attention"))
+        flops = backbone_flops(arch, first_trainable, tune in ("last_k", "full"), counts)
         speed["mfu"] = flops / seconds / (peak * world)
     return speed
 

@@ -1,16 +1,24 @@
 """Real-size benchmark: an ESM-2 architecture (default esm2_t33_650M_UR50D) with random weights.
 
 python scripts/bench_real.py [--arch esm2_t33_650M_UR50D] [--dir bench_weights] [--json OUT.json]
-                             [--device cpu|cuda] [--anchors 2] [--steps 2] [--precisions fp32 bf16]
+                             [--device cpu|cuda] [--anchors 8] [--n-pos 3] [--n-neg 9] [--warmup 2] [--steps 4]
+                             [--modes ...] [--precisions fp32 bf16] [--layouts packed padded] [--predict N]
 
 1. Writes the random model once into --dir in both formats (fair-esm .pt and a Hugging Face folder with
    model.safetensors), then loads each with this project's loader (weights.py) in a process of its own:
    load time and peak RSS.
-2. Seconds per SupCon training step (supcon.loss hard, n_pos 1, n_neg 1: up to 3 x --anchors proteins per
-   step, real proteins of the MUTarget training split, so real lengths) for encoder.tune last_k (2 layers),
-   lora (last 2 layers; rank 8, q k v out), adapter (last 2 layers, dim 64), full, and full with
-   activation checkpointing, each in fp32 and bf16 autocast, each in a process of its own: mean step time
-   after one warm-up step, and peak RSS (CPU) or peak allocated GPU memory (CUDA).
+2. SupCon training steps of the SupCon branch's workload (supcon.loss hard: each of --anchors anchors with
+   --n-pos positives and --n-neg negatives, real proteins of the MUTarget training split, so real lengths) for
+   encoder.tune last_k (2 layers), lora (last 2 layers; rank 8, q k v out), adapter (last 2 layers, dim 64),
+   full, and full with activation checkpointing, in each precision and layout (packed / padded), each in a
+   process of its own, --warmup steps then --steps timed ones. Each timed step is what train.py runs: the next
+   batch from the DataLoader (sampling and collation included), forward, losses, backward, clipping, fused AdamW
+   (CUDA), timed to a synchronisation. Figures: seconds per step, real tokens per second, MFU (throughput.py's
+   count of the real tokens against the GPU's dense bf16 peak), peak memory (GPU allocated on CUDA, RSS on the
+   CPU), and the share of the step outside the backbone (1 - the backbone's own forward + backward time, measured
+   on the same batch without heads, losses or optimiser, over the step time).
+3. With --predict N: predict.py on N proteins of the real length distribution with the same architecture (a
+   train.py checkpoint of the random model), per layout: proteins per second as predict.py reports them.
 Speed does not depend on the weights' values, so random weights measure what the pretrained ones cost.
 """
 from __future__ import annotations
@@ -22,19 +30,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import batching  # noqa: E402
 import contrast  # noqa: E402
 import data  # noqa: E402
 import loss  # noqa: E402
 import runtime  # noqa: E402
+import throughput  # noqa: E402
 import train  # noqa: E402
 import vocab  # noqa: E402
 import weights  # noqa: E402
+from backbone import backbone_arch  # noqa: E402
 from config import resolve_config  # noqa: E402
 from model import Encoder  # noqa: E402
 from throughput import peak_rss_mb  # noqa: E402
@@ -77,48 +87,104 @@ def run_load(path: str) -> dict:
             "peak_rss_mb": peak_memory_mb("cpu")}
 
 
-def run_steps(path: str, mode: str, precision: str, data_root: str, anchors: int, steps: int, device: str) -> dict:
-    """Seconds per SupCon training step of one tuning mode and precision."""
+def run_steps(path: str, mode: str, precision: str, layout: str, args) -> dict:
+    """Timed SupCon training steps of one tuning mode, precision and layout."""
     config = resolve_config({
-        "seed": 0, "device": device, "data": {"root": data_root, "fold": 0},
-        "encoder": {"checkpoint": path, **MODES[mode]},
-        "train": {"batch_size": anchors, "amp": "bf16" if precision == "bf16" else "none"},
-        "supcon": {"apply": True, "loss": "hard", "n_pos": 1, "n_neg": 1}})
-    dev = torch.device(device)
+        "seed": 0, "device": args.device, "data": {"root": args.data_root, "fold": 0},
+        "encoder": {"checkpoint": path, "packed": layout == "packed", **MODES[mode]},
+        "train": {"batch_size": args.anchors, "amp": "bf16" if precision == "bf16" else "none"},
+        "supcon": {"apply": True, "loss": "hard", "n_pos": args.n_pos, "n_neg": args.n_neg}})
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     train_set = data.build_datasets(config)["train"]
-    contrast.enable_supcon(train_set, 1, 1, seed=0)
+    contrast.enable_supcon(train_set, args.n_pos, args.n_neg, seed=0)
     model = Encoder(config).to(dev)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    optimizer = train.make_optimizer(model, config.train)
     criteria = {"class": loss.ClassLoss(loss.class_weights(train_set.class_counts())).to(dev),
                 "motif": loss.MotifLoss(loss.motif_pos_weights(*train_set.residue_counts())).to(dev)}
-    loader = torch.utils.data.DataLoader(train_set, batch_size=anchors, sampler=batching.EpochShuffleSampler(len(train_set), 0),
-                                         collate_fn=batching.Collate())
+    _, loader = train.make_loader(train_set, config, device=dev)
     dtype = runtime.amp_dtype(config.train.amp, dev)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    times, tokens, batches = [], 0, iter(loader)
-    for step in range(steps + 1):
-        batch = runtime.to_device(next(batches), dev)
+    batches = iter(loader)
+
+    def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def step():
+        batch = runtime.to_device(next(batches), dev)
         with runtime.autocast(dev, dtype):
             total, _, _ = train.step_losses(model, batch, criteria, config)
         total.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if step:  # the first step warms up (allocations, kernels): not counted
-            times.append(time.perf_counter() - t0)
-            tokens += int(batch["tokens"].ne(vocab.PAD_IDX).sum())
-    return {"step_s": sum(times) / len(times), "tokens_per_step": tokens / steps,
-            "trainable_parameters": sum(p.numel() for p in trainable), "peak_memory_mb": peak_memory_mb(device)}
+        return batch
+
+    for _ in range(args.warmup):  # allocations, kernels, plans: not counted
+        step()
+    sync()
+    model.token_counts.update(dict.fromkeys(model.token_counts, 0))
+    t0 = time.perf_counter()
+    last = [step() for _ in range(args.steps)][-1]
+    sync()
+    seconds = (time.perf_counter() - t0) / args.steps
+    counts = {"anchors": args.anchors * args.steps, **model.token_counts}
+    tokens = counts["tokens"] / args.steps
+    speed = throughput.epoch_speed(counts, seconds * args.steps, backbone_arch(model.backbone), model.first_trainable,
+                                   config.encoder.tune, dev)
+    backbone_s = []  # the backbone alone on the last batch: forward and backward, no heads, losses or optimiser
+    for _ in range(2):
+        sync()
+        t1 = time.perf_counter()
+        with runtime.autocast(dev, dtype):
+            reps = model.embed(last)
+        reps.float().sum().backward() if reps.requires_grad else None
+        sync()
+        backbone_s.append(time.perf_counter() - t1)
+    optimizer.zero_grad(set_to_none=True)
+    return {"step_s": seconds, "tokens_per_step": tokens, "tokens_per_s": speed["tokens_per_s"],
+            "mfu": speed.get("mfu"), "outside_backbone_share": max(0.0, 1 - min(backbone_s) / seconds),
+            "trainable_parameters": sum(p.numel() for p in trainable), "peak_memory_mb": peak_memory_mb(args.device)}
+
+
+def run_predict(path: str, layout: str, args) -> dict:
+    """predict.py on --predict proteins of the real length distribution: proteins per second."""
+    import predict
+    from utils import save_checkpoint
+    folder = args.dir / "predict"
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt = folder / f"{args.arch}.pt"
+    if not ckpt.is_file():  # a train.py checkpoint of the random model (heads included)
+        config = resolve_config({"encoder": {"checkpoint": path}, "data": {"root": args.data_root}})
+        model = Encoder(config)
+        save_checkpoint({"model": model.state_dict(), "config": config.to_dict(), "arch": backbone_arch(model.backbone),
+                         "classes": vocab.CLASSES}, ckpt)
+    fasta = folder / f"proteins_{args.predict}.fa"
+    if not fasta.is_file():
+        lengths = [len(p.sequence) for p in data.load_proteins(args.data_root)[0]]
+        rng = np.random.default_rng(0)
+        with open(fasta, "w") as handle:
+            for i, n in enumerate(rng.choice(lengths, size=args.predict)):
+                handle.write(f">p{i}\n{''.join(rng.choice(list(vocab.STANDARD_RESIDUES), size=int(n)))}\n")
+    out = folder / f"out_{layout}.jsonl"
+    t0 = time.perf_counter()
+    code = predict.main(["--checkpoint", str(ckpt), "--fasta", str(fasta), "--out", str(out), "--device", args.device,
+                         "--layout", layout, "--max-tokens", str(args.max_tokens)])
+    seconds = time.perf_counter() - t0
+    if code != 0:
+        raise RuntimeError(f"predict.py exited with {code}")
+    return {"proteins": args.predict, "seconds": seconds, "proteins_per_s": args.predict / seconds,
+            "peak_memory_mb": peak_memory_mb(args.device)}
 
 
 def child(args, *extra) -> dict:
     cmd = [sys.executable, __file__, "--child", *extra, "--data-root", args.data_root, "--anchors", str(args.anchors),
-           "--steps", str(args.steps), "--device", args.device]
+           "--n-pos", str(args.n_pos), "--n-neg", str(args.n_neg), "--warmup", str(args.warmup), "--steps",
+           str(args.steps), "--device", args.device, "--dir", str(args.dir), "--arch", args.arch,
+           "--predict", str(args.predict), "--max-tokens", str(args.max_tokens)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -132,31 +198,46 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "mutarget"))
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--anchors", type=int, default=2)
-    p.add_argument("--steps", type=int, default=2, help="measured steps per mode (after one warm-up step)")
+    p.add_argument("--anchors", type=int, default=8)
+    p.add_argument("--n-pos", type=int, default=3)
+    p.add_argument("--n-neg", type=int, default=9)
+    p.add_argument("--warmup", type=int, default=2, help="steps before the timed ones")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per mode")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # load PATH | steps PATH MODE PRECISION
+    p.add_argument("--precisions", nargs="+", default=["bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--layouts", nargs="+", default=["packed", "padded"], choices=["packed", "padded"])
+    p.add_argument("--predict", type=int, default=0, help="also predict this many proteins per layout (0: no)")
+    p.add_argument("--max-tokens", type=int, default=65536, help="predict.py --max-tokens")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # load PATH | steps PATH MODE PRECISION LAYOUT
     args = p.parse_args(argv)
     if args.child:
         kind, path, *rest = args.child
-        result = run_load(path) if kind == "load" else run_steps(path, *rest, args.data_root, args.anchors, args.steps,
-                                                                 args.device)
+        result = (run_load(path) if kind == "load" else run_predict(path, *rest, args) if kind == "predict"
+                  else run_steps(path, *rest, args))
         print(json.dumps(result))
         return 0
     t0 = time.perf_counter()
     files = write_weights(args.arch, args.dir)
     results = {"arch": args.arch, "device": args.device, "threads": torch.get_num_threads(),
-               "write_s": time.perf_counter() - t0, "load": {}, "steps": {}}
+               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+               "torch": torch.__version__, "write_s": time.perf_counter() - t0, "load": {}, "steps": {}, "predict": {}}
     for fmt, path in files.items():
         results["load"][fmt] = child(args, "load", str(path))
         print(f"load {fmt:8}: {results['load'][fmt]['load_s']:.1f} s, peak RSS "
               f"{results['load'][fmt]['peak_rss_mb']:.0f} MB", flush=True)
     for mode in args.modes:
         for precision in args.precisions:
-            r = results["steps"][f"{mode}/{precision}"] = child(args, "steps", str(files["fair-esm"]), mode, precision)
-            print(f"{mode:20} {precision}: {r['step_s']:.2f} s/step ({r['tokens_per_step']:.0f} tokens), "
-                  f"{r['trainable_parameters']} trainable parameters, peak memory {r['peak_memory_mb']:.0f} MB", flush=True)
+            for layout in args.layouts:
+                r = results["steps"][f"{mode}/{precision}/{layout}"] = child(
+                    args, "steps", str(files["fair-esm"]), mode, precision, layout)
+                mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+                print(f"{mode:20} {precision} {layout:6}: {r['step_s']:.3f} s/step, {r['tokens_per_s']:.0f} tokens/s "
+                      f"({r['tokens_per_step']:.0f} per step), MFU {mfu}, outside the backbone "
+                      f"{r['outside_backbone_share']:.0%}, peak memory {r['peak_memory_mb']:.0f} MB", flush=True)
+    for layout in args.layouts if args.predict else []:
+        r = results["predict"][layout] = child(args, "predict", str(files["fair-esm"]), layout)
+        print(f"predict {layout:6}: {r['proteins']} proteins in {r['seconds']:.1f} s ({r['proteins_per_s']:.0f} "
+              f"proteins/s, loading included), peak memory {r['peak_memory_mb']:.0f} MB", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

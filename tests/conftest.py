@@ -62,3 +62,17 @@ def fasta(tmp_path_factory):
     """A proteome (helpers.proteome) as a FASTA file."""
     from helpers import proteome, write_fasta
     return write_fasta(tmp_path_factory.mktemp("input") / "proteome.fa", proteome())
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: over half a minute on a CPU; skipped unless `pytest -m slow`")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run only when asked for (`python -m pytest -m slow`), keeping the suite under 5 minutes."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with `python -m pytest -m slow`")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

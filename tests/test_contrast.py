@@ -2,6 +2,7 @@
 import json
 import math
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -255,7 +256,7 @@ def test_mutated_anchors_are_never_shared_with_samples(tmp_path):
     proteins, partitions = data.load_proteins(tmp_path)
     ds = data.LocalizationDataset([proteins[i] for i in data.fold_indices(partitions, 0)["train"]], "train")
     contrast.enable_supcon(ds, 3, 5, seed=2)
-    contrast.enable_augmentation(ds, True, 0.5, 0.5, max_copies=1, views=1, seed=0)
+    contrast.enable_augmentation(ds, SimpleNamespace(apply=True, pos_rate=0.5, neg_rate=0.5, max_copies=1))
     items = [ds[i] for i in range(12)]
     batch = batching.Collate(max_len=400, overlap=10)(items)
     rows = batch["indices"].tolist()
@@ -304,7 +305,7 @@ def test_augmentation_rates_labels_and_epochs(tmp_path):
     synthetic.make_synthetic_dataset(tmp_path, 300, 4)
     proteins, _ = data.load_proteins(tmp_path)
     ds = data.LocalizationDataset(proteins)
-    contrast.enable_augmentation(ds, True, pos_rate=0.1, neg_rate=0.3, max_copies=3, views=3, seed=0)
+    contrast.enable_augmentation(ds, SimpleNamespace(apply=True, pos_rate=0.1, neg_rate=0.3, max_copies=3), views=3)
     changed = {True: [0, 0], False: [0, 0]}  # inside / outside signals: [mutated, total]
     for i in range(len(ds)):
         item = ds[i]

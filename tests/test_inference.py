@@ -16,14 +16,28 @@ def test_results_do_not_depend_on_batching(ckpts):
     proteins = [data.make_protein(i, s, "", i) for i, s in proteome()]
     cpu = torch.device("cpu")
     members = inference.load_ensemble([ckpts["a"]], cpu)
-    ref = inference.predict_chunk(members, proteins, cpu, max_tokens=10 ** 6)
-    runs = [inference.predict_chunk(members, proteins, cpu, max_tokens=96),
-            inference.predict_chunk(members, proteins, cpu, max_proteins=3),
-            sum((inference.predict_chunk(members, proteins[i:i + 5], cpu) for i in range(0, len(proteins), 5)), [])]
+    ref = inference.predict_chunk(members, proteins, inference.Settings(cpu, max_tokens=10 ** 6))
+    runs = [inference.predict_chunk(members, proteins, inference.Settings(cpu, max_tokens=96)),
+            inference.predict_chunk(members, proteins, inference.Settings(cpu, max_proteins=3)),
+            sum((inference.predict_chunk(members, proteins[i:i + 5], inference.Settings(cpu)) for i in range(0, len(proteins), 5)), [])]
     for results in runs:
         for a, b in zip(ref, results):
             for key in ("probs", "motif", "pooled", "projection"):
                 assert np.array_equal(getattr(a, key), getattr(b, key)), key
+
+
+def test_packed_layout_equals_padded(ckpts):
+    """predict.py --layout packed (the GPU's default): every protein's probabilities, tracks and embeddings
+    agree with the padded layout's to 1e-5, also when the token budget splits a chunk into many batches."""
+    proteins = [data.make_protein(i, s, "", i) for i, s in proteome()]
+    cpu = torch.device("cpu")
+    members = inference.load_ensemble([ckpts["a"]], cpu)
+    padded = inference.predict_chunk(members, proteins, inference.Settings(cpu))
+    for budget in (96, 16384):
+        packed = inference.predict_chunk(members, proteins, inference.Settings(cpu, max_tokens=budget, packed=True))
+        for a, b in zip(padded, packed):
+            for key in ("probs", "motif", "pooled", "projection"):
+                np.testing.assert_allclose(getattr(b, key), getattr(a, key), rtol=0, atol=1e-5, err_msg=key)
 
 
 def test_plan_batches_hand_worked():
@@ -60,7 +74,7 @@ def test_identical_sequences_are_predicted_once(ckpts, monkeypatch):
     pairs = proteome()
     proteins = [data.make_protein(i, s, "", i) for i, s in pairs]
     cpu = torch.device("cpu")
-    results = inference.predict_chunk(inference.load_ensemble([ckpts["a"]], cpu), proteins, cpu, max_tokens=200)
+    results = inference.predict_chunk(inference.load_ensemble([ckpts["a"]], cpu), proteins, inference.Settings(cpu, max_tokens=200))
     assert sorted(seen) == sorted({s for _, s in pairs})
     ids = [i for i, _ in pairs]
     assert results[ids.index("copy_of_prot5")] is results[ids.index("prot5")]
@@ -72,7 +86,7 @@ def test_results_match_encoder_forward(ckpts):
     proteins = [data.make_protein(i, s, "", i) for i, s in proteome()]
     cpu = torch.device("cpu")
     members = inference.load_ensemble([ckpts["a"]], cpu)
-    ours = inference.predict_chunk(members, proteins, cpu, max_tokens=300)
+    ours = inference.predict_chunk(members, proteins, inference.Settings(cpu, max_tokens=300))
     ref = run_inference(members[0].model, data.LocalizationDataset(proteins), 4, cpu, "none",
                         members[0].max_len, members[0].overlap)
     for i, r in enumerate(ours):
@@ -122,8 +136,8 @@ def test_bf16_on_cpu_is_close_to_fp32(ckpts):
     cpu = torch.device("cpu")
     members = inference.load_ensemble([ckpts["a"]], cpu)
     assert inference.autocast_dtype("auto", cpu) is None and inference.autocast_dtype("bf16", cpu) is torch.bfloat16
-    fp32 = inference.predict_chunk(members, proteins, cpu, None)
-    bf16 = inference.predict_chunk(members, proteins, cpu, torch.bfloat16)
+    fp32 = inference.predict_chunk(members, proteins, inference.Settings(cpu))
+    bf16 = inference.predict_chunk(members, proteins, inference.Settings(cpu, torch.bfloat16))
     assert any(not np.array_equal(a.probs, b.probs) for a, b in zip(fp32, bf16))  # bf16 really ran
     for a, b in zip(fp32, bf16):
         assert np.abs(a.probs - b.probs).max() <= 0.01

@@ -143,17 +143,39 @@ def test_settings_that_cannot_work_are_refused():
     assert not unfused.packed  # fair-esm's own layer code: padded
 
 
-def test_compiled_layers_equal_eager():
-    """train.compile: the per-token parts of each layer through torch.compile (where this platform compiles:
-    a C++ compiler on the CPU); outputs and gradients equal the eager ones."""
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_layers_equal_eager(backend):
+    """train.compile: the per-token parts of each layer through torch.compile; outputs and gradients equal the
+    eager ones, with a bounded number of graphs for any token count. aot_eager captures the same graphs (forward
+    and backward) without generating code; inductor (the real backend: a C++ compiler on the CPU, about a minute
+    cold) runs with `pytest -m slow` and in scripts/gpu_check.sh."""
     import runtime
-    try:
-        runtime.check_compiler(torch.device("cpu"))
-    except ConfigError as err:
-        pytest.skip(f"no compiler on this platform: {err}")
+    if backend == "inductor":
+        try:
+            runtime.check_compiler(torch.device("cpu"))
+        except ConfigError as err:
+            pytest.skip(f"no compiler on this platform: {err}")
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
     b = batch([40, 300, 9, 9])
     eager, compiled = encoder(True), encoder(True)
-    compiled.compile_layers()
+    compiled.compile_layers(backend)
     assert_close(outputs_and_grads(compiled, b), outputs_and_grads(eager, b), tol=1e-4)
-    from torch._dynamo.utils import counters
-    assert counters["stats"]["unique_graphs"] <= 4 * 2 * len(compiled.backbone.layers)  # bounded, whatever N
+    assert 0 < counters["stats"]["unique_graphs"] <= 4 * 2 * len(compiled.backbone.layers)  # bounded, whatever N
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run by scripts/gpu_check.sh)")
+@pytest.mark.parametrize("dtype,tol", [(None, 1e-4), (torch.bfloat16, 5e-2)])
+def test_cuda_packed_equals_padded(dtype, tol):
+    """On a GPU: in bf16 the packed layout's attention is the fused variable-length kernel (when this PyTorch has
+    it), in fp32 the exact per-length path; both agree with the padded layout at every real token."""
+    device = torch.device("cuda")
+    m = encoder(True).to(device).eval()
+    tokens = batch()["tokens"].to(device)
+    real = tokens.ne(vocab.PAD_IDX)
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+        packed, padded = m.backbone_forward(tokens, packed=True), m.backbone_forward(tokens, packed=False)
+    assert (packed[real].float() - padded[real].float()).abs().max() <= tol
+    if dtype is not None and packing.varlen_attn is not None:
+        assert packing.fused_varlen_available(torch.zeros(1, device=device, dtype=dtype))

@@ -108,11 +108,11 @@ def test_ensemble_is_mean(tmp_path, ckpt, capsys):
     # motif tracks are averaged too
     proteins = [data.make_protein(k, s, "", k) for k, s in SEQS.items()]
     cpu = torch.device("cpu")
-    single = [inference.predict_chunk(inference.load_ensemble([p], cpu), proteins, cpu, max_tokens=200)
+    single = [inference.predict_chunk(inference.load_ensemble([p], cpu), proteins, inference.Settings(cpu, max_tokens=200))
               for p in (best, last)]
     members = inference.load_ensemble([best, last], cpu)
     np.testing.assert_array_equal(inference.ensemble_thresholds(members, False), 0.5)
-    both = inference.predict_chunk(members, proteins, cpu, max_tokens=200)
+    both = inference.predict_chunk(members, proteins, inference.Settings(cpu, max_tokens=200))
     for i in range(len(proteins)):
         np.testing.assert_allclose(both[i].motif, (single[0][i].motif + single[1][i].motif) / 2, rtol=0, atol=1e-12)
         np.testing.assert_allclose(both[i].probs, (single[0][i].probs + single[1][i].probs) / 2, rtol=0, atol=1e-12)
@@ -139,7 +139,7 @@ def test_sites_and_segments(tmp_path, ckpt, capsys):
     assert code == 0, err
     proteins = [data.make_protein(k, s, "", k) for k, s in SEQS.items()]
     cpu = torch.device("cpu")
-    motifs = [r.motif for r in inference.predict_chunk(inference.load_ensemble([model], cpu), proteins, cpu)]
+    motifs = [r.motif for r in inference.predict_chunk(inference.load_ensemble([model], cpu), proteins, inference.Settings(cpu))]
     for r, motif in zip(records_of(out), motifs):
         assert r["predicted"] == CLASSES
         assert r["sites"] == {c: int(np.argmax(motif[CLASSES.index(c)])) + 1 for c in CLASSES if c in vocab.SITE_CLASSES}

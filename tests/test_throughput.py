@@ -23,11 +23,12 @@ def test_speed_figures_in_metrics(tmp_path):
 def test_flops_estimate_hand_worked():
     arch = {"embed_dim": 2, "num_layers": 3}
     # per layer: 24 d^2 per token * 10 tokens + 4 d * 100 pairs = 960 + 800
-    assert throughput.backbone_flops(arch, 1, True, 10, 100) == 1760 * (3 + 2 * 2)  # forward 3, backward 2 x 2
-    assert throughput.backbone_flops(arch, 1, False, 10, 100) == 1760 * (3 + 2)  # LoRA: gradients pass through
-    assert throughput.backbone_flops(arch, 3, True, 10, 100) == 1760 * 3  # frozen: forward only
+    pairs = {"tokens": 10, "attention": 100}
+    assert throughput.backbone_flops(arch, 1, True, pairs) == 1760 * (3 + 2 * 2)  # forward 3, backward 2 x 2
+    assert throughput.backbone_flops(arch, 1, False, pairs) == 1760 * (3 + 2)  # LoRA: gradients pass through
+    assert throughput.backbone_flops(arch, 3, True, pairs) == 1760 * 3  # frozen: forward only
     # frozen-layer cache: the frozen layer 0 computed 5 tokens and 20 pairs only (480 + 160 per layer)
-    assert throughput.backbone_flops(arch, 1, True, 10, 100, 5, 20) == 640 * 1 + 1760 * 2 * 3
+    assert throughput.backbone_flops(arch, 1, True, dict(pairs, prefix_tokens=5, prefix_attention=20)) == 640 * 1 + 1760 * 2 * 3
     assert throughput.peak_flops(torch.device("cpu")) is None
 
 
