@@ -317,6 +317,9 @@ def resolve_config(tree: dict, overrides=None, where: str = "config") -> Config:
         raise ConfigError(f"{where}: encoder.chunk_tokens ({budget}) is smaller than a window (data.max_len + BOS + "
                           f"EOS = {window} tokens): every backbone call must hold at least one window; use >= {window}, "
                           f"0 (no limit) or auto")
+    if config["train"]["compile"] and not (enc["packed"] and enc["fused_attention"]):
+        raise ConfigError(f"{where}: train.compile compiles the packed layout's layers: set encoder.packed: true "
+                          f"and encoder.fused_attention: true, or train.compile: false")
     return Config(config)
 
 

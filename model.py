@@ -382,8 +382,9 @@ class Encoder(nn.Module):
     def compile_layers(self, backend: str = "inductor") -> None:
         """train.compile: each layer's per-token work before and after attention through torch.compile
         (dynamic shapes: one graph per layer and grad mode serves every token count); attention itself stays
-        eager (the fused variable-length kernel, or exact per-window calls on the CPU). `backend` other than
-        inductor only for tests (aot_eager: the same captured graphs without code generation)."""
+        eager (the fused variable-length kernel, or exact per-window calls on the CPU); the residue decoders and the
+        projection head too. A `backend` other than inductor only for tests (aot_eager: the same captured graphs
+        without code generation)."""
         import torch._dynamo
         layers = self.backbone.layers
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(layers))
@@ -391,6 +392,9 @@ class Encoder(nn.Module):
         after = torch.compile(packing.after_attention, dynamic=True, backend=backend)
         for layer in layers:
             layer.packed_forward = functools.partial(packing.transformer_layer, layer, parts=(before, after))
+        for head in (self.decoders, self.projection):  # in place: parameter names (checkpoints) stay the same
+            if head is not None:
+                head.compile(dynamic=True, backend=backend)
 
     def embed(self, batch: dict) -> torch.Tensor:
         """Per-residue embeddings of each protein [B, L, d], windows stitched."""

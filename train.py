@@ -173,6 +173,8 @@ def set_up(args) -> tuple[Trainer, Progress]:
     tblog.require(config)
     rank, world, device = init_distributed(config)
     amp_dtype(config.train.amp, device)  # an impossible train.amp fails here, before anything is written
+    if config.train.compile:
+        check_compiler(device)
     if config.train.parallel == "fsdp" and world == 1:
         raise ConfigError("train.parallel: fsdp shards the model over processes: start it with torchrun "
                           "--nproc_per_node=N (N >= 2), or use train.parallel: ddp in one process")
@@ -208,10 +210,6 @@ def set_up(args) -> tuple[Trainer, Progress]:
     if caching:
         model.cache = make_cache(model, datasets, config, rank)
     if config.train.compile:
-        if not model.packed:
-            raise ConfigError("train.compile compiles the packed layout's layers: set encoder.packed: true (with "
-                              "encoder.fused_attention: true), or train.compile: false")
-        check_compiler(device)
         model.compile_layers()
     if config.supcon.apply and config.encoder.tune == "frozen":
         log.warning("SupCon is on but the backbone is frozen: the contrastive loss can only train the "

@@ -115,6 +115,39 @@ def test_frozen_cache_run_and_refusal(tmp_path, capsys):
     assert not (tmp_path / "b" / "run").exists()
 
 
+def test_compile_refusals_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    """train.compile needs the packed layout, and a platform where torch.compile works: exit 2, no run_dir."""
+    config = write_config(tmp_path, **{"train.compile": True, "encoder.packed": False})
+    assert train.main(["--config", str(config)]) == 2
+    assert "train.compile compiles the packed layout's layers: set encoder.packed: true" in capsys.readouterr().err
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    config = write_config(tmp_path, **{"train.compile": True})
+    assert train.main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "train.compile: true, but torch.compile does not work on this platform" in err
+    assert "No working C++ compiler found" in err and "set train.compile: false" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_compiled_run_trains_like_the_eager_one(tmp_path):
+    """train.compile: true end to end with the real backend (inductor): the first epoch's losses are the eager
+    run's to float rounding, and a resumed compiled run finishes."""
+    runtime.check_compiler(torch.device("cpu"))
+    eager = write_config(tmp_path / "eager", **{"train.epochs": 1})
+    compiled = write_config(tmp_path / "compiled", **{"train.epochs": 2, "train.compile": True})
+    assert train.main(["--config", str(eager)]) == 0
+    assert train.main(["--config", str(compiled), "--stop-after", "1"]) == 0
+    first_eager, first_compiled = read_metrics(tmp_path / "eager" / "run")[0], read_metrics(tmp_path / "compiled" / "run")[0]
+    for key in ("train_loss", "train_class_loss", "train_motif_loss"):
+        assert first_compiled[key] == pytest.approx(first_eager[key], rel=1e-3), key
+    assert train.main(["--resume", str(tmp_path / "compiled" / "run" / "checkpoints" / "last.pt")]) == 0
+    assert [r["epoch"] for r in read_metrics(tmp_path / "compiled" / "run")] == [0, 1]
+
+
 def test_frozen_cache_refused_with_augmentation(tmp_path, capsys):
     config = write_config(tmp_path, **{"encoder.scratch.num_layers": 2, "encoder.tune": "last_k",
                                        "encoder.trainable_layers": 1, "encoder.cache_frozen": True,
