@@ -3,7 +3,7 @@
 Both replace nn.Linear modules inside fair-esm's transformer layers by subclasses that keep the
 pretrained weight and bias under their own names (the plain backbone's state dict still fits) and
 add small trainable parameters. They act wherever the layer calls the Linear, so fair-esm's own
-layer code and model.transformer_layer (fused attention) both use them.
+layer code and backbone.transformer_layer (fused attention) both use them.
 
 LoRA (Hu et al. 2021): W x + b + (alpha / r) B A dropout(x), A [r, in] Kaiming-uniform, B [out, r]
 zero at the start, so the adapted model equals the pretrained one at step 0. Merging W + (alpha / r) B A
@@ -97,7 +97,7 @@ def first_adapted_layer(num_layers: int, trainable_layers: int, tune: str) -> in
 
 
 def add_lora(backbone, first: int, rank: int, alpha: float, dropout: float, targets) -> None:
-    """LoRA on `targets` (names of LORA_TARGETS; utils.resolve_config has checked them) of layers
+    """LoRA on `targets` (names of LORA_TARGETS; config.resolve_config has checked them) of layers
     first..end, in place."""
     for layer in backbone.layers[first:]:
         for target in dict.fromkeys(targets):

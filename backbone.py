@@ -19,7 +19,7 @@ def build_backbone(encoder_cfg, arch: dict | None = None) -> esm.model.esm2.ESM2
     if arch is not None:
         return esm.model.esm2.ESM2(alphabet="ESM-1b", **arch)
     if encoder_cfg["scratch"] is not None:
-        s = encoder_cfg["scratch"]  # sizes checked by utils.resolve_config
+        s = encoder_cfg["scratch"]  # sizes checked by config.resolve_config
         return esm.model.esm2.ESM2(num_layers=s["num_layers"], embed_dim=s["embed_dim"],
                                    attention_heads=s["attention_heads"], alphabet="ESM-1b")
     return load_pretrained(encoder_cfg)

@@ -147,11 +147,11 @@ class DiskCache:
         write_atomic(self.path(key), write, temp_folder=self.folder)  # one folder to clean after a kill
 
 
-def model_key(backbone, first_trainable: int, fused_attention: bool, precision, storage: str, device_type: str) -> str:
+def model_key(backbone, first_trainable: int, attention: str, precision, storage: str, device_type: str) -> str:
     """Hash naming a DiskCache folder: the frozen tensors (embeddings + layers < first_trainable),
-    the frozen depth, the attention code, the autocast precision (None = fp32), the storage dtype
-    (encoder.cache_dtype) and the device type ('cpu', 'cuda')."""
-    digest = hashlib.sha256(repr((first_trainable, fused_attention, str(precision), backbone.token_dropout,
+    the frozen depth, the attention code ('packed', 'fused' padded or 'fair-esm'), the autocast precision
+    (None = fp32), the storage dtype (encoder.cache_dtype) and the device type ('cpu', 'cuda')."""
+    digest = hashlib.sha256(repr((first_trainable, attention, str(precision), backbone.token_dropout,
                                   backbone.attention_heads, storage, device_type)).encode())
     for name, tensor in sorted(backbone.state_dict().items()):
         if name.startswith("embed_tokens.") or (name.startswith("layers.") and int(name.split(".")[1]) < first_trainable):
@@ -168,7 +168,8 @@ def make_cache(model, datasets: dict, config, rank: int = 0):
     enc = config.encoder
     device = next(model.parameters()).device
     if enc.cache_dir is not None:
-        key = model_key(model.backbone, model.first_trainable, model.fused_attention,
+        attention = "packed" if model.packed else "fused" if model.fused_attention else "fair-esm"
+        key = model_key(model.backbone, model.first_trainable, attention,
                         amp_dtype(config.train.amp, device), enc.cache_dtype, device.type)
         logging.getLogger("mutarget").info("frozen-layer cache shared across runs: %s", Path(enc.cache_dir) / key)
         return DiskCache(enc.cache_dir, key, enc.cache_dtype)

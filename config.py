@@ -317,6 +317,10 @@ def resolve_config(tree: dict, overrides=None, where: str = "config") -> Config:
         raise ConfigError(f"{where}: encoder.chunk_tokens ({budget}) is smaller than a window (data.max_len + BOS + "
                           f"EOS = {window} tokens): every backbone call must hold at least one window; use >= {window}, "
                           f"0 (no limit) or auto")
+    if config["train"]["parallel"] == "fsdp" and (enc["cache_frozen"] or enc["cache_dir"] is not None):
+        raise ConfigError(f"{where}: train.parallel: fsdp cannot use the frozen-layer cache (encoder.cache_frozen, "
+                          f"encoder.cache_dir): each process's cache misses would run the sharded frozen layers a "
+                          f"different number of times; turn the cache off or use train.parallel: ddp")
     if config["train"]["compile"] and not (enc["packed"] and enc["fused_attention"]):
         raise ConfigError(f"{where}: train.compile compiles the packed layout's layers: set encoder.packed: true "
                           f"and encoder.fused_attention: true, or train.compile: false")

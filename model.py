@@ -17,9 +17,15 @@ from weights import WeightsError  # noqa: F401  (re-exported: model.WeightsError
 
 
 def load_model_state(model: nn.Module, state: dict, path) -> None:
-    """model.load_state_dict(state) for a train.py checkpoint at `path`; a checkpoint made with
-    another encoder set-up (tune, LoRA rank / targets, adapter size, layers) is a ConfigError naming
-    the file and the keys to check, not a traceback."""
+    """model.load_state_dict(state) for a train.py checkpoint at `path`, checked by check_model_state."""
+    check_model_state(model, state, path)
+    model.load_state_dict(state)
+
+
+def check_model_state(model: nn.Module, state: dict, path) -> None:
+    """A checkpoint made with another encoder set-up (tune, LoRA rank / targets, adapter size, layers) than
+    `model`'s is a ConfigError naming the file and the keys to check, not a traceback. Sharded models compare
+    their parameters' whole shapes."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -30,7 +36,6 @@ def load_model_state(model: nn.Module, state: dict, path) -> None:
         raise ConfigError(f"{path}: the checkpoint's weights do not fit this encoder configuration ({found}); "
                           f"check encoder.tune, encoder.trainable_layers, encoder.lora.*, encoder.adapter.dim and "
                           f"the supcon head keys against the checkpoint's stored config")
-    model.load_state_dict(state)
 
 
 def stitch_windows(window_repr: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -44,6 +44,7 @@ class Stream:
     positions: torch.Tensor
     cu: torch.Tensor
     groups: list
+    rotary: tuple | None = None  # cos, sin [N, 1, dh]: computed by the first layer, shared by the others
 
     @property
     def max_len(self) -> int:
@@ -64,6 +65,8 @@ def make_stream(tokens: torch.Tensor, lengths: list) -> Stream:
     positions = torch.cat([torch.arange(length) for length in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
     cu = torch.tensor([0] + list(_cumsum(lengths)), dtype=torch.int32)
     device = tokens.device
+    if device.type == "cuda":  # pinned: the copies below return at once, behind the GPU's queued work
+        positions, cu = positions.pin_memory(), cu.pin_memory()
     return Stream(tokens, list(lengths), positions.to(device, non_blocking=True), cu.to(device, non_blocking=True),
                   groups)
 
@@ -82,14 +85,20 @@ def embed(backbone, stream: Stream) -> torch.Tensor:
     if backbone.token_dropout:
         is_mask = stream.tokens.eq(backbone.mask_idx)
         x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
-        lengths = torch.tensor(stream.lengths, device=x.device)
+        lengths = stream.cu[1:] - stream.cu[:-1]  # on the device already: no wait for a copy
         window = torch.repeat_interleave(torch.arange(len(stream.lengths), device=x.device), lengths,
                                          output_size=stream.tokens.shape[0])
         masked = torch.zeros(len(stream.lengths), device=x.device, dtype=x.dtype).index_add_(
             0, window, is_mask.to(x.dtype))
         observed = masked / lengths.to(x.dtype)
-        x = x * ((1 - 0.15 * 0.8) / (1 - observed))[window][:, None]
+        x = x * token_dropout_scale(observed)[window][:, None]
     return x
+
+
+def token_dropout_scale(mask_share: torch.Tensor) -> torch.Tensor:
+    """fair-esm's token-dropout rescaling of embeddings, by each window's share of <mask> tokens: ESM-2 was trained
+    with 15% of tokens masked and 80% of those replaced by <mask>, so scale by (1 - 0.12) / (1 - share)."""
+    return (1 - 0.15 * 0.8) / (1 - mask_share)
 
 
 def rotary_tables(rot_emb, stream: Stream) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,8 +116,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_varlen_available(q: torch.Tensor) -> bool:
-    """Whether attention of this call can use the fused variable-length kernel: CUDA, half precision."""
-    return varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    """Whether attention of this call, q [N, H, dh], can use the fused variable-length kernel."""
+    return fused_varlen_supported(q.device, q.dtype, q.shape[-1])
+
+
+def fused_varlen_supported(device: torch.device, dtype, head_dim: int = 64) -> bool:
+    """Whether the fused variable-length kernel (flash attention) runs here: CUDA on a GPU of compute capability
+    8.0 or later (Ampere, Hopper, ...), half precision, a head size that is a multiple of 8 up to 256 (every
+    ESM-2: 16 to 128)."""
+    return (varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and head_dim % 8 == 0 and head_dim <= 256 and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stream: Stream) -> torch.Tensor:
@@ -117,7 +134,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stream: Stream)
         dtype = torch.get_autocast_dtype("cuda")
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if fused_varlen_available(q):
-        return varlen_attn(q, k, v, stream.cu, stream.cu, stream.max_len, stream.max_len, scale=1.0)
+        # without autograd (evaluation, prediction) one split of the keys: a window's result does not depend on
+        # the longest window of the call, so a protein predicts the same whatever its batch-mates
+        splits = None if torch.is_grad_enabled() else 1
+        return varlen_attn(q, k, v, stream.cu, stream.cu, stream.max_len, stream.max_len, scale=1.0,
+                           num_splits=splits)
     parts = []
     for first, count, length in stream.groups:  # windows of one length: a batch for the fused CPU kernel
         end = first + count * length
@@ -151,9 +172,14 @@ def after_attention(layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
 
 def transformer_layer(layer, x: torch.Tensor, stream: Stream, parts=(before_attention, after_attention)) -> torch.Tensor:
     """One fair-esm TransformerLayer (pre-LayerNorm, rotary self-attention, GELU feed-forward) on the packed
-    stream x [N, d]: the same weights and arithmetic as model.transformer_layer on a padded batch. `parts`:
+    stream x [N, d]: the same weights and arithmetic as backbone.transformer_layer on a padded batch. `parts`:
     the per-token functions before and after attention (compiled ones with train.compile)."""
     before, after = parts
-    cos, sin = rotary_tables(layer.self_attn.rot_emb, stream) if layer.self_attn.rot_emb is not None else (None, None)
+    if layer.self_attn.rot_emb is None:
+        cos = sin = None
+    else:  # every layer's rotary embedding has the same frequencies: one table per stream
+        if stream.rotary is None:
+            stream.rotary = rotary_tables(layer.self_attn.rot_emb, stream)
+        cos, sin = stream.rotary
     q, k, v = before(layer, x, cos, sin)
     return after(layer, x, attention(q, k, v, stream))

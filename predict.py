@@ -79,7 +79,8 @@ def parse_args(argv=None):
     run.add_argument("--layout", choices=("auto", "packed", "padded"), default="auto",
                      help="packed: each batch's windows as one token stream without padding (the GPU's default); "
                           "padded: windows padded to canonical widths, whose results do not depend on the batching "
-                          "bit for bit (the CPU's default); auto: packed on CUDA, padded on the CPU")
+                          "bit for bit (the CPU's default); auto: packed where the fused variable-length kernel runs "
+                          "(CUDA, compute capability >= 8.0, bf16 / fp16), padded elsewhere")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     run.add_argument("--tuned-thresholds", action="store_true",
                      help="use the mean of the checkpoints' valid-tuned thresholds instead of 0.5")

@@ -39,7 +39,7 @@ class ReleaseError(CheckpointError):
 @dataclass
 class Trained:
     """One trained model as prediction needs it: `name` (the file it came from, for messages), the model's
-    tensors `state`, the stored training `config` (a tree for utils.resolve_config), the backbone `arch`,
+    tensors `state`, the stored training `config` (a tree for config.resolve_config), the backbone `arch`,
     the `classes`, the validation-tuned `thresholds` {class: t} (None for a checkpoint without them) and
     the class `centroids` {space: {'centres' [8, d], 'counts' [8], 'thresholds' [8]}} (NumPy; None if
     not stored)."""

@@ -104,8 +104,11 @@ def shard_model(model) -> None:
     """train.parallel: fsdp: FSDP2 (fully_shard) on every transformer layer, then on the rest of the model, so
     each process holds 1 / world of the weights, gradients and optimiser state, and a layer's weights are
     gathered just for its forward and backward. The layers' fused forwards (packed_forward, padded_forward)
-    are registered as forward methods, so FSDP gathers for them as for forward."""
+    are registered as forward methods, so FSDP gathers for them as for forward. Each backbone call takes the
+    whole batch (no token budget): processes whose windows would fill different numbers of calls would issue
+    different numbers of gathers and wait for each other forever."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    model.chunk_tokens = 0  # one backbone call per forward: every process gathers each layer equally often
     for layer in model.backbone.layers:
         fully_shard(layer)
         for name in ("packed_forward", "padded_forward"):
@@ -119,8 +122,8 @@ def is_sharded(model) -> bool:
 
 
 def full_state(model, optimizer=None) -> tuple[dict, dict | None]:
-    """(model state, optimiser state) as a checkpoint stores them: whole tensors on the CPU whatever the
-    sharding (a sharded model gathers them: every process must call this), the optimiser's keyed by parameter
+    """(model state, optimiser state) as a checkpoint stores them: whole tensors whatever the sharding (a
+    sharded model gathers them onto the CPU: every process must call this), the optimiser's keyed by parameter
     name, so that any number of processes can resume them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -131,11 +134,12 @@ def full_state(model, optimizer=None) -> tuple[dict, dict | None]:
 
 
 def load_model_full_state(model, state: dict, path) -> None:
-    """A checkpoint's whole model state into the model: checked by model.load_model_state (a ConfigError naming
-    the file when it does not fit), or, sharded, each process taking its part."""
+    """A checkpoint's whole model state into the model, checked first (model.check_model_state: a ConfigError
+    naming the file when it does not fit); sharded, each process takes its part."""
+    from model import check_model_state
+    check_model_state(model, state, path)
     if not is_sharded(model):
-        from model import load_model_state
-        load_model_state(model, state, path)
+        model.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))

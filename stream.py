@@ -43,6 +43,7 @@ from inference import (
     use_centroids,
 )
 from metrics import score
+from packing import fused_varlen_supported
 from release import read_models
 from runtime import init_distributed
 from space import centroid_metrics
@@ -218,8 +219,9 @@ def run(args, rank: int, world: int, device) -> None:
     if args.method != "head":
         space = use_centroids(members, args.space)
         centroid = outputs.Centroid(space, centroid_thresholds(members), args.centroid_rule)
-    settings = Settings(device, autocast_dtype(args.precision, device), args.max_tokens, args.batch_size,
-                        packed=args.layout == "packed" or (args.layout == "auto" and device.type == "cuda"))
+    dtype = autocast_dtype(args.precision, device)
+    settings = Settings(device, dtype, args.max_tokens, args.batch_size,  # auto: packed where the fused kernel runs
+                        packed=args.layout == "packed" or (args.layout == "auto" and fused_varlen_supported(device, dtype)))
     writers = labelled = None
     if rank == 0:
         report_skipped(scan, args.skipped)

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -33,6 +34,7 @@ from evaluate import evaluate, final_test
 from loss import ClassLoss, MotifLoss, class_weights, contrastive_loss, motif_pos_weights
 from metrics import score
 from model import Encoder, load_model_state
+from packing import fused_varlen_supported
 from runtime import (amp_dtype, autocast, available_cores, check_compiler, full_state, init_distributed,
                      load_optimizer_state, shard_model, to_device, warn_thread_oversubscription)
 from throughput import epoch_speed
@@ -211,6 +213,12 @@ def set_up(args) -> tuple[Trainer, Progress]:
         model.cache = make_cache(model, datasets, config, rank)
     if config.train.compile:
         model.compile_layers()
+    head_dim = model.backbone.embed_dim // model.backbone.attention_heads
+    if model.packed and device.type == "cuda" and not fused_varlen_supported(device, amp_dtype(config.train.amp,
+                                                                                                device), head_dim):
+        log.warning("encoder.packed: the fused variable-length attention kernel does not run here (it needs compute "
+                    "capability 8.0+, train.amp bf16 / fp16 and a head size that is a multiple of 8): attention runs "
+                    "once per group of equal-length windows, usually slower than encoder.packed: false on a GPU")
     if config.supcon.apply and config.encoder.tune == "frozen":
         log.warning("SupCon is on but the backbone is frozen: the contrastive loss can only train the "
                     "projection head, which no prediction uses (set encoder.tune: last_k or full)")
@@ -227,6 +235,8 @@ def set_up(args) -> tuple[Trainer, Progress]:
     sharded = config.train.parallel == "fsdp"
     if sharded:
         shard_model(model)  # before the optimiser: it steps the shards
+        log.info("train.parallel: fsdp: each backbone call takes the whole batch (encoder.chunk_tokens not applied): "
+                 "every process must run each layer equally often for the sharded weights' gathers to match")
     optimizer = make_optimizer(model, config.train)
     scheduler = make_scheduler(optimizer, config.train, math.ceil(len(loader) / config.train.accumulate))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(config.train.amp, device) == torch.float16)
@@ -284,11 +294,13 @@ def make_loader(train_set, config, rank: int = 0, world: int = 1, device=torch.d
 
 
 def loader_workers(num_workers, device: torch.device) -> int:
-    """data.num_workers; auto: none on the CPU (the cores compute), else up to 4 worker processes (one core
-    left to this one) that sample and collate the next batches while the GPU runs the current one."""
+    """data.num_workers; auto: none on the CPU (the cores compute), else up to 4 worker processes that sample
+    and collate the next batches while the GPU runs the current one, from this process's share of the cores
+    (torchrun's LOCAL_WORLD_SIZE processes share the machine; one core left to each process itself)."""
     if num_workers != "auto":
         return num_workers
-    return 0 if device.type != "cuda" else max(0, min(4, available_cores() - 1))
+    per_process = available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return 0 if device.type != "cuda" else max(0, min(4, per_process - 1))
 
 
 def make_optimizer(model: Encoder, train_cfg) -> torch.optim.AdamW:

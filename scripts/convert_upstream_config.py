@@ -5,8 +5,8 @@ python scripts/convert_upstream_config.py UPSTREAM.yaml OUT.yaml
 
 Every upstream key is accounted for: the report printed on stdout lists what each translated key
 became and, for every key that could not be translated, the reason. OUT.yaml holds only the keys
-that came from upstream (everything else takes utils.DEFAULTS), each commented with its source,
-and is checked with utils.resolve_config before it is written. Bad input (missing file, invalid
+that came from upstream (everything else takes config.DEFAULTS), each commented with its source,
+and is checked with config.resolve_config before it is written. Bad input (missing file, invalid
 YAML, a value of the wrong type, a backbone other than ESM-2): a message naming the file and the
 key, exit code 2, nothing written. docs/upstream.md maps the two codebases side by side.
 """
@@ -450,7 +450,7 @@ def scalar(value) -> str:
 
 
 def ordered(tree: dict, defaults: dict, prefix: str = "") -> list[tuple[str, object]]:
-    """(dotted key, value) leaves of `tree` in the order of utils.DEFAULTS; blocks as (key, None)."""
+    """(dotted key, value) leaves of `tree` in the order of config.DEFAULTS; blocks as (key, None)."""
     rows = []
     for key in list(defaults) + [k for k in tree if k not in defaults]:
         if key not in tree:

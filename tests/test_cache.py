@@ -102,13 +102,23 @@ def test_damaged_or_foreign_entries_are_computed_again(tmp_path):
                 out)
 
 
-def test_model_key_covers_storage_and_device():
+def test_model_key_covers_storage_device_and_layout(tmp_path):
+    """Frozen outputs of another storage, device or attention code (packed, padded: other kernels) are
+    other entries; the layout chosen by the config reaches the key."""
     backbone = model.Encoder(resolve_config({"encoder": {"scratch": {"num_layers": 2, "embed_dim": 16,
                                                                            "attention_heads": 2}, "tune": "last_k",
                                                                "trainable_layers": 1}})).backbone
-    keys = {cache.model_key(backbone, 1, True, None, storage, device)
-            for storage in ("float16", "float32") for device in ("cpu", "cuda")}
-    assert len(keys) == 4
+    keys = {cache.model_key(backbone, 1, attention, None, storage, device)
+            for storage in ("float16", "float32") for device in ("cpu", "cuda") for attention in ("packed", "fused")}
+    assert len(keys) == 8
+    folders = set()
+    for packed in (True, False):
+        config = resolve_config({"encoder": {"scratch": {"num_layers": 2, "embed_dim": 16, "attention_heads": 2},
+                                             "tune": "last_k", "trainable_layers": 1, "packed": packed,
+                                             "cache_dir": str(tmp_path)}})
+        torch.manual_seed(0)
+        folders.add(cache.make_cache(model.Encoder(config), {}, config, 0).folder)
+    assert len(folders) == 2
 
 
 def _fill(rank, root, sequences, out):  # noqa: D103

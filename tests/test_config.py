@@ -215,3 +215,18 @@ def test_config_types_and_choices(tmp_path):
     path.write_text("train: [unclosed")
     with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
         load_config(path)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.parallel=fsdp", "encoder.tune=last_k", "encoder.cache_frozen=true"],
+     "train.parallel: fsdp cannot use the frozen-layer cache"),
+    (["train.parallel=fsdp", "encoder.cache_dir=/tmp/x"], "train.parallel: fsdp cannot use the frozen-layer cache"),
+    (["train.compile=true", "encoder.packed=false"], "train.compile compiles the packed layout's layers"),
+    (["train.compile=true", "encoder.fused_attention=false"], "train.compile compiles the packed layout's layers"),
+])
+def test_combinations_that_cannot_work(overrides, message):
+    """Keys that are each valid but not together: refused at load time, naming both keys."""
+    with pytest.raises(ConfigError, match=message):
+        resolve_config({"encoder": {"scratch": {}}}, overrides)
+    resolve_config({"encoder": {"scratch": {}}}, overrides[1:])  # each alone is fine
+    resolve_config({"encoder": {"scratch": {}}}, overrides[:1])

@@ -182,3 +182,24 @@ def test_cuda_packed_equals_padded(dtype, tol):
     assert (packed[real].float() - padded[real].float()).abs().max() <= tol
     if dtype is not None and packing.varlen_attn is not None:
         assert packing.fused_varlen_available(torch.zeros(1, device=device, dtype=dtype))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run by scripts/gpu_check.sh)")
+def test_cuda_packed_prediction_does_not_depend_on_batch_mates():
+    """Without autograd the fused kernel runs the keys in one split: a window's bf16 outputs are the same bit for
+    bit whether the call's longest window is itself or a 1022-token one."""
+    device = torch.device("cuda")
+    m = encoder(True).to(device).eval()
+    if not packing.fused_varlen_supported(device, torch.bfloat16):
+        pytest.skip("the fused variable-length kernel does not run on this GPU")
+    rng = np.random.default_rng(3)
+    long, short = ("".join(rng.choice(list(vocab.STANDARD_RESIDUES), size=n)) for n in (1022, 300))
+
+    def collate(seqs):
+        dataset = data.LocalizationDataset([data.make_protein(f"P{i}", s, "", "t") for i, s in enumerate(seqs)])
+        return batching.Collate()([dataset[i] for i in range(len(dataset))])
+    alone, together = collate([short]), collate([long, short])
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        a = m.backbone_forward(alone["tokens"].to(device), alone["window_widths"])
+        b = m.backbone_forward(together["tokens"].to(device), together["window_widths"])
+    assert torch.equal(a[0, :302], b[1, :302])
