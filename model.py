@@ -223,9 +223,7 @@ class Encoder(nn.Module):
         budget = self.token_budget(tokens.device)
         if not chunked or not budget:
             return self._backbone(tokens, widths, window_keys)
-        max_padding = self.chunk_max_padding
-        if max_padding == "auto":
-            max_padding = AUTO_CHUNK_MAX_PADDING.get(tokens.device.type, 0.1)
+        max_padding = self.max_padding(tokens.device)
         chunks, current = [], []
         for w in order:  # descending widths: the chunk's first window is its widest
             size, width = len(current) + 1, widths[current[0]] if current else 0
@@ -243,6 +241,13 @@ class Encoder(nn.Module):
         for idx, part in zip(chunks, parts):
             out[idx, :part.shape[1]] = part
         return out
+
+    def max_padding(self, device: torch.device) -> float:
+        """encoder.chunk_max_padding (auto: by device, see AUTO_CHUNK_MAX_PADDING): the share of padding a
+        padded chunk, or a group of windows in the packed layout's exact attention, may hold."""
+        if self.chunk_max_padding == "auto":
+            return AUTO_CHUNK_MAX_PADDING.get(device.type, 0.1)
+        return self.chunk_max_padding
 
     def token_budget(self, device: torch.device) -> int:
         """Tokens per backbone call (encoder.chunk_tokens; auto: by device and model, see auto_chunk_tokens);
@@ -350,7 +355,7 @@ class Encoder(nn.Module):
         """One backbone call on a stream: tokens [N] -> [N, d]; frozen leading layers without autograd or
         from the cache."""
         self.count(widths)
-        stream = packing.make_stream(tokens, widths)
+        stream = packing.make_stream(tokens, widths, self.max_padding(tokens.device))
         if self.cache is not None and keys is not None:
             windows = list(torch.split(tokens, widths))
             x = torch.cat(self.cache.fetch(keys, windows, self._stream_prefix))
@@ -363,7 +368,7 @@ class Encoder(nn.Module):
     def _stream_prefix(self, windows: list) -> list:
         """The frozen prefix of windows (token tensors) run as one stream -> [width, d] each."""
         widths = [len(w) for w in windows]
-        return list(torch.split(self._packed_prefix(packing.make_stream(torch.cat(windows), widths)), widths))
+        return list(torch.split(self._packed_prefix(packing.make_stream(torch.cat(windows), widths, self.max_padding(windows[0].device))), widths))
 
     def _packed_prefix(self, stream: packing.Stream) -> torch.Tensor:
         """Token embeddings and the frozen leading layers of a stream -> [N, d]."""

@@ -7,8 +7,10 @@ lengths (a host list; cumulative lengths on the device for the fused kernel). Ev
   - on CUDA in bf16 / fp16: PyTorch's fused variable-length kernel (torch.nn.attention.varlen.varlen_attn,
     flash-attention based, in PyTorch itself: no flash-attn wheel to match to torch and CUDA), one launch for
     the whole call;
-  - otherwise (the CPU, fp32): scaled_dot_product_attention per group of equal-length windows (adjacent,
-    since the windows are sorted by length), with no mask: exact.
+  - otherwise (the CPU, fp32, older GPUs): scaled_dot_product_attention per group of adjacent windows (sorted by
+    length), each padded to the group's longest for attention alone, with a key mask: exact. A group holds
+    windows of one length, or at most encoder.chunk_max_padding of padding (auto: 0.1 on the CPU), since one
+    call on a few padded windows is cheaper than a call per window; every other operation stays unpadded.
 Rotary positions restart at every window's BOS; fair-esm's token-dropout rescaling is computed per window.
 The results equal the padded layout's at every real token (tests: 1e-5 in fp32, gradients too).
 """
@@ -36,8 +38,9 @@ ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 class Stream:
     """One backbone call's windows as a token stream: tokens [N] (device), lengths (host, BOS and EOS included,
     non-increasing), positions [N] (each token's position in its window, 0 at BOS; device), cu [W + 1]
-    (int32 cumulative lengths; device), groups (host: (first token, windows, length) of each run of equal
-    lengths)."""
+    (int32 cumulative lengths; device), groups (host: (first token, lengths of the windows) of each run of
+    adjacent windows that the exact attention path pads to their longest: equal lengths, or at most
+    max_padding of padding)."""
 
     tokens: torch.Tensor
     lengths: list
@@ -45,22 +48,28 @@ class Stream:
     cu: torch.Tensor
     groups: list
     rotary: tuple | None = None  # cos, sin [N, 1, dh]: computed by the first layer, shared by the others
+    padded_groups: list | None = None  # per group: gather / take indices and key mask (exact path), built once
 
     @property
     def max_len(self) -> int:
         return max(self.lengths, default=0)
 
 
-def make_stream(tokens: torch.Tensor, lengths: list) -> Stream:
+def make_stream(tokens: torch.Tensor, lengths: list, max_padding: float = 0.0) -> Stream:
     """Stream of windows `tokens` [N] whose lengths (host list, non-increasing) sum to N. Everything is
-    computed on the host from `lengths` and copied without waiting: no synchronisation with the device."""
+    computed on the host from `lengths` and copied without waiting: no synchronisation with the device.
+    max_padding: the share of padding the exact attention path may add to a group of windows (0: groups of
+    equal length only)."""
     groups, start = [], 0
     for length in lengths:
-        if groups and groups[-1][2] == length:
-            first, count, _ = groups[-1]
-            groups[-1] = (first, count + 1, length)
-        else:
-            groups.append((start, 1, length))
+        if groups:
+            first, members = groups[-1]
+            size = len(members) + 1  # members[0] is the group's longest window
+            if size * members[0] - (sum(members) + length) <= max_padding * size * members[0]:
+                members.append(length)
+                start += length
+                continue
+        groups.append((start, [length]))
         start += length
     positions = torch.cat([torch.arange(length) for length in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
     cu = torch.tensor([0] + list(_cumsum(lengths)), dtype=torch.int32)
@@ -139,16 +148,38 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stream: Stream)
         splits = None if torch.is_grad_enabled() else 1
         return varlen_attn(q, k, v, stream.cu, stream.cu, stream.max_len, stream.max_len, scale=1.0,
                            num_splits=splits)
-    parts = []
-    for first, count, length in stream.groups:  # windows of one length: a batch for the fused CPU kernel
-        end = first + count * length
+    if stream.padded_groups is None:
+        stream.padded_groups = [_padded_group(members, q.device) for _, members in stream.groups]
+    sizes = [sum(members) for _, members in stream.groups]
+    parts = []  # split once (its backward is one concatenation), not sliced per group (a full-size gradient each)
+    for members, (gather, take, keep), *qkv in zip((m for _, m in stream.groups), stream.padded_groups,
+                                                   q.split(sizes), k.split(sizes), v.split(sizes)):
+        count, width = len(members), members[0]
 
-        def heads_first(t):
-            return t[first:end].view(count, length, *t.shape[1:]).transpose(1, 2)  # [count, H, length, dh]
+        def heads_first(t):  # [count, H, width, dh]: the group's windows, each padded to the longest
+            t = t if gather is None else t.index_select(0, gather)
+            return t.view(count, width, *t.shape[1:]).transpose(1, 2)
         with sdpa_kernel(ATTENTION_BACKENDS):
-            o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), scale=1.0)
-        parts.append(o.transpose(1, 2).reshape(count * length, *q.shape[1:]))
+            o = F.scaled_dot_product_attention(*map(heads_first, qkv), attn_mask=keep, scale=1.0)
+        o = o.transpose(1, 2).reshape(count * width, *q.shape[1:])
+        parts.append(o if take is None else o.index_select(0, take))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _padded_group(members: list, device: torch.device):
+    """Indices of a group of windows (lengths `members`, longest first) padded to the longest: gather
+    [count * width] rows of the group's tokens (padding repeats the window's BOS: masked as a key, dropped as a
+    query), take [sum(members)] the real rows back in order, keep [count, 1, 1, width] the real keys. None, None,
+    None for windows of equal length (a plain view, no mask)."""
+    width = members[0]
+    if all(m == width for m in members):
+        return None, None, None
+    offsets = torch.tensor([0] + list(_cumsum(members[:-1])))[:, None]
+    columns = torch.arange(width)[None, :]
+    real = columns < torch.tensor(members)[:, None]  # [count, width]
+    gather = torch.where(real, offsets + columns, offsets).reshape(-1)
+    take = real.reshape(-1).nonzero().squeeze(1)
+    return gather.to(device), take.to(device), real[:, None, None, :].to(device)
 
 
 def before_attention(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

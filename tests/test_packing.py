@@ -50,12 +50,14 @@ def assert_close(a, b, tol=1e-5):
         assert (grads_a[name] - grads_b[name]).abs().max() <= tol * scale, name
 
 
-@pytest.mark.parametrize("tune", ["full", "lora"])
-def test_packed_equals_padded_outputs_and_gradients(tune):
+@pytest.mark.parametrize("tune,max_padding", [("full", "auto"), ("lora", "auto"), ("full", 1.0)])
+def test_packed_equals_padded_outputs_and_gradients(tune, max_padding):
     """Windows of 1 and 1022 residues, a long protein stitched from three, equal-length windows side by side;
-    every parameter's gradient; LoRA adapters too."""
+    every parameter's gradient; LoRA adapters too; the exact attention's groups of windows padded for attention
+    alone (max_padding 1.0: all windows in one group, keys masked)."""
     b = batch()
     keys = {"tune": tune, "trainable_layers": 0, "lora": {"dropout": 0.0}} if tune == "lora" else {}
+    keys["chunk_max_padding"] = max_padding
     padded, packed = encoder(False, **keys), encoder(True, **keys)
     assert packed.packed and not padded.packed
     if tune == "lora":  # B starts at zero: move it, so the adapters change the outputs
@@ -83,8 +85,15 @@ def test_token_dropout_rescaling_is_per_window():
 
 def test_stream_layout_hand_worked():
     s = packing.make_stream(torch.arange(10), [4, 4, 2])
-    assert s.groups == [(0, 2, 4), (8, 1, 2)] and s.max_len == 4
+    assert s.groups == [(0, [4, 4]), (8, [2])] and s.max_len == 4
     assert s.positions.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1] and s.cu.tolist() == [0, 4, 8, 10]
+    # padding allowed: windows 4, 4, 3 padded to 4 are 12 slots, 1 of them padding (1/12 <= 0.2); adding the
+    # window of 1 would make 16 slots, 4 of them padding (1/4 > 0.2)
+    s = packing.make_stream(torch.arange(12), [4, 4, 3, 1], max_padding=0.2)
+    assert s.groups == [(0, [4, 4, 3]), (11, [1])]
+    gather, take, keep = packing._padded_group([4, 4, 3], torch.device("cpu"))
+    assert gather.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 8]  # the padding slot repeats the window's BOS
+    assert take.tolist() == list(range(11)) and keep[:, 0, 0].tolist() == [[True] * 4, [True] * 4, [True] * 3 + [False]]
     b = batch([3, 7])
     assert b["window_widths"] == [9, 5]  # longest first
     assert b["packed_tokens"].tolist() == torch.cat([b["tokens"][0, :9], b["tokens"][1, :5]]).tolist()
