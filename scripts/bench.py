@@ -68,16 +68,15 @@ class PadTo:
         return batch
 
 
-def run_mode(mode: str, data_root, seconds: float, device: str) -> dict:
-    """Training steps for about `seconds` (after one warm-up step) -> figures of the mode."""
-    naive = mode == "naive"
-    config = bench_config(data_root, chunk_tokens=0 if naive else 16384, fused_attention=not naive,
-                          packed=mode != "fast_padded")
-    dtype = runtime.amp_dtype("bf16" if mode == "fast_bf16" else "none", torch.device(device))
+def supcon_training(config, device: torch.device, naive: bool = False, dtype=None):
+    """The SupCon training of every mode on fold 0 (n_pos 2, n_neg 2): (model, loader, step); step(batch) runs
+    one training step (forward under `dtype` autocast, class + motif + hard SupCon losses, backward, AdamW),
+    waiting for the GPU at its end. naive: random batches padded to 1024 tokens, no deduplication;
+    otherwise length-bucketed batches."""
     torch.manual_seed(0)
     train_set = data.build_datasets(config)["train"]
     contrast.enable_supcon(train_set, 2, 2, seed=0)
-    model = Encoder(config).to(device)
+    model = Encoder(config).to(device).train()
     collate = batching.Collate(config.data.max_len, config.data.overlap, dedup=not naive)
     if naive:
         sampler = batching.EpochShuffleSampler(len(train_set), 0)
@@ -88,15 +87,9 @@ def run_mode(mode: str, data_root, seconds: float, device: str) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     criteria = (loss.ClassLoss(loss.class_weights(train_set.class_counts())).to(device),
                 loss.MotifLoss(loss.motif_pos_weights(*train_set.residue_counts())).to(device))
-    model.train()
-    anchors = steps = 0
-    data_time = step_time = 0.0
-    iterator = iter(loader)
-    for step in range(10 ** 6):
-        t0 = time.perf_counter()
-        batch = runtime.to_device(next(iterator), torch.device(device))
-        t1 = time.perf_counter()
-        with runtime.autocast(torch.device(device), dtype):
+
+    def step(batch) -> None:
+        with runtime.autocast(device, dtype):
             out = model(batch, heads=True, contrastive=True)
             total = (criteria[0](out["class_logits"], batch["labels"])
                      + criteria[1](out["motif_logits"], batch["targets"], batch["target_mask"])
@@ -104,10 +97,29 @@ def run_mode(mode: str, data_root, seconds: float, device: str) -> dict:
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
-        if device.startswith("cuda"):
+        if device.type == "cuda":
             torch.cuda.synchronize()
+    return model, loader, step
+
+
+def run_mode(mode: str, data_root, seconds: float, device: str) -> dict:
+    """Training steps for about `seconds` (after one warm-up step) -> figures of the mode."""
+    naive = mode == "naive"
+    config = bench_config(data_root, chunk_tokens=0 if naive else 16384, fused_attention=not naive,
+                          packed=mode != "fast_padded")
+    device = torch.device(device)
+    dtype = runtime.amp_dtype("bf16" if mode == "fast_bf16" else "none", device)
+    model, loader, step = supcon_training(config, device, naive, dtype)
+    anchors = steps = 0
+    data_time = step_time = 0.0
+    iterator = iter(loader)
+    for n in range(10 ** 6):
+        t0 = time.perf_counter()
+        batch = runtime.to_device(next(iterator), device)
+        t1 = time.perf_counter()
+        step(batch)
         t2 = time.perf_counter()
-        if step == 0:  # warm-up step: not counted
+        if n == 0:  # warm-up step: not counted
             model.token_counts.update(dict.fromkeys(model.token_counts, 0))
             continue
         data_time, step_time = data_time + t1 - t0, step_time + t2 - t1
