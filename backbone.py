@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 from adapters import add_adapters, add_lora, first_adapted_layer, is_peft_parameter
-from packing import ATTENTION_BACKENDS
+from packing import ATTENTION_BACKENDS, after_attention, before_attention, rotary_table
 from weights import load_pretrained
 
 
@@ -53,21 +53,15 @@ def transformer_layer(layer, x: torch.Tensor, keep: torch.Tensor | None) -> torc
     """One fair-esm TransformerLayer (pre-LayerNorm, rotary self-attention, GELU feed-forward) on
     x [B, T, d], with PyTorch's fused scaled_dot_product_attention instead of fair-esm's explicit
     [B*H, T, T] attention matrix; keep [B, 1, 1, T] marks real tokens. Same weights, same result."""
-    attn = layer.self_attn
-    B, T, d = x.shape
-    heads = attn.num_heads
-
-    def split(t):  # [B, T, d] -> [B, H, T, d / H]
-        return t.view(B, T, heads, d // heads).transpose(1, 2)
-
-    h = layer.self_attn_layer_norm(x)
-    q, k, v = split(attn.q_proj(h) * attn.scaling), split(attn.k_proj(h)), split(attn.v_proj(h))
-    if attn.rot_emb is not None:
-        q, k = attn.rot_emb(q, k)
+    rot_emb = layer.self_attn.rot_emb
+    cos = sin = None
+    if rot_emb is not None:
+        cos, sin = (t[:, None, :] for t in rotary_table(rot_emb, x.shape[1], x.device))  # [T, 1, dh]
+    q, k, v = before_attention(layer, x, cos, sin)  # [B, T, H, dh]: the packed layout's per-token code
     with sdpa_kernel(ATTENTION_BACKENDS):  # here, not around the layer loop: activation checkpointing
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1.0)  # recomputes outside that loop
-    x = x + attn.out_proj(o.transpose(1, 2).reshape(B, T, d))
-    return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep,
+                                           scale=1.0)  # recomputes outside that loop
+    return after_attention(layer, x, o.transpose(1, 2))
 
 
 def set_trainable(backbone, encoder_cfg) -> int:

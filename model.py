@@ -368,7 +368,8 @@ class Encoder(nn.Module):
     def _stream_prefix(self, windows: list) -> list:
         """The frozen prefix of windows (token tensors) run as one stream -> [width, d] each."""
         widths = [len(w) for w in windows]
-        return list(torch.split(self._packed_prefix(packing.make_stream(torch.cat(windows), widths, self.max_padding(windows[0].device))), widths))
+        stream = packing.make_stream(torch.cat(windows), widths, self.max_padding(windows[0].device))
+        return list(torch.split(self._packed_prefix(stream), widths))
 
     def _packed_prefix(self, stream: packing.Stream) -> torch.Tensor:
         """Token embeddings and the frozen leading layers of a stream -> [N, d]."""
@@ -392,7 +393,7 @@ class Encoder(nn.Module):
     def compile_layers(self, backend: str = "inductor") -> None:
         """train.compile: each layer's per-token work before and after attention through torch.compile
         (dynamic shapes: one graph per layer and grad mode serves every token count); attention itself stays
-        eager (the fused variable-length kernel, or exact per-window calls on the CPU); the residue decoders and the
+        eager (the fused variable-length kernel, or exact grouped calls on the CPU); the residue decoders and the
         projection head too. A `backend` other than inductor only for tests (aot_eager: the same captured graphs
         without code generation)."""
         import torch._dynamo

@@ -110,13 +110,19 @@ def token_dropout_scale(mask_share: torch.Tensor) -> torch.Tensor:
     return (1 - 0.15 * 0.8) / (1 - mask_share)
 
 
+def rotary_table(rot_emb, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, dh] of fair-esm's rotary embedding at positions 0 .. length - 1 (its own formula)."""
+    t = torch.arange(length, device=device, dtype=rot_emb.inv_freq.dtype)
+    freqs = torch.einsum("i,j->ij", t, rot_emb.inv_freq)
+    table = torch.cat((freqs, freqs), dim=-1)
+    return table.cos(), table.sin()
+
+
 def rotary_tables(rot_emb, stream: Stream) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [N, 1, dh] of fair-esm's rotary embedding at each token's position within its window (the
     values fair-esm computes for a padded row: positions restart at every window's BOS)."""
-    t = torch.arange(stream.max_len, device=stream.tokens.device, dtype=rot_emb.inv_freq.dtype)
-    freqs = torch.einsum("i,j->ij", t, rot_emb.inv_freq)
-    table = torch.cat((freqs, freqs), dim=-1)
-    return table.cos()[stream.positions][:, None, :], table.sin()[stream.positions][:, None, :]
+    cos, sin = rotary_table(rot_emb, stream.max_len, stream.tokens.device)
+    return cos[stream.positions][:, None, :], sin[stream.positions][:, None, :]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -183,20 +189,22 @@ def _padded_group(members: list, device: torch.device):
 
 
 def before_attention(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """The per-token part of a layer before attention: pre-LayerNorm, q (scaled), k, v [N, H, dh], rotary."""
+    """The per-token part of a layer before attention: pre-LayerNorm, q (scaled), k, v, rotary. x [..., d]
+    (a stream [N, d] or a padded batch [B, T, d]) -> [..., H, dh] each; cos, sin broadcast against them
+    ([N, 1, dh] per token, [T, 1, dh] per position)."""
     attn = layer.self_attn
-    N, d = x.shape
-    heads = attn.num_heads
+    heads_shape = (*x.shape[:-1], attn.num_heads, x.shape[-1] // attn.num_heads)
     h = layer.self_attn_layer_norm(x)
-    q = (attn.q_proj(h) * attn.scaling).view(N, heads, d // heads)
-    k, v = attn.k_proj(h).view(N, heads, d // heads), attn.v_proj(h).view(N, heads, d // heads)
+    q = (attn.q_proj(h) * attn.scaling).view(heads_shape)
+    k, v = attn.k_proj(h).view(heads_shape), attn.v_proj(h).view(heads_shape)
     if attn.rot_emb is not None:
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
     return q, k, v
 
 
 def after_attention(layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    """The per-token part of a layer after attention: output projection, residual, GELU feed-forward."""
+    """The per-token part of a layer after attention: output projection, residual, GELU feed-forward. x [..., d],
+    o [..., H, dh]."""
     x = x + layer.self_attn.out_proj(o.reshape(x.shape))
     return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
 

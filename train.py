@@ -218,7 +218,7 @@ def set_up(args) -> tuple[Trainer, Progress]:
                                                                                                 device), head_dim):
         log.warning("encoder.packed: the fused variable-length attention kernel does not run here (it needs compute "
                     "capability 8.0+, train.amp bf16 / fp16 and a head size that is a multiple of 8): attention runs "
-                    "once per group of equal-length windows, usually slower than encoder.packed: false on a GPU")
+                    "once per group of windows, usually slower than encoder.packed: false on a GPU")
     if config.supcon.apply and config.encoder.tune == "frozen":
         log.warning("SupCon is on but the backbone is frozen: the contrastive loss can only train the "
                     "projection head, which no prediction uses (set encoder.tune: last_k or full)")

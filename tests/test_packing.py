@@ -181,7 +181,7 @@ def test_compiled_layers_equal_eager(backend):
 @pytest.mark.parametrize("dtype,tol", [(None, 1e-4), (torch.bfloat16, 5e-2)])
 def test_cuda_packed_equals_padded(dtype, tol):
     """On a GPU: in bf16 the packed layout's attention is the fused variable-length kernel (when this PyTorch has
-    it), in fp32 the exact per-length path; both agree with the padded layout at every real token."""
+    it), in fp32 the exact grouped path; both agree with the padded layout at every real token."""
     device = torch.device("cuda")
     m = encoder(True).to(device).eval()
     tokens = batch()["tokens"].to(device)
