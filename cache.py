@@ -62,9 +62,9 @@ class FrozenCache:
                 self.filled.add(keys[w])
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
-        device = windows[0].device
-        return [self.store[offset:offset + width].to(device, torch.float32, non_blocking=True)
-                for offset, width in (self.slots[key] for key in keys)]
+        spans = [self.slots[key] for key in keys]
+        values = torch.cat([self.store[offset:offset + width] for offset, width in spans])  # one copy to the device
+        return list(values.to(windows[0].device, torch.float32, non_blocking=True).split([w for _, w in spans]))
 
 
 def reserve(path) -> None:
@@ -118,7 +118,8 @@ class DiskCache:
         """Frozen-prefix outputs [width, d] (float32, on the windows' device) of these windows (token tensors
         [width]); computes (compute(list of windows) -> list of [width, d]) and stores the ones not cached yet.
         `keys` (entry, start) are not needed: content decides."""
-        rows = [w.cpu().numpy() for w in windows]
+        widths = [len(w) for w in windows]
+        rows = np.split(torch.cat(windows).cpu().numpy(), np.cumsum(widths)[:-1])  # one wait for the device
         window_keys = [self.window_key(row) for row in rows]
         found = {}
         for w, key in enumerate(window_keys):
@@ -137,8 +138,8 @@ class DiskCache:
                 self._store(window_keys[w], found[w])
         self.misses += len(missing)
         self.hits += len(rows) - len(missing)
-        device = windows[0].device
-        return [torch.from_numpy(found[w].astype(np.float32)).to(device, non_blocking=True) for w in range(len(rows))]
+        values = torch.from_numpy(np.concatenate([found[w] for w in range(len(rows))]).astype(np.float32))
+        return list(values.to(windows[0].device, non_blocking=True).split(widths))  # one copy to the device
 
     def _store(self, key: str, values: np.ndarray) -> None:
         def write(tmp):
