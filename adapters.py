@@ -43,8 +43,11 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight, self.bias) + self.scaling * update
+        return F.linear(x, self.weight, self.bias) + self.low_rank_update(x)
+
+    def low_rank_update(self, x: torch.Tensor) -> torch.Tensor:
+        """s * dropout(x) A^T B^T [*, out]: what the update adds to the frozen projection."""
+        return self.scaling * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear with W + s * B A."""

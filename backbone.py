@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 from adapters import add_adapters, add_lora, first_adapted_layer, is_peft_parameter
-from packing import ATTENTION_BACKENDS, after_attention, before_attention, rotary_table
+from packing import ATTENTION_BACKENDS, after_attention, before_attention, compute_dtype, rotary_table
 from weights import load_pretrained
 
 
@@ -56,7 +56,7 @@ def transformer_layer(layer, x: torch.Tensor, keep: torch.Tensor | None) -> torc
     rot_emb = layer.self_attn.rot_emb
     cos = sin = None
     if rot_emb is not None:
-        cos, sin = (t[:, None, :] for t in rotary_table(rot_emb, x.shape[1], x.device))  # [T, 1, dh]
+        cos, sin = (t[:, None, :] for t in rotary_table(rot_emb, x.shape[1], x.device, compute_dtype(x)))  # [T, 1, dh]
     q, k, v = before_attention(layer, x, cos, sin)  # [B, T, H, dh]: the packed layout's per-token code
     with sdpa_kernel(ATTENTION_BACKENDS):  # here, not around the layer loop: activation checkpointing
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep,

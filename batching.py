@@ -15,7 +15,14 @@ class Collate:
     longest first), window_protein / window_start / window_len [W], window_widths (host list of W
     token counts, BOS and EOS included), window_keys [(entry, start)] * W, the packed stream of the
     same windows: packed_tokens [N] (N = sum of the widths) and packed_dest [N] (where each token's
-    output is stitched: row * L + residue, BOS / EOS to M * L), residue_mask [M, L], labels [B, 8],
+    output is stitched: row * L + residue, BOS / EOS to M * L), stream_index [N] (each stream token's place
+    in tokens flattened, w * T + t), the fields of pooling and stitching on the stream itself (no [M, L, d]:
+    model.pool_stream, stitch_anchors): packed_protein [N] (each token's protein row) and packed_share [N]
+    (float32: 1 / windows holding the token's residue, 0 at BOS / EOS), and for the B anchors' residues, flat
+    (R = the anchors' lengths summed, anchor after anchor): anchor_tokens [Ta] (the stream positions of their
+    residue tokens), anchor_slot [Ta] (each one's row in [R]) and anchor_rows [R] (each row's place
+    b * L + residue in [B, L]),
+    residue_mask [M, L], labels [B, 8],
     targets [B, 8, L] and target_mask [B, 8, L] (real residues of known tracks), lengths [M],
     indices [M], entries (list of B). M = B for plain batches.
 
@@ -71,11 +78,31 @@ class Collate:
         # the packed stream: every window's tokens one after the other, and where each token's output goes
         # when stitching (protein row * L + residue; BOS / EOS to the dump row B' * L)
         packed = np.concatenate([tokens[w, :width].numpy() for w, width in enumerate(widths)])
-        dest = np.full(len(packed), len(sequences) * L, dtype=np.int64)
+        n_tokens, n_anchors = len(packed), len(items)
+        dest = np.full(n_tokens, len(sequences) * L, dtype=np.int64)
+        # pooling and the anchors' stitching on the stream itself (model.pool_stream, stitch_anchors): each token's
+        # protein and share (1 / windows holding its residue, 0 at BOS / EOS); the anchors' residue tokens and
+        # their rows among the anchors' residues (flat, anchor after anchor)
+        protein = np.empty(n_tokens, dtype=np.int64)
+        share = np.zeros(n_tokens)
+        stream_index = np.empty(n_tokens, dtype=np.int64)  # each token's place in tokens [W, T] flattened
+        cover = [np.zeros(n) for n in lengths]  # windows holding each residue
+        for b, s, toks in windows:
+            cover[b][s:s + len(toks)] += 1
+        anchor_first = np.cumsum([0] + lengths[:n_anchors])
+        anchor_tokens, anchor_slot = [], []
         offset = 0
-        for (b, s, toks), width in zip(windows, widths):
-            dest[offset + 1:offset + 1 + len(toks)] = b * L + s + np.arange(len(toks))
+        for w, ((b, s, toks), width) in enumerate(zip(windows, widths)):
+            residues, first = np.arange(s, s + len(toks)), offset + 1
+            dest[first:first + len(toks)] = b * L + residues
+            protein[offset:offset + width] = b
+            share[first:first + len(toks)] = 1.0 / cover[b][s:s + len(toks)]
+            stream_index[offset:offset + width] = w * widths[0] + np.arange(width)
+            if b < n_anchors:
+                anchor_tokens.append(np.arange(first, first + len(toks)))
+                anchor_slot.append(anchor_first[b] + residues)
             offset += width
+        anchor_rows = np.concatenate([b * L + np.arange(lengths[b]) for b in range(n_anchors)])
         residue_mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
         targets = torch.zeros(len(items), NUM_CLASSES, L)
         for b, it in enumerate(items):
@@ -90,6 +117,12 @@ class Collate:
             "window_keys": [(entries[w[0]], w[1]) for w in windows],  # identify windows across batches
             "packed_tokens": torch.from_numpy(packed),
             "packed_dest": torch.from_numpy(dest),
+            "packed_protein": torch.from_numpy(protein),
+            "packed_share": torch.from_numpy(share.astype(np.float32)),
+            "stream_index": torch.from_numpy(stream_index),
+            "anchor_tokens": torch.from_numpy(np.concatenate(anchor_tokens)),
+            "anchor_slot": torch.from_numpy(np.concatenate(anchor_slot)),
+            "anchor_rows": torch.from_numpy(anchor_rows),
             "residue_mask": residue_mask,
             "labels": torch.from_numpy(np.stack([it["labels"] for it in items]).astype(np.float32)),
             "targets": targets,

@@ -55,16 +55,22 @@ class FrozenCache:
         missing = [w for w, key in enumerate(keys) if key not in self.filled]
         if missing:
             with torch.no_grad():
-                fresh = compute([windows[w] for w in missing])
+                fresh = host_copies(compute([windows[w] for w in missing]))
             for values, w in zip(fresh, missing):
                 offset, width = self.slots[keys[w]]
-                self.store[offset:offset + width] = values.float().cpu().to(self.store.dtype)
+                self.store[offset:offset + width] = values.to(self.store.dtype)
                 self.filled.add(keys[w])
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
         spans = [self.slots[key] for key in keys]
         values = torch.cat([self.store[offset:offset + width] for offset, width in spans])  # one copy to the device
         return list(values.to(windows[0].device, torch.float32, non_blocking=True).split([w for _, w in spans]))
+
+
+def host_copies(values: list) -> list:
+    """Tensors [width, d] (on a device) as float32 CPU tensors, moved in one copy: one wait for the device, not one
+    per window."""
+    return list(torch.cat(values).float().cpu().split([len(v) for v in values]))
 
 
 def reserve(path) -> None:
@@ -132,9 +138,9 @@ class DiskCache:
         missing = [w for w in range(len(rows)) if w not in found]
         if missing:
             with torch.no_grad():
-                fresh = compute([windows[w] for w in missing])
+                fresh = host_copies(compute([windows[w] for w in missing]))
             for values, w in zip(fresh, missing):
-                found[w] = values.float().cpu().numpy().astype(self.dtype)
+                found[w] = values.numpy().astype(self.dtype)
                 self._store(window_keys[w], found[w])
         self.misses += len(missing)
         self.hits += len(rows) - len(missing)

@@ -33,7 +33,6 @@ DEFAULTS = {
         "trainable_layers": 2,
         "lora": {"rank": 8, "alpha": 8.0, "dropout": 0.1, "targets": ["q", "k", "v", "out"]},
         "adapter": {"dim": 64},
-        "activation_checkpointing": False,
         "packed": True,
         "chunk_tokens": "auto",
         "chunk_max_padding": "auto",
@@ -58,6 +57,8 @@ DEFAULTS = {
         "accumulate": 1,
         "amp": "auto",
         "compile": False,
+        "checkpointing": "auto",
+        "gradient_cache": "auto",
         "parallel": "ddp",
         "patience": 5,
         "class_weighting": "inverse_count",
@@ -105,7 +106,12 @@ CHOICES = {
     "train.amp": ("auto", "bf16", "fp16", "none"),
     "train.class_weighting": ("inverse_count", "none"),
     "train.parallel": ("ddp", "fsdp"),
+    "train.checkpointing": ("auto", "none", "all"),
+    "train.gradient_cache": ("auto", "always", "never"),
 }
+# Keys of earlier versions, read as their replacements (stored configs of older checkpoints hold them):
+# encoder.activation_checkpointing: true is train.checkpointing: all; false is the default.
+RENAMED = {"encoder.activation_checkpointing": ("train.checkpointing", {True: "all", False: None})}
 FLOAT_OR_AUTO = {"encoder.chunk_max_padding"}  # a number, or "auto" (chosen by the device at run time)
 INT_OR_AUTO = {"encoder.chunk_tokens", "data.num_workers"}  # an integer, or "auto" (chosen at run time)
 MAX_SEED = 2 ** 32 - 1  # NumPy's seeds
@@ -284,14 +290,30 @@ def parse_override(text: str) -> dict:
     return tree
 
 
+def _renamed(tree: dict) -> dict:
+    """tree with the RENAMED keys of earlier versions moved to their replacements (a copy where any is present)."""
+    for old, (new, values) in RENAMED.items():
+        section, key = old.split(".")
+        if not (isinstance(tree.get(section), dict) and key in tree[section]):
+            continue
+        tree = copy.deepcopy(tree)
+        value = tree[section].pop(key)
+        if value not in values:
+            raise ConfigError(f"'{old}' (now '{new}') must be true or false, got {value!r}")
+        if values[value] is not None:
+            new_section, new_key = new.split(".")
+            tree.setdefault(new_section, {}).setdefault(new_key, values[value])
+    return tree
+
+
 def resolve_config(tree: dict, overrides=None, where: str = "config") -> Config:
     """Defaults <- tree <- overrides, validated."""
     config = copy.deepcopy(DEFAULTS)
     if not isinstance(tree, dict):
         raise ConfigError(f"{where}: expected a mapping of config keys at top level")
-    _merge(config, tree, DEFAULTS, "", where)
+    _merge(config, _renamed(tree), DEFAULTS, "", where)
     for text in overrides or []:
-        _merge(config, parse_override(text), DEFAULTS, "", f"--set {text}")
+        _merge(config, _renamed(parse_override(text)), DEFAULTS, "", f"--set {text}")
     sources = [k for k in ("model_name", "checkpoint", "scratch") if config["encoder"][k] is not None]
     if len(sources) != 1:
         raise ConfigError(f"{where}: set exactly one of encoder.model_name, encoder.checkpoint, "

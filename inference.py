@@ -191,7 +191,8 @@ class Batch:
     (BOS, residues, EOS, padding; T a multiple of WIDTH_STEP), per protein its windows as (row, start,
     residues), and `full`, the window count of a batch that fills the token budget at this width.
     Packed (packed=True; the GPU's default): tokens [N], the windows' tokens one after the other, longest first,
-    `widths` their token counts, and per protein its windows as (first token, start, residues).
+    `widths` their token counts (padded too: each row's), and per protein its windows as (first token, start,
+    residues).
     """
 
     def __init__(self, sequences: list[str], max_len: int, overlap: int, device, max_tokens: int = 16384,
@@ -219,6 +220,7 @@ class Batch:
             self.widths = [len(framed[w]) for w in order]
             self.tokens = torch.from_numpy(np.concatenate([framed[w] for w in order])).to(device)
             return
+        self.widths = [len(piece) for piece in framed]
         tokens = torch.full((len(pieces), width), vocab.PAD_IDX, dtype=torch.long)
         for row, piece in enumerate(framed):
             tokens[row, :len(piece)] = torch.from_numpy(piece)
@@ -242,7 +244,8 @@ def run_backbone(model: Encoder, batch: Batch) -> torch.Tensor:
         return model.packed_forward(batch.tokens, batch.widths, budget=0)
     parts, start = [], 0
     for size in call_sizes(batch.tokens.shape[0], batch.full):
-        parts.append(model.backbone_forward(batch.tokens[start:start + size], packed=False))
+        parts.append(model.backbone_forward(batch.tokens[start:start + size], batch.widths[start:start + size],
+                                            packed=False, split=False))
         start += size
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -163,7 +163,7 @@ class SupConLoss(nn.Module):
             counts = not_self @ y_rows  # positives per (anchor row, class)
             sums = (log_prob * not_self) @ y_rows
             valid = (y_rows[:len(anchors)] > 0) & (counts > 0)  # anchor has the class and a positive exists
-            return scale * (sums[valid] / counts[valid]).mean() if valid.any() else features.sum() * 0
+            return scale * masked_mean(sums / counts.clamp(min=1), valid)
         if mask is None:
             mask = torch.eye(B, device=features.device) if labels is None else positive_mask(
                 labels, None, self.multilabel, self.jaccard_threshold)
@@ -175,10 +175,12 @@ class SupConLoss(nn.Module):
         positives = positives * not_self
         count = positives.sum(1)
         keep = count > 0  # anchors without positives are left out (never NaN)
-        if not keep.any():
-            return features.sum() * 0
-        mean_log_prob = (positives * log_prob).sum(1)[keep] / count[keep]
-        return scale * mean_log_prob.mean()
+        return scale * masked_mean((positives * log_prob).sum(1) / count.clamp(min=1), keep)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values where mask is True, 0 where it is nowhere: computed without reading the mask on the host."""
+    return torch.where(mask, values, 0).sum() / mask.sum().clamp(min=1)
 
 
 class MixedSupConLoss(nn.Module):
@@ -196,8 +198,11 @@ class MixedSupConLoss(nn.Module):
         self.reg_lambda, self.unsup_method = reg_lambda, unsup_method
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor, memory=None, memory_labels=None) -> torch.Tensor:
-        rows = labels.sum(1) == 0 if self.unsup_method == "only" else torch.ones(len(labels), dtype=torch.bool)
-        unsup = self.unsup(features[rows]) if rows.any() else features.sum() * 0
+        if self.unsup_method == "all":
+            unsup = self.unsup(features)
+        else:  # the proteins without any class (a data-dependent count: one wait for the device)
+            rows = labels.sum(1) == 0
+            unsup = self.unsup(features[rows]) if rows.any() else features.sum() * 0
         return unsup + self.reg_lambda * self.sup(features, labels, memory=memory, memory_labels=memory_labels)
 
 

@@ -8,7 +8,6 @@ segment classes, on true-positive proteins only.
 All returned dicts hold plain Python floats / ints / None (JSON-safe).
 """
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 from vocab import CLASSES, SEGMENT_CLASSES, SITE_CLASSES
 
@@ -69,6 +68,7 @@ def classification_metrics(y_true, y_prob, thresholds=None):
     tn = (~pred & ~y_true).sum(0).astype(float)
     precision, recall, f1, mcc = _confusion_scores(tp, fp, fn, tn)
 
+    from sklearn.metrics import average_precision_score, roc_auc_score  # here: 1.3 s of importing, not at start-up
     present = y_true.any(0)  # classes the set holds: at least one true protein
     per_class = {}
     for c, name in enumerate(CLASSES):

@@ -38,35 +38,43 @@ def check_model_state(model: nn.Module, state: dict, path) -> None:
                           f"the supcon head keys against the checkpoint's stored config")
 
 
-def stitch_windows(window_repr: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Per-residue window outputs [W, T, d] (BOS at 0) -> per-protein [B, L, d], overlaps averaged."""
-    W, T, d = window_repr.shape
-    B, L = batch["residue_mask"].shape
-    pos = torch.arange(T - 2, device=window_repr.device)
-    real = pos[None, :] < batch["window_len"][:, None]  # [W, T-2]
-    dest = batch["window_protein"][:, None] * L + batch["window_start"][:, None] + pos[None, :]
-    dest = torch.where(real, dest, torch.full_like(dest, B * L))  # padding goes to a dump row
-    values = window_repr[:, 1:T - 1].reshape(-1, d)
-    total = window_repr.new_zeros(B * L + 1, d).index_add_(0, dest.reshape(-1), values)
-    count = window_repr.new_zeros(B * L + 1).index_add_(0, dest.reshape(-1), real.reshape(-1).to(values.dtype))
-    return (total[:-1] / count[:-1].clamp(min=1).unsqueeze(-1)).view(B, L, d)
+def pool_stream(stream: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Each protein's mean residue representation [M, d] straight from the backbone's per-token outputs
+    stream [N, d] (the order of batch['packed_tokens']), overlaps averaged, without a per-protein [M, L, d]:
+    every residue token adds its output times batch['packed_share'] (1 / the windows holding the residue; 0 at
+    BOS / EOS) to its protein's row (batch['packed_protein']), each row then divided by the protein's length.
+    Accumulated in fp32 at least."""
+    dtype = torch.promote_types(stream.dtype, torch.float32)
+    weighted = stream.to(dtype) * batch["packed_share"].to(dtype)[:, None]
+    total = weighted.new_zeros(batch["lengths"].shape[0], stream.shape[-1])
+    total = total.index_add_(0, batch["packed_protein"], weighted)
+    return (total / batch["lengths"].clamp(min=1).to(dtype)[:, None]).to(stream.dtype)
 
 
-def stitch_packed(stream_repr: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Per-token stream outputs [N, d] -> per-protein [M, L, d], overlaps averaged (batch['packed_dest'] sends
-    each residue's output to its protein row, BOS / EOS to a dump row)."""
-    M, L = batch["residue_mask"].shape
-    d = stream_repr.shape[-1]
-    dest = batch["packed_dest"]
-    total = stream_repr.new_zeros(M * L + 1, d).index_add_(0, dest, stream_repr)
-    count = stream_repr.new_zeros(M * L + 1).index_add_(0, dest, stream_repr.new_ones(dest.shape[0]))
-    return (total[:-1] / count[:-1].clamp(min=1).unsqueeze(-1)).view(M, L, d)
+def stitch_anchors(stream: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The anchors' (the batch's first B proteins) residue representations, flat: [R, d], R = the sum of the
+    anchors' lengths, anchor after anchor, no padding; overlapping windows averaged. Only the anchors' residue
+    tokens (batch['anchor_tokens']) are read, each weighted by its packed_share and added to its row
+    (batch['anchor_slot'])."""
+    dtype = torch.promote_types(stream.dtype, torch.float32)
+    tokens = batch["anchor_tokens"]
+    picked = stream.index_select(0, tokens).to(dtype) * batch["packed_share"].index_select(0, tokens).to(dtype)[:, None]
+    residues = picked.new_zeros(batch["anchor_rows"].shape[0], stream.shape[-1])
+    return residues.index_add_(0, batch["anchor_slot"], picked).to(stream.dtype)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x [B, L, d] over positions where mask [B, L] is True -> [B, d]."""
-    m = mask.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+def anchor_tracks(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-residue values of the anchors, flat [C, R] (stitch_anchors' rows) -> [B, C, L] (L: the batch's
+    longest protein, as targets), 0 past each anchor's length."""
+    B, L = batch["labels"].shape[0], batch["residue_mask"].shape[1]
+    tracks = values.new_zeros(values.shape[0], B * L).index_copy_(1, batch["anchor_rows"], values)
+    return tracks.view(-1, B, L).transpose(0, 1)
+
+
+def padding_mask(tokens: torch.Tensor, widths: list) -> torch.Tensor | None:
+    """keep [W, 1, 1, T]: the real tokens of a padded batch whose windows hold `widths` tokens (host list); None
+    when no window is padded (decided on the host: no wait for the device)."""
+    return None if all(w == tokens.shape[1] for w in widths) else tokens.ne(PAD_IDX)[:, None, None, :]
 
 
 class ParallelLinearDecoders(nn.Module):
@@ -126,19 +134,30 @@ class EmbeddingQueue(nn.Module):
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
 
+        self.host = None  # (filled, pointer) as host integers: read from the buffers once, then kept in step
+        self._register_load_state_dict_pre_hook(lambda *args, **kwargs: setattr(self, "host", None))
+
+    def counters(self) -> tuple[int, int]:
+        """(filled, pointer) without a wait for the device (after the first read since building or loading)."""
+        if self.host is None:
+            self.host = int(self.filled), int(self.pointer)
+        return self.host
+
     def contents(self):
-        n = int(self.filled)
+        n, _ = self.counters()
         return self.embeddings[:n], self.labels[:n]
 
     @torch.no_grad()
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         size = len(self.embeddings)
         embeddings, labels = embeddings.detach()[-size:], labels.detach()[-size:]
-        rows = (int(self.pointer) + torch.arange(len(embeddings), device=embeddings.device)) % size
+        filled, pointer = self.counters()
+        rows = (pointer + torch.arange(len(embeddings), device=embeddings.device)) % size
         self.embeddings[rows] = embeddings.float()
         self.labels[rows] = labels.float()
-        self.pointer.fill_((int(self.pointer) + len(embeddings)) % size)
-        self.filled.fill_(min(size, int(self.filled) + len(embeddings)))
+        self.host = min(size, filled + len(embeddings)), (pointer + len(embeddings)) % size
+        self.filled.fill_(self.host[0])
+        self.pointer.fill_(self.host[1])
 
 
 class Encoder(nn.Module):
@@ -146,12 +165,13 @@ class Encoder(nn.Module):
 
     forward(batch, heads=True, contrastive=False) ->
       'pooled' [M, d] always;
-      heads: 'motif_logits' [B, 8, L], 'class_logits' [B, 8] (the B anchors = the batch's first rows);
+      heads: 'motif_logits' [B, 8, L] (0 past each anchor's length), 'class_logits' [B, 8] (the B anchors =
+      the batch's first rows);
       contrastive: 'projection' [B, 1 + P + N, out_dim] (or [B, V, out_dim] for V views), rows
       gathered by batch['group_index']; with the cluster loss also 'clusters' [B, V, K] (softmax);
       project: 'pooled_projection' [M, out_dim], the projection head on every protein.
     SupCon warm start runs heads=False, contrastive=True: the heads are not run at all.
-    Padding, BOS and EOS never enter pooling (residue_mask) or the heads' targets.
+    Padding, BOS and EOS never enter pooling (packed_share) or the heads (anchor_tokens).
     """
 
     def __init__(self, config, arch: dict | None = None):
@@ -161,13 +181,17 @@ class Encoder(nn.Module):
         self.backbone.lm_head = None  # not used: saves memory and checkpoint size
         self.backbone.contact_head = None
         self.first_trainable = set_trainable(self.backbone, enc)
-        self.activation_checkpointing = enc["activation_checkpointing"]
+        # leading trainable layers that recompute their activations in the backward pass (train.checkpointing: all;
+        # auto: memory.Planner sets it per step)
+        trained = self.backbone.num_layers - min(self.first_trainable, self.backbone.num_layers)
+        self.checkpointed_layers = trained if config["train"]["checkpointing"] == "all" else 0
         self.chunk_tokens, self.chunk_max_padding = enc["chunk_tokens"], enc["chunk_max_padding"]
         # what the backbone ran (throughput.py): real tokens (BOS and EOS included), padded_tokens (what the
         # layers processed, padding included), (query, key) pairs within windows; prefix_*: what the frozen
         # leading layers really computed (less when the frozen-layer cache serves windows)
+        # recomputed_layer_*: layer forwards run again (activation checkpointing, gradient caching), per layer
         self.token_counts = {"tokens": 0, "padded_tokens": 0, "attention": 0, "prefix_tokens": 0,
-                             "prefix_attention": 0}
+                             "prefix_attention": 0, "recomputed_layer_tokens": 0, "recomputed_layer_attention": 0}
         self.fused_attention = enc["fused_attention"]
         self.pack = enc["packed"]  # the packed layout when attention is fused (see the packed property)
         for layer in self.backbone.layers:  # each layer's fused forwards, as methods of the layer (FSDP hooks them)
@@ -193,7 +217,8 @@ class Encoder(nn.Module):
         return self.pack and self.fused_attention
 
     def backbone_forward(self, tokens: torch.Tensor, widths: list | None = None,
-                         window_keys: list | None = None, packed: bool | None = None) -> torch.Tensor:
+                         window_keys: list | None = None, packed: bool | None = None,
+                         split: bool | None = None) -> torch.Tensor:
         """tokens [W, T] (BOS, residues, EOS, padding) -> last-layer representations [W, T, d] (after the final
         layer norm; positions past a window's EOS hold arbitrary values). widths: each window's token count
         (host list; read from the tokens, one wait for the device, when not given).
@@ -203,10 +228,11 @@ class Encoder(nn.Module):
         encoder.chunk_max_padding padding (auto: by device, see AUTO_CHUNK_MAX_PADDING), each chunk padded
         only to its own longest window. With a frozen-layer cache and window_keys [(entry, start)] the frozen
         layers run once per window, ever. packed: True / False overrides the model's layout (prediction picks
-        its own).
+        its own). split: padded, run the windows in chunks as above (default: when widths are given; else in one
+        call, as given).
         """
         packed = self.packed if packed is None else packed
-        chunked = widths is not None  # padded: batches without their widths run in one call, as given
+        chunked = widths is not None if split is None else split
         if widths is None:
             widths = tokens.ne(PAD_IDX).sum(1).tolist()
         order = sorted(range(len(widths)), key=lambda w: -widths[w])  # longest first
@@ -260,7 +286,7 @@ class Encoder(nn.Module):
     def _backbone(self, tokens: torch.Tensor, widths: list, keys: list | None = None) -> torch.Tensor:
         """fair-esm's ESM2.forward without the LM head, padded: tokens [W, T] -> [W, T, d]. The frozen
         leading layers run without autograd, or come from the frozen-layer cache."""
-        keep = (tokens.ne(PAD_IDX))[:, None, None, :]  # attend to real tokens only
+        keep = padding_mask(tokens, widths)
         self.count(widths, padded=tokens.numel())
         if self.cache is not None and keys is not None:
             windows = [tokens[w, :width] for w, width in enumerate(widths)]
@@ -296,7 +322,7 @@ class Encoder(nn.Module):
                 observed = is_mask.sum(-1).to(x.dtype) / (~padding).sum(-1)
                 x = x * (1 - 0.15 * 0.8) / (1 - observed)[:, None, None]
             x = x * (~padding).unsqueeze(-1).to(x.dtype)
-        return self._layers(x, (~padding)[:, None, None, :], 0, min(self.first_trainable, bb.num_layers))
+        return self._layers(x, padding_mask(tokens, widths), 0, min(self.first_trainable, bb.num_layers))
 
     def count(self, widths: list, padded: int | None = None, prefix: bool = False) -> None:
         """Add a call's work to token_counts (host arithmetic only: no wait for the device)."""
@@ -309,10 +335,9 @@ class Encoder(nn.Module):
         self.token_counts["padded_tokens"] += tokens if padded is None else padded
         self.token_counts["attention"] += pairs
 
-    def _layers(self, x: torch.Tensor, keep: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, keep: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
         """Transformer layers start..stop-1 on x [W, T, d]; autograd only for trainable ones.
         encoder.fused_attention: false runs fair-esm's own layer code instead (explicit attention)."""
-        keep = keep if not keep.all() else None
         padding = None if keep is None else ~keep[:, 0, 0, :]
 
         def layer(i, x):
@@ -322,11 +347,20 @@ class Encoder(nn.Module):
 
         for i in range(start, stop):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= self.first_trainable):
-                if self.activation_checkpointing and torch.is_grad_enabled():  # recompute in the backward pass
+                if self.checkpointed(i, x.shape[0] * x.shape[1], x.shape[0] * x.shape[1] ** 2):
                     x = torch.utils.checkpoint.checkpoint(layer, i, x, use_reentrant=False)
                 else:
                     x = layer(i, x)
         return x
+
+    def checkpointed(self, i: int, tokens: int, pairs: int) -> bool:
+        """Whether layer i recomputes its activations in the backward pass (one of the first checkpointed_layers
+        trainable layers, with autograd on); if so its recomputation (tokens, (query, key) pairs) is counted."""
+        if not (torch.is_grad_enabled() and i < self.first_trainable + self.checkpointed_layers):
+            return False
+        self.token_counts["recomputed_layer_tokens"] += tokens
+        self.token_counts["recomputed_layer_attention"] += pairs
+        return True
 
     # ------------------------------------------------------------------ packed
     def packed_forward(self, tokens: torch.Tensor, widths: list, keys: list | None = None,
@@ -335,6 +369,18 @@ class Encoder(nn.Module):
         first) -> last-layer representations [N, d]: in calls of at most `budget` tokens (default the
         token_budget; 0: one call), filled greedily, each with no padding at all (packing.py)."""
         budget = self.token_budget(tokens.device) if budget is None else budget
+        parts, start = [], 0
+        for idx in self.packed_calls(widths, budget):
+            n = sum(widths[w] for w in idx)
+            parts.append(self.packed_call(tokens[start:start + n], [widths[w] for w in idx],
+                                          keys and [keys[w] for w in idx]))
+            start += n
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @staticmethod
+    def packed_calls(widths: list, budget: int) -> list[list[int]]:
+        """The windows (indices into widths, in order) of each backbone call of at most `budget` tokens (0: one
+        call), filled greedily."""
         calls, current, size = [], [], 0
         for w, width in enumerate(widths):
             if current and budget and size + width > budget:
@@ -343,15 +389,9 @@ class Encoder(nn.Module):
             current.append(w)
             size += width
         calls.append(current)
-        parts, start = [], 0
-        for idx in calls:
-            n = sum(widths[w] for w in idx)
-            parts.append(self._packed_call(tokens[start:start + n], [widths[w] for w in idx],
-                                           keys and [keys[w] for w in idx]))
-            start += n
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return calls
 
-    def _packed_call(self, tokens: torch.Tensor, widths: list, keys: list | None) -> torch.Tensor:
+    def packed_call(self, tokens: torch.Tensor, widths: list, keys: list | None) -> torch.Tensor:
         """One backbone call on a stream: tokens [N] -> [N, d]; frozen leading layers without autograd or
         from the cache."""
         self.count(widths)
@@ -381,10 +421,11 @@ class Encoder(nn.Module):
 
     def _packed_layers(self, x: torch.Tensor, stream: packing.Stream, start: int, stop: int) -> torch.Tensor:
         """Transformer layers start..stop-1 on the stream x [N, d]; autograd only for trainable ones."""
+        pairs = sum(n * n for n in stream.lengths)
         for i in range(start, stop):
             layer = self.backbone.layers[i]
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= self.first_trainable):
-                if self.activation_checkpointing and torch.is_grad_enabled():  # recompute in the backward pass
+                if self.checkpointed(i, x.shape[0], pairs):
                     x = torch.utils.checkpoint.checkpoint(layer.packed_forward, x, stream, use_reentrant=False)
                 else:
                     x = layer.packed_forward(x, stream)
@@ -408,22 +449,28 @@ class Encoder(nn.Module):
                 head.compile(dynamic=True, backend=backend)
 
     def embed(self, batch: dict) -> torch.Tensor:
-        """Per-residue embeddings of each protein [B, L, d], windows stitched."""
+        """The backbone's last-layer outputs of the batch's windows as one stream [N, d], in the order of
+        batch['packed_tokens'] (windows longest first, each BOS, residues, EOS), in either layout (padded: the
+        windows' real tokens gathered by batch['stream_index']). Pooling and stitching read it
+        (pool_stream, stitch_anchors): no per-protein [M, L, d] tensor is ever built."""
         if self.packed:
-            reps = self.packed_forward(batch["packed_tokens"], batch["window_widths"], batch.get("window_keys"))
-            return stitch_packed(reps, batch)
+            return self.packed_forward(batch["packed_tokens"], batch["window_widths"], batch.get("window_keys"))
         reps = self.backbone_forward(batch["tokens"], batch["window_widths"], batch.get("window_keys"))
-        return stitch_windows(reps, batch)
+        width = batch["window_widths"][0]  # the collated tokens' width (a caller may have padded them wider)
+        return reps[:, :width].reshape(-1, reps.shape[-1]).index_select(0, batch["stream_index"])
 
-    def forward(self, batch: dict, heads: bool = True, contrastive: bool = False, project: bool = False) -> dict:
-        residues = self.embed(batch)
-        pooled = masked_mean(residues, batch["residue_mask"])
+    def forward(self, batch: dict, heads: bool = True, contrastive: bool = False, project: bool = False,
+                stream: torch.Tensor | None = None) -> dict:
+        """stream: the backbone's outputs [N, d] (embed's) when computed already (gradient caching, memory.py)."""
+        stream = self.embed(batch) if stream is None else stream
+        pooled = pool_stream(stream, batch)
         out = {"pooled": pooled}
         if project:  # every protein's projection (evaluation: the embedding space of centroid prediction)
             out["pooled_projection"] = self.projection(pooled)
-        if heads:
+        if heads:  # per-residue representations of the anchors only, flat: the decoders see no padding
             n_anchors = batch["labels"].shape[0]
-            out["motif_logits"] = self.decoders(residues[:n_anchors])
+            motif = self.decoders(stitch_anchors(stream, batch)[None])[0]  # [8, R]
+            out["motif_logits"] = anchor_tracks(motif, batch)  # [B, 8, L], 0 past each anchor's length
             out["class_logits"] = self.classifier(self.class_dropout(pooled[:n_anchors]))
         if contrastive:
             out["projection"] = self.projection(pooled)[batch["group_index"]]

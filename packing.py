@@ -16,16 +16,31 @@ The results equal the padded layout's at every real token (tests: 1e-5 in fp32, 
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-try:  # PyTorch >= 2.10
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # pragma: no cover - older PyTorch: the exact path everywhere
-    varlen_attn = None
+UNRESOLVED = object()
+varlen_attn = UNRESOLVED  # torch.nn.attention.varlen.varlen_attn (PyTorch >= 2.10), imported at its first use on
+# CUDA (the import loads torch._dynamo: 1.4 s of every process's start-up on the CPU); None where PyTorch lacks it
+
+
+def fused_kernel():
+    """varlen_attn, or None where this PyTorch has none."""
+    global varlen_attn
+    if varlen_attn is UNRESOLVED:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:  # older PyTorch: the exact path everywhere
+            varlen_attn = None
+    return varlen_attn
+
+log = logging.getLogger("mutarget")
 
 
 # Fused attention kernels allowed. Not cuDNN's: PyTorch prefers it for bf16 / fp16 on recent GPUs, and it builds a
@@ -47,7 +62,7 @@ class Stream:
     positions: torch.Tensor
     cu: torch.Tensor
     groups: list
-    rotary: tuple | None = None  # cos, sin [N, 1, dh]: computed by the first layer, shared by the others
+    rotary: tuple | None = None  # cos, signed sin [N, 1, dh]: computed by the first layer, shared by the others
     padded_groups: list | None = None  # per group: gather / take indices and key mask (exact path), built once
 
     @property
@@ -110,24 +125,36 @@ def token_dropout_scale(mask_share: torch.Tensor) -> torch.Tensor:
     return (1 - 0.15 * 0.8) / (1 - mask_share)
 
 
-def rotary_table(rot_emb, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [length, dh] of fair-esm's rotary embedding at positions 0 .. length - 1 (its own formula)."""
+def rotary_table(rot_emb, length: int, device, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, signed sin [length, dh] of fair-esm's rotary embedding at positions 0 .. length - 1 (its own formula;
+    the sine's first half negated, see rotate), in `dtype` (default: the frequencies', fp32)."""
     t = torch.arange(length, device=device, dtype=rot_emb.inv_freq.dtype)
     freqs = torch.einsum("i,j->ij", t, rot_emb.inv_freq)
     table = torch.cat((freqs, freqs), dim=-1)
-    return table.cos(), table.sin()
+    sin = table.sin()
+    sin[:, :freqs.shape[1]].neg_()
+    return table.cos().to(dtype), sin.to(dtype)
 
 
-def rotary_tables(rot_emb, stream: Stream) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [N, 1, dh] of fair-esm's rotary embedding at each token's position within its window (the
-    values fair-esm computes for a padded row: positions restart at every window's BOS)."""
-    cos, sin = rotary_table(rot_emb, stream.max_len, stream.tokens.device)
+def rotary_tables(rot_emb, stream: Stream, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, signed sin [N, 1, dh] of fair-esm's rotary embedding at each token's position within its window (the
+    values fair-esm computes for a padded row: positions restart at every window's BOS), in `dtype`."""
+    cos, sin = rotary_table(rot_emb, stream.max_len, stream.tokens.device, dtype)
     return cos[stream.positions][:, None, :], sin[stream.positions][:, None, :]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """fair-esm's rotary embedding x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) for the halves
+    x1, x2 of the last dimension: the halves swapped by one flip of a [2, dh / 2] view, times the sine whose first
+    half is negated (rotary_table), so no negation or concatenation per call."""
+    swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
+    return x * cos + swapped * signed_sin
+
+
+def compute_dtype(x: torch.Tensor):
+    """The dtype the layers' matrix products give for input x: autocast's where it is on, else x's."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 def fused_varlen_available(q: torch.Tensor) -> bool:
@@ -138,22 +165,63 @@ def fused_varlen_available(q: torch.Tensor) -> bool:
 def fused_varlen_supported(device: torch.device, dtype, head_dim: int = 64) -> bool:
     """Whether the fused variable-length kernel (flash attention) runs here: CUDA on a GPU of compute capability
     8.0 or later (Ampere, Hopper, ...), half precision, a head size that is a multiple of 8 up to 256 (every
-    ESM-2: 16 to 128)."""
-    return (varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and head_dim % 8 == 0 and head_dim <= 256 and torch.cuda.get_device_capability(device) >= (8, 0))
+    ESM-2: 16 to 128), and no earlier call of it failed in this process (see attention)."""
+    return (device.type == "cuda" and not FUSED_FAILED and dtype in (torch.float16, torch.bfloat16)
+            and head_dim % 8 == 0 and head_dim <= 256 and torch.cuda.get_device_capability(device) >= (8, 0)
+            and fused_kernel() is not None)
+
+
+FUSED_FAILED = False  # set by the first fused call that raises: the exact path from then on, one line logged
+
+
+@functools.lru_cache(maxsize=None)
+def varlen_keywords(fn) -> frozenset:
+    """The parameter names `fn` (a varlen_attn) accepts, read once from its signature: PyTorch 2.10's takes
+    (..., max_k, is_causal=False, return_aux=None), 2.11's adds keyword-only scale and window_size, 2.12's
+    num_splits (and enable_gqa, seqused_k, block_table)."""
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # a builtin without a readable signature: the arguments every version takes
+        return frozenset()
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stream: Stream) -> torch.Tensor:
+    """varlen_attn over the stream's windows with the arguments this PyTorch's varlen_attn accepts: scale 1 where it
+    takes `scale` (else q is multiplied by sqrt(dh) to cancel its default 1 / sqrt(dh)), and without autograd one
+    split of the keys where it takes `num_splits` (a window's result then does not depend on the longest window of
+    the call, so a protein predicts the same whatever its batch-mates)."""
+    kernel = fused_kernel()
+    accepted, extra = varlen_keywords(kernel), {}
+    if "scale" in accepted:
+        extra["scale"] = 1.0
+    else:
+        q = q * q.shape[-1] ** 0.5
+    if "num_splits" in accepted and not torch.is_grad_enabled():
+        extra["num_splits"] = 1
+    return kernel(q, k, v, stream.cu, stream.cu, stream.max_len, stream.max_len, **extra)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stream: Stream) -> torch.Tensor:
-    """Softmax attention within each window (scale 1: the query is scaled already): q, k, v [N, H, dh] -> [N, H, dh]."""
+    """Softmax attention within each window (scale 1: the query is scaled already): q, k, v [N, H, dh] -> [N, H, dh].
+    The fused kernel where it runs; if it raises (a PyTorch whose kernel refuses these inputs), one line is logged
+    and this process uses the exact path from then on."""
+    global FUSED_FAILED
     if q.is_cuda and torch.is_autocast_enabled("cuda"):  # the fused kernel takes one half-precision dtype
         dtype = torch.get_autocast_dtype("cuda")
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if fused_varlen_available(q):
-        # without autograd (evaluation, prediction) one split of the keys: a window's result does not depend on
-        # the longest window of the call, so a protein predicts the same whatever its batch-mates
-        splits = None if torch.is_grad_enabled() else 1
-        return varlen_attn(q, k, v, stream.cu, stream.cu, stream.max_len, stream.max_len, scale=1.0,
-                           num_splits=splits)
+        try:
+            return fused_attention(q, k, v, stream)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
+            FUSED_FAILED = True
+            log.warning("fused variable-length attention failed (%s: %s); using the exact attention path from now "
+                        "on (correct, usually slower on a GPU)", type(err).__name__, str(err).splitlines()[0][:200])
+    return exact_attention(q, k, v, stream)
+
+
+def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stream: Stream) -> torch.Tensor:
+    """attention() without the fused kernel: scaled_dot_product_attention per group of adjacent windows, each
+    padded to the group's longest for attention alone, with a key mask."""
     if stream.padded_groups is None:
         stream.padded_groups = [_padded_group(members, q.device) for _, members in stream.groups]
     sizes = [sum(members) for _, members in stream.groups]
@@ -190,16 +258,30 @@ def _padded_group(members: list, device: torch.device):
 
 def before_attention(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """The per-token part of a layer before attention: pre-LayerNorm, q (scaled), k, v, rotary. x [..., d]
-    (a stream [N, d] or a padded batch [B, T, d]) -> [..., H, dh] each; cos, sin broadcast against them
-    ([N, 1, dh] per token, [T, 1, dh] per position)."""
+    (a stream [N, d] or a padded batch [B, T, d]) -> [..., H, dh] each; cos, signed sin (rotary_table) in the
+    compute dtype, broadcast against them ([N, 1, dh] per token, [T, 1, dh] per position)."""
     attn = layer.self_attn
     heads_shape = (*x.shape[:-1], attn.num_heads, x.shape[-1] // attn.num_heads)
-    h = layer.self_attn_layer_norm(x)
-    q = (attn.q_proj(h) * attn.scaling).view(heads_shape)
-    k, v = attn.k_proj(h).view(heads_shape), attn.v_proj(h).view(heads_shape)
+    q, k, v = (t.view(heads_shape) for t in qkv_projection(attn, layer.self_attn_layer_norm(x)))
     if attn.rot_emb is not None:
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     return q, k, v
+
+
+def qkv_projection(attn, h: torch.Tensor):
+    """q (times attn.scaling), k, v [..., d] of the normalised input h [..., d]: one matrix product with the three
+    projections' weights stacked (the query's rows scaled), so h is read, and cast under autocast, once; a LoRA
+    projection's low-rank update is added to its part. Other kinds of projection run one by one."""
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if not all(type(p) is torch.nn.Linear or hasattr(p, "low_rank_update") for p in projections):
+        return attn.q_proj(h) * attn.scaling, attn.k_proj(h), attn.v_proj(h)
+    scales = (attn.scaling, 1.0, 1.0)
+    weight = torch.cat([p.weight * s if s != 1.0 else p.weight for p, s in zip(projections, scales)])
+    bias = None if attn.q_proj.bias is None else torch.cat(
+        [p.bias * s if s != 1.0 else p.bias for p, s in zip(projections, scales)])
+    parts = F.linear(h, weight, bias).chunk(3, dim=-1)
+    return tuple(part if not hasattr(p, "low_rank_update") else part + p.low_rank_update(h) * s
+                 for part, p, s in zip(parts, projections, scales))
 
 
 def after_attention(layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -216,9 +298,10 @@ def transformer_layer(layer, x: torch.Tensor, stream: Stream, parts=(before_atte
     before, after = parts
     if layer.self_attn.rot_emb is None:
         cos = sin = None
-    else:  # every layer's rotary embedding has the same frequencies: one table per stream
-        if stream.rotary is None:
-            stream.rotary = rotary_tables(layer.self_attn.rot_emb, stream)
+    else:  # every layer's rotary embedding has the same frequencies: one table per stream, in the compute dtype
+        dtype = compute_dtype(x)
+        if stream.rotary is None or stream.rotary[0].dtype != dtype:
+            stream.rotary = rotary_tables(layer.self_attn.rot_emb, stream, dtype)
         cos, sin = stream.rotary
     q, k, v = before(layer, x, cos, sin)
     return after(layer, x, attention(q, k, v, stream))

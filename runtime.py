@@ -159,3 +159,13 @@ def load_optimizer_state(model, optimizer, state: dict, path) -> None:
         return
     # strict=False: parameters that have had no gradient yet (the heads during a warm start) have no state
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=sharded, strict=False))
+
+
+def loader_workers(num_workers, device: torch.device) -> int:
+    """data.num_workers; auto: none on the CPU (the cores compute), else up to 4 worker processes that sample
+    and collate the next batches while the GPU runs the current one, from this process's share of the cores
+    (torchrun's LOCAL_WORLD_SIZE processes share the machine; one core left to each process itself)."""
+    if num_workers != "auto":
+        return num_workers
+    per_process = available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return 0 if device.type != "cuda" else max(0, min(4, per_process - 1))

@@ -18,6 +18,8 @@ import torch
 
 from config import ConfigError
 
+FLUSH_STEPS = 50  # batches whose values are read from the device together
+
 
 def require(config) -> None:
     """At start-up: with log.tensorboard on, the tensorboard package must be importable."""
@@ -55,19 +57,32 @@ class TensorBoardLog(Off):
         # purge_step: TensorBoard's readers drop earlier events at or after this step
         self.steps = SummaryWriter(str(root / "step"), purge_step=start_epoch * batches_per_epoch)
         self.epochs = SummaryWriter(str(root / "epoch"), purge_step=start_epoch)
+        self.pending = []  # (global step, names, values on the device, lr) of batches not yet written
 
     def step(self, global_step: int, loss, losses: dict, lr: float) -> None:
-        """One training batch: total loss, its parts ({name: scalar tensor}) and the learning rate. The
-        values reach the host in one transfer (one GPU synchronisation per batch, not one per value)."""
-        names = ["loss", *losses]
-        values = torch.stack([loss.detach().float(), *(v.detach().float() for v in losses.values())]).tolist()
-        for name, value in zip(names, values):
-            self.steps.add_scalar(f"step/{name}", value, global_step)
-        self.steps.add_scalar("step/lr", lr, global_step)
+        """One training batch: total loss, its parts ({name: scalar tensor}) and the learning rate. The values stay
+        on the device until FLUSH_STEPS batches are pending (or the epoch ends), then reach the host in one
+        transfer: one GPU synchronisation per FLUSH_STEPS batches, not one per batch."""
+        values = torch.stack([loss.detach().float(), *(v.detach().float() for v in losses.values())])
+        self.pending.append((global_step, ["loss", *losses], values, lr))
+        if len(self.pending) >= FLUSH_STEPS:
+            self.write_steps()
+
+    def write_steps(self) -> None:
+        """The pending batches' values, read in one transfer."""
+        if not self.pending:
+            return
+        values = torch.cat([v for _, _, v, _ in self.pending]).tolist()
+        for global_step, names, _, lr in self.pending:
+            for name in names:
+                self.steps.add_scalar(f"step/{name}", values.pop(0), global_step)
+            self.steps.add_scalar("step/lr", lr, global_step)
+        self.pending = []
 
     def epoch(self, record: dict) -> None:
         """One metrics.jsonl record (undefined metrics, null there, are left out); on disk before
         the epoch's checkpoint is."""
+        self.write_steps()
         for key, value in record.items():
             if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.epochs.add_scalar(f"epoch/{key}", value, record["epoch"])
@@ -75,6 +90,7 @@ class TensorBoardLog(Off):
         self.epochs.flush()
 
     def close(self) -> None:
+        self.write_steps()
         self.steps.close()
         self.epochs.close()
 

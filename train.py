@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -32,12 +31,13 @@ from contrast import anchor_cosines, remine, setup_supcon, uses_mutations
 from data import DataError, build_datasets
 from evaluate import evaluate, final_test
 from loss import ClassLoss, MotifLoss, class_weights, contrastive_loss, motif_pos_weights
+from memory import Planner
 from metrics import score
 from model import Encoder, load_model_state
 from packing import fused_varlen_supported
-from runtime import (amp_dtype, autocast, available_cores, check_compiler, full_state, init_distributed,
-                     load_optimizer_state, shard_model, to_device, warn_thread_oversubscription)
-from throughput import epoch_speed
+from runtime import (amp_dtype, autocast, check_compiler, full_state, init_distributed, load_optimizer_state,
+                     loader_workers, shard_model, to_device, warn_thread_oversubscription)
+from throughput import epoch_speed, speed_text
 from utils import (load_checkpoint, log_to_file, remove_stale_temps, rng_state, save_checkpoint, seed_everything,
                    set_rng_state, setup_logging, write_atomic, write_text_atomic, write_yaml)
 from vocab import CLASSES
@@ -118,6 +118,7 @@ class Trainer:
     criteria: dict
     distance_map: dict | None
     log: logging.Logger
+    planner: Planner  # train.checkpointing / train.gradient_cache per step
     main_process: bool = True
     sharded: bool = False  # train.parallel: fsdp: every process validates and gathers the checkpoint with rank 0
     tb: tblog.Off = tblog.OFF
@@ -247,8 +248,9 @@ def set_up(args) -> tuple[Trainer, Progress]:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=config.supcon.apply)  # warm start leaves the heads unused
+    planner = Planner(model, config, device, amp_dtype(config.train.amp, device) or torch.float32, world)
     trainer = Trainer(config, device, model, net, datasets, sampler, loader, optimizer, scheduler, scaler, criteria,
-                      distance_map, log, main_process, sharded)
+                      distance_map, log, planner, main_process, sharded)
 
     progress = Progress()
     if resume is not None:
@@ -291,16 +293,6 @@ def make_loader(train_set, config, rank: int = 0, world: int = 1, device=torch.d
     loader = DataLoader(train_set, batch_sampler=batches, collate_fn=Collate(config.data.max_len, config.data.overlap),
                         num_workers=loader_workers(config.data.num_workers, device), pin_memory=device.type == "cuda")
     return sampler, loader
-
-
-def loader_workers(num_workers, device: torch.device) -> int:
-    """data.num_workers; auto: none on the CPU (the cores compute), else up to 4 worker processes that sample
-    and collate the next batches while the GPU runs the current one, from this process's share of the cores
-    (torchrun's LOCAL_WORLD_SIZE processes share the machine; one core left to each process itself)."""
-    if num_workers != "auto":
-        return num_workers
-    per_process = available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return 0 if device.type != "cuda" else max(0, min(4, per_process - 1))
 
 
 def make_optimizer(model: Encoder, train_cfg) -> torch.optim.AdamW:
@@ -370,8 +362,9 @@ def train_epoch(trainer: Trainer, epoch: int) -> EpochStats:
                              last_line - start, float(sums["loss"]) / step)
         batch = to_device(batch, device)
         anchors += batch["labels"].shape[0]
-        with autocast(device, dtype):
-            loss, losses, out = step_losses(net, batch, trainer.criteria, config, heads)
+        group_start = step - step % cfg.accumulate
+        group_size = min(cfg.accumulate, n_batches - group_start)
+        loss, losses, out = forward_backward(trainer, batch, heads, dtype, group_size)
         trainer.tb.step(epoch * n_batches + step, loss, losses, trainer.scheduler.get_last_lr()[0])
         if "fallback" in batch:  # anchor / positive / negative batches (supcon.loss: hard)
             cos_pos, cos_neg = anchor_cosines(out["projection"].detach(), config.supcon.n_pos)
@@ -379,9 +372,6 @@ def train_epoch(trainer: Trainer, epoch: int) -> EpochStats:
             sums["cos_anchor_neg"] += cos_neg
             for name, count in batch["fallback"].items():
                 fallbacks[name] += count
-        group_start = step - step % cfg.accumulate
-        group_size = min(cfg.accumulate, n_batches - group_start)
-        trainer.scaler.scale(loss / group_size).backward()
         if step + 1 == group_start + group_size:
             trainer.scaler.unscale_(optimizer)
             if cfg.grad_clip > 0:
@@ -400,15 +390,27 @@ def train_epoch(trainer: Trainer, epoch: int) -> EpochStats:
                       {"anchors": anchors, **model.token_counts}, time.time() - start)
 
 
-def step_losses(model, batch: dict, criteria: dict, config, heads: bool = True):
-    """Forward and losses of one batch -> (total loss, {name: loss}, model outputs).
+def forward_backward(trainer: Trainer, batch: dict, heads: bool, dtype, group_size: int):
+    """step_losses (under autocast) and the backward pass of the loss / group_size (scaled) -> step_losses' result.
+    The planner picks the checkpointed layers, or splits the step by gradient caching (memory.py)."""
+    def losses_of(stream=None):
+        with autocast(trainer.device, dtype):
+            return step_losses(trainer.net, batch, trainer.criteria, trainer.config, heads, stream)
+    return trainer.planner.step(batch, trainer.optimizer, losses_of,
+                                lambda loss: trainer.scaler.scale(loss / group_size).backward(),
+                                lambda: autocast(trainer.device, dtype))
+
+
+def step_losses(model, batch: dict, criteria: dict, config, heads: bool = True, stream=None):
+    """Forward and losses of one batch -> (total loss, {name: loss}, model outputs). stream: the backbone's
+    outputs when computed already (gradient caching).
 
     A batch holding 'group_index' is an extended SupCon batch: the contrastive term is added.
     Under DistributedDataParallel the motif loss is divided by the scored residues of the global
     batch (all ranks), so that averaged gradients equal those of one process on that batch.
     """
     extended = "group_index" in batch
-    out = model(batch, heads=heads, contrastive=extended)
+    out = model(batch, heads=heads, contrastive=extended, stream=stream)
     losses = {}
     if heads:
         denominator = None
@@ -478,8 +480,7 @@ def end_epoch(trainer: Trainer, progress: Progress, epoch: int, phase: str, stat
     write_text_atomic(trainer.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in trainer.history))
     trainer.tb.epoch(record)
     losses = ", ".join(f"{k} {v:.4f}" for k, v in stats.losses.items() if k.endswith("_loss"))
-    rate = f"{speed['anchors_per_s']:.1f} anchors/s, {speed['tokens_per_s']:.0f} tokens/s" + (
-        f", MFU {speed['mfu']:.2%}" if "mfu" in speed else "")
+    rate = speed_text(speed)
     trainer.log.info("epoch %d (%s): loss %.4f (%s) val macro-F1 %.4f macro-MCC %.4f%s (%.1fs; %s)", epoch, phase,
                      stats.losses["loss"], losses, val["macro_f1"], val["macro_mcc"], " *" if improved else "",
                      record["time_s"], rate)

@@ -26,10 +26,10 @@ from config import resolve_config
 D, LAYERS = 32, 3
 
 
-def config(tune="lora", k=2, **encoder):
+def config(tune="lora", k=2, checkpointing="auto", **encoder):
     tree = {"encoder": {"scratch": {"num_layers": LAYERS, "embed_dim": D, "attention_heads": 4}, "tune": tune,
                         "trainable_layers": k, **encoder},
-            "decoder": {"dropout": 0.0, "class_dropout": 0.0}}
+            "decoder": {"dropout": 0.0, "class_dropout": 0.0}, "train": {"checkpointing": checkpointing}}
     return resolve_config(tree)
 
 
@@ -148,9 +148,9 @@ def test_gradients_reach_only_adapters_and_heads(tune):
 @pytest.mark.parametrize("tune", ["full", "lora", "last_k"])
 def test_activation_checkpointing_gives_the_same_gradients(tune):
     grads = []
-    for checkpointing in (False, True):
+    for checkpointing in ("none", "all"):
         torch.manual_seed(0)
-        m = model.Encoder(config(tune, k=2, activation_checkpointing=checkpointing, lora={"dropout": 0.2}))
+        m = model.Encoder(config(tune, k=2, checkpointing=checkpointing, lora={"dropout": 0.2}))
         m.train()
         torch.manual_seed(1)  # the same LoRA dropout masks, recomputed identically in the backward pass
         out = m(batch_of())

@@ -53,14 +53,15 @@ def test_stitching_long_protein_equals_average_of_window_outputs():
     batch = batch_of([47, 9], max_len=20, overlap=6)
     with torch.no_grad():
         windows = m.backbone_forward(batch["tokens"]).numpy()
-        stitched = m.embed(batch).numpy()
+        stitched = model.stitch_anchors(m.embed(batch), batch).numpy()  # [47 + 9, d]: the anchors' residues, flat
+        motif = m(batch)["motif_logits"]
     w0 = (batch["window_protein"] == 0).nonzero().flatten().tolist()
     starts = batch["window_start"][w0].tolist()
     expected = helpers.stitch_average(windows[w0, 1:21], starts, 47)  # residues without BOS/EOS
-    assert abs(stitched[0, :47] - expected).max() < 1e-5
+    assert abs(stitched[:47] - expected).max() < 1e-5
     w1 = (batch["window_protein"] == 1).nonzero().flatten().item()
-    assert abs(stitched[1, :9] - windows[w1, 1:10]).max() < 1e-6
-    assert (stitched[1, 9:] == 0).all()
+    assert stitched.shape[0] == 56 and abs(stitched[47:] - windows[w1, 1:10]).max() < 1e-6
+    assert motif.shape == (2, 8, 47) and (motif[1, :, 9:] == 0).all()
 
 
 def test_padding_never_changes_outputs():
