@@ -33,12 +33,13 @@
 #
 # --dry-run: the very same steps on the CPU with a tiny model (2 layers x 64 dims x 4 heads) in fp32 on one thread,
 # 1 anchor (1 positive, 1 negative), 1 warm-up and 1 timed step, 8 predicted proteins, short timeouts; the test
-# steps run a fast selection (the GPU tests, which skip there, and two quick ones). About 1.5-2 minutes on two busy
-# CPU cores, nearly all of it Python starting and importing PyTorch once per step (tests/test_gpu_check.py runs it).
+# steps run a fast selection (the GPU tests, which skip there, and two quick ones); two steps at a time
+# (GPU_CHECK_JOBS), since nearly all of a step is Python starting and importing PyTorch on one core. About 45 s on
+# two quiet cores (tests/test_gpu_check.py runs it).
 #
 # Environment: OUT, DATA_ROOT, BENCH_DIR (the random weights; default bench_weights, --dry-run: $OUT/bench_weights),
 # PYTHON (default python), GPU_CHECK_BUDGET_S, GPU_CHECK_STEPS (space-separated step names or glob patterns: run
-# only those; env always runs), GPU_CHECK_FAIL_STEP (space-separated step names, env excepted, that run `exit 1`
+# only those; env always runs), GPU_CHECK_JOBS (--dry-run only: steps at once, default 2), GPU_CHECK_FAIL_STEP (space-separated step names, env excepted, that run `exit 1`
 # instead: a test of the recording), GPU_CHECK_FULL_ANCHORS.
 set -uo pipefail  # no -e: a failing step is recorded, then the next one runs
 
@@ -72,6 +73,7 @@ if ((DRY)); then
     PREDICT_N=8
     TEST_ARGS=(-k "cuda or hand_worked or refused")
     declare -A LIMIT=([env]=60 [tests]=120 [load]=90 [bench]=90 [full]=90 [predict]=90)
+    JOBS=${GPU_CHECK_JOBS:-2}  # steps at once: the CPU's two cores (each step's process is one thread)
     declare -A COST=([env]=5 [tests]=10 [load]=10 [bench]=10 [full]=10 [predict]=10)
 else
     OUT=${OUT:-gpu_results}
@@ -83,6 +85,7 @@ else
     PREDICT_N=10000
     TEST_ARGS=()
     declare -A LIMIT=([env]=120 [tests]=300 [load]=240 [bench]=180 [full]=240 [predict]=240)
+    JOBS=1  # one step at a time: the timings are the point
     declare -A COST=([env]=10 [tests]=60 [load]=60 [bench]=25 [full]=35 [predict]=50)
 fi
 mkdir -p "$OUT/logs" "$OUT/tests" "$OUT/bench" || exit 2
@@ -129,31 +132,43 @@ run_step() {
         reason=(--reason "forced to fail (GPU_CHECK_FAIL_STEP)")
     fi
     rm -f "$figures"
-    CURRENT=("$name" "$kind" "$t0" "$limit" "$log" "$figures")
     timeout -k 15 "$limit" "$@" >"$log" 2>&1 </dev/null &
-    STEP_PID=$!
-    wait "$STEP_PID"
-    rc=$?
-    STEP_PID="" CURRENT=()
-    local seconds
-    seconds=$(since "$t0")
-    ((rc != 0)) && FAILED=1
-    record "$name" "$kind" --rc "$rc" --seconds "$seconds" --timeout-s "$limit" --log "$log" --figures "$figures" \
-        "${reason[@]}"
+    RUNNING[$!]="$name|$kind|$t0|$limit|$log|$figures|${reason[*]:+${reason[1]}}"
+    while ((${#RUNNING[@]} >= JOBS)); do
+        reap
+    done
 }
 
-STEP_PID="" CURRENT=()
-interrupted() {  # SIG: stop the running step (timeout passes the signal to its whole process group), record it
+# reap: wait for one running step to end and write its JSON line; drain: for all of them
+reap() {
+    local pid rc name kind t0 limit log figures why
+    wait -n -p pid "${!RUNNING[@]}"
+    rc=$?
+    IFS='|' read -r name kind t0 limit log figures why <<<"${RUNNING[$pid]}"
+    unset "RUNNING[$pid]"
+    ((rc != 0)) && FAILED=1
+    record "$name" "$kind" --rc "$rc" --seconds "$(since "$t0")" --timeout-s "$limit" --log "$log" \
+        --figures "$figures" ${why:+--reason "$why"}
+}
+drain() {
+    while ((${#RUNNING[@]})); do
+        reap
+    done
+}
+
+declare -A RUNNING=()  # pid -> name|kind|start|timeout|log|figures|reason of each step running
+interrupted() {  # SIG: stop the running steps (timeout passes the signal to its whole process group), record them
     trap - TERM INT
-    if [[ -n $STEP_PID ]]; then
-        kill -TERM "$STEP_PID" 2>/dev/null
-        wait "$STEP_PID"
-    fi
-    if ((${#CURRENT[@]})); then
-        record "${CURRENT[0]}" "${CURRENT[1]}" --rc 143 --seconds "$(since "${CURRENT[2]}")" \
-            --timeout-s "${CURRENT[3]}" --log "${CURRENT[4]}" --figures "${CURRENT[5]}" \
-            --reason "interrupted (gpu_check.sh got SIG$1)"
-    fi
+    local pid name kind t0 limit log figures why
+    for pid in "${!RUNNING[@]}"; do
+        kill -TERM "$pid" 2>/dev/null
+    done
+    for pid in "${!RUNNING[@]}"; do
+        wait "$pid"
+        IFS='|' read -r name kind t0 limit log figures why <<<"${RUNNING[$pid]}"
+        record "$name" "$kind" --rc 143 --seconds "$(since "$t0")" --timeout-s "$limit" --log "$log" \
+            --figures "$figures" --reason "interrupted (gpu_check.sh got SIG$1)"
+    done
     echo "gpu_check: interrupted by SIG$1 after $((SECONDS - START)) s; results so far in $RESULTS" >&2
     [[ $1 == INT ]] && exit 130
     exit 143
@@ -220,6 +235,7 @@ bench() {  # NAME KIND ARGS...: one bench_real.py run as a step; its children en
         --child-timeout "$child_timeout" --json "$OUT/bench/$name.json" "${BENCH_ARGS[@]}" "$@"
 }
 bench bench_load load --modes --layouts packed
+drain  # the other bench steps read the weights it writes
 for mode in lora adapter last_k full; do
     for layout in packed padded; do
         if [[ $mode == full ]]; then
@@ -231,6 +247,7 @@ for mode in lora adapter last_k full; do
 done
 for layout in packed padded; do
     bench "predict_$layout" predict --no-load --modes --layouts "$layout" --predict "$PREDICT_N"
+    drain  # the first writes the checkpoint and the proteins the second reads
 done
 
 "$PY" "${HELP[@]}" summary "$RESULTS"
