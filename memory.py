@@ -87,6 +87,7 @@ class Planner:
         self.stored = 2 * 4 * d  # gradient caching: the calls' outputs [N, d] and their gradient, fp32
         self.budget = None  # bytes for activations, from the first step's free memory (auto only)
         self.largest = 0  # the most layers checkpointed so far (logged when it grows)
+        self.split_said = False  # gradient caching logged once
         model.checkpointed_layers = self.trained if self.mode == "all" else 0
 
     def activation_budget(self, optimizer) -> float | None:
@@ -157,8 +158,8 @@ class Planner:
                 break
         self.model.checkpointed_layers = k
         call = max(min(call, self.model.token_budget(self.model.backbone.embed_tokens.weight.device) or call), longest)
-        if self.largest >= 0:
-            self.largest = -1  # said once
+        if not self.split_said:
+            self.split_said = True
             log.info("train.gradient_cache: a step of %d tokens does not fit the GPU even with every layer "
                      "checkpointed: the backbone runs without autograd, then again per call of at most %d tokens "
                      "(%d layers checkpointed) with the losses' gradients", tokens, call, k)
