@@ -9,14 +9,20 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 from adapters import add_adapters, add_lora, first_adapted_layer, is_peft_parameter
+from config import ConfigError
 from packing import ATTENTION_BACKENDS, after_attention, before_attention, compute_dtype, rotary_table
+from release import arch_problem
 from weights import load_pretrained
 
 
 def build_backbone(encoder_cfg, arch: dict | None = None) -> esm.model.esm2.ESM2:
     """The configured ESM-2 (see weights.py for the sources). With `arch` (from a checkpoint) only
-    the architecture is built: the checkpoint holds the weights."""
+    the architecture is built: the checkpoint holds the weights. An arch that is no ESM-2 architecture
+    (release.arch_problem) is a ConfigError naming the field, before anything is built."""
     if arch is not None:
+        problem = arch_problem(arch)
+        if problem:
+            raise ConfigError(f"the checkpoint's {problem}")
         return esm.model.esm2.ESM2(alphabet="ESM-1b", **arch)
     if encoder_cfg["scratch"] is not None:
         s = encoder_cfg["scratch"]  # sizes checked by config.resolve_config

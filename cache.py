@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import logging
 import os
 from pathlib import Path
@@ -41,6 +42,7 @@ class FrozenCache:
                 store = np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=(total, dim))
                 reserve(path)
             except OSError as err:
+                Path(path).unlink(missing_ok=True)  # not a sparse file of the full size left behind
                 size = total * dim * np.dtype(np_dtype).itemsize / 1e9
                 raise WriteError(f"{path}: cannot write the frozen-layer cache ({size:.2f} GB): "
                                  f"{err.strerror or err}") from None
@@ -148,9 +150,11 @@ class DiskCache:
         return list(values.to(windows[0].device, non_blocking=True).split(widths))  # one copy to the device
 
     def _store(self, key: str, values: np.ndarray) -> None:
-        def write(tmp):
+        def write(tmp):  # assembled in memory (one window: small), written by Python: a full disk is ENOSPC
+            buffer = io.BytesIO()  # (numpy's own file writes say only "N requested and M written")
+            np.save(buffer, values, allow_pickle=False)
             with open(tmp, "wb") as handle:
-                np.save(handle, values)
+                handle.write(buffer.getbuffer())
         write_atomic(self.path(key), write, temp_folder=self.folder)  # one folder to clean after a kill
 
 

@@ -1,15 +1,19 @@
 """The configuration: every key with its default (DEFAULTS), the rules each value must follow (type, range,
 choices), YAML files and `--set KEY=VALUE` overrides merged over the defaults, unknown keys named with the
-nearest valid one."""
+nearest valid one; what the configuration asks of the machine (resources.py) and of the file system
+(check_paths). Every error is one line naming the key and where it was set (the file or the `--set`)."""
 from __future__ import annotations
 
 import copy
 import difflib
 import math
+import os
 import re
 from pathlib import Path
 
-import yaml
+import bounded
+import resources
+from bounded import MAX_DEPTH, MAX_FILE_BYTES, SHOWN, shown
 
 # Every valid key with its default. A key whose default is None takes the type in NULLABLE.
 DEFAULTS = {
@@ -118,17 +122,17 @@ MAX_SEED = 2 ** 32 - 1  # NumPy's seeds
 BIG = 10 ** 9  # upper bound of counts that have no natural one (a value above it is a typo, and would hang or overflow)
 # Allowed range of every number, (low, high) inclusive; None: unbounded on that side. Every float must be finite.
 RANGES = {
-    "seed": (0, MAX_SEED), "data.fold": (0, 4), "data.max_len": (1, 1022), "data.overlap": (0, 1021),
+    "seed": (0, MAX_SEED), "data.fold": (0, 4), "data.max_len": (1, 1022), "data.overlap": (0, 511),
     "data.num_workers": (0, 256), "data.synthetic.n_proteins": (50, 10 ** 7), "data.synthetic.seed": (0, MAX_SEED),
     "encoder.scratch.num_layers": (1, 1000), "encoder.scratch.embed_dim": (2, 65536),
     "encoder.scratch.attention_heads": (1, 4096), "encoder.trainable_layers": (0, 1000),
     "encoder.lora.rank": (1, 65536), "encoder.lora.alpha": (0.0, None), "encoder.lora.dropout": (0.0, 1.0),
     "encoder.adapter.dim": (1, 65536), "encoder.chunk_tokens": (0, BIG), "encoder.chunk_max_padding": (0.0, 1.0),
-    "decoder.hidden_dim": (0, 65536), "decoder.dropout": (0.0, 1.0), "decoder.class_dropout": (0.0, 1.0),
+    "decoder.hidden_dim": (0, 4096), "decoder.dropout": (0.0, 1.0), "decoder.class_dropout": (0.0, 1.0),
     "train.epochs": (1, 10 ** 6), "train.batch_size": (1, BIG), "train.eval_batch_size": (1, BIG),
-    "train.lr": (0.0, None), "train.backbone_lr": (0.0, None), "train.weight_decay": (0.0, None),
+    "train.lr": (0.0, 10.0), "train.backbone_lr": (0.0, 10.0), "train.weight_decay": (0.0, 10.0),
     "train.warmup_epochs": (0.0, 10.0 ** 6), "train.min_lr_ratio": (0.0, 1.0), "train.grad_clip": (0.0, None),
-    "train.accumulate": (1, BIG), "train.patience": (1, 10 ** 6), "train.motif_weight": (0.0, None),
+    "train.accumulate": (1, BIG), "train.patience": (1, 10 ** 6), "train.motif_weight": (0.0, 1000.0),
     "train.max_pos_weight": (1.0, None), "train.augment.pos_rate": (0.0, 1.0), "train.augment.neg_rate": (0.0, 1.0),
     "train.augment.max_copies": (1, 1000), "train.augment.views": (1, 1000),
     "supcon.jaccard_threshold": (0.0, 1.0), "supcon.reg_lambda": (0.0, None), "supcon.n_clusters": (2, 65536),
@@ -164,6 +168,13 @@ class Config(dict):
     def to_dict(self) -> dict:
         return copy.deepcopy(dict(self))
 
+    def blame(self, *keys: str) -> str:
+        """Where the last of these keys (or keys under them) was set: a `--set` over the file; the file (or stored
+        config) when none was set. Filled in by resolve_config."""
+        sources = self.__dict__.get("_sources", {})
+        found = [sources[k] for k in sources if any(k == key or k.startswith(key + ".") for key in keys)]
+        return max(found)[1] if found else self.__dict__.get("_where", "config")
+
 
 def _all_keys(tree: dict, prefix: str = "") -> list[str]:
     keys = []
@@ -183,6 +194,8 @@ def _unknown_key(key: str, where: str) -> ConfigError:
     closest name in the same block, else the closest full key (letter case ignored throughout)."""
     valid = _all_keys(DEFAULTS) + ["encoder.scratch." + k for k in SCRATCH_DEFAULTS]
     key = str(key)
+    if len(key) > SHOWN or not key.isprintable():  # quote its start on one line; spare difflib the comparison
+        return ConfigError(f"{where}: unknown config key {shown(key)}")
     block, _, leaf = key.rpartition(".")
     siblings = {v.rpartition(".")[2].lower(): v for v in valid if v.rpartition(".")[0].lower() == block.lower()}
     alias = ALIASES.get(leaf.lower())
@@ -221,25 +234,28 @@ def _check_value(key: str, value, default, where: str):
     if key in FLOAT_OR_AUTO | INT_OR_AUTO and value == "auto":
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 10 ** 300:  # beyond float's range (about 1.8e308): float() would raise OverflowError
+            return _fail(f"{where}: {key} must be {_range_text(key) if key in RANGES else 'a finite number'}, got "
+                         f"{shown(value)}")
         value = float(value)
     ok = isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool))
     if not ok:
-        shown = f"{value!r}" if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        return _fail(f"{where}: '{key}' must be {_type_name(expected)}, got {type(value).__name__} ({shown})")
+        return _fail(f"{where}: '{key}' must be {_type_name(expected)}, got {type(value).__name__} "
+                     f"({shown(value)})")
     if expected is float and not math.isfinite(value):
         return _fail(f"{where}: '{key}' must be a finite number, got {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
-        return _fail(f"{where}: '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        return _fail(f"{where}: '{key}' must be one of {', '.join(CHOICES[key])}, got {shown(value)}")
     if key in NON_EMPTY and not value.strip():
         return _fail(f"{where}: '{key}' must not be empty")
     if key == "device" and not DEVICE_RE.match(value):
-        return _fail(f"{where}: 'device' must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return _fail(f"{where}: 'device' must be auto, cpu, cuda or cuda:N, got {shown(value)}")
     if key in RANGES:
         low, high = RANGES[key]
         below = low is not None and (value <= low if key in OPEN_LOW else value < low)
         above = high is not None and (value >= high if key in OPEN_HIGH else value > high)
         if below or above:
-            return _fail(f"{where}: {key} must be {_range_text(key)}, got {value!r}")
+            return _fail(f"{where}: {key} must be {_range_text(key)}, got {shown(value)}")
     return value
 
 
@@ -247,35 +263,52 @@ def _fail(message: str):
     raise ConfigError(message)
 
 
-def _merge(base: dict, override: dict, defaults: dict, prefix: str, where: str) -> None:
+def _merge(base: dict, override: dict, defaults: dict, prefix: str, where: str, sources: dict) -> None:
+    """override's values into base (validated); sources[key] = (rank, where) for every key set, the latest
+    highest."""
     for key, value in override.items():
-        full = prefix + str(key)
+        full = prefix + (key if isinstance(key, str) else shown(key))
         if key not in defaults:
             while isinstance(value, dict) and len(value) == 1:  # a --set path: name the whole key, not its block
                 (inner, value), = value.items()
-                full += f".{inner}"
+                full += f".{inner if isinstance(inner, str) else shown(inner)}"
             raise _unknown_key(full, where)
         default = defaults[key]
+        sources[full] = (max((i for i, _ in sources.values()), default=-1) + 1, where)  # the latest ranks highest
         if full == "encoder.scratch" and value is not None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: 'encoder.scratch' must be a mapping with keys "
-                                  f"{', '.join(SCRATCH_DEFAULTS)}, got {value!r}")
+                                  f"{', '.join(SCRATCH_DEFAULTS)}, got {shown(value)}")
             base[key] = dict(base[key] or SCRATCH_DEFAULTS)
-            _merge(base[key], value, SCRATCH_DEFAULTS, full + ".", where)
+            _merge(base[key], value, SCRATCH_DEFAULTS, full + ".", where, sources)
         elif isinstance(default, dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}: '{full}' is a block of keys, got {value!r}")
-            _merge(base[key], value, default, full + ".", where)
+                raise ConfigError(f"{where}: '{full}' is a block of keys, got {shown(value)}")
+            _merge(base[key], value, default, full + ".", where, sources)
         else:
             base[key] = _check_value(full, value, default, where)
 
 
+def _bounded(where: str, check, value):
+    """check(value) (bounded.read_yaml, bounded.check_size), its Refused as a ConfigError naming `where`."""
+    try:
+        return check(value)
+    except bounded.Refused as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def set_text(text: str) -> str:
+    """'--set KEY=VALUE' as error messages name it: on one line (control characters escaped), cut to SHOWN."""
+    text = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text[:4 * SHOWN])
+    return "--set " + (text if len(text) <= SHOWN else text[:SHOWN - 3] + "...")
+
+
 def parse_override(text: str) -> dict:
-    """'train.lr=1e-4' -> {'train': {'lr': 0.0001}} (value parsed as YAML)."""
+    """'train.lr=1e-4' -> {'train': {'lr': 0.0001}} (value parsed as YAML, by bounded.read_yaml's rules)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE")
+        raise ConfigError(f"{set_text(text)}: expected KEY=VALUE")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = _bounded(set_text(text), bounded.read_yaml, raw) if raw.strip() else None
     if isinstance(value, str):  # YAML reads 1e-4 as a string; accept it as a number
         try:
             value = float(value) if any(c in value.lower() for c in ".e") else value
@@ -284,6 +317,8 @@ def parse_override(text: str) -> dict:
     tree: dict = {}
     node = tree
     parts = key.strip().split(".")
+    if len(parts) > MAX_DEPTH:
+        raise _unknown_key(key.strip(), set_text(text))
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
@@ -299,7 +334,7 @@ def _renamed(tree: dict) -> dict:
         tree = copy.deepcopy(tree)
         value = tree[section].pop(key)
         if value not in values:
-            raise ConfigError(f"'{old}' (now '{new}') must be true or false, got {value!r}")
+            raise ConfigError(f"'{old}' (now '{new}') must be true or false, got {shown(value)}")
         if values[value] is not None:
             new_section, new_key = new.split(".")
             tree.setdefault(new_section, {}).setdefault(new_key, values[value])
@@ -307,55 +342,107 @@ def _renamed(tree: dict) -> dict:
 
 
 def resolve_config(tree: dict, overrides=None, where: str = "config") -> Config:
-    """Defaults <- tree <- overrides, validated."""
+    """Defaults <- tree <- overrides, validated: each value, then across keys, then what the configuration asks
+    of the machine (resources.problems). An error names where the key at fault was set: the `--set` that set it
+    last, else `where` (the file, the stored config)."""
     config = copy.deepcopy(DEFAULTS)
+    _bounded(where, bounded.check_size, tree)  # before anything walks, copies or prints it
     if not isinstance(tree, dict):
         raise ConfigError(f"{where}: expected a mapping of config keys at top level")
-    _merge(config, _renamed(tree), DEFAULTS, "", where)
+    sources: dict = {}
+    _merge(config, _renamed(tree), DEFAULTS, "", where, sources)
     for text in overrides or []:
-        _merge(config, _renamed(parse_override(text)), DEFAULTS, "", f"--set {text}")
-    sources = [k for k in ("model_name", "checkpoint", "scratch") if config["encoder"][k] is not None]
-    if len(sources) != 1:
-        raise ConfigError(f"{where}: set exactly one of encoder.model_name, encoder.checkpoint, "
-                          f"encoder.scratch (got {', '.join(sources) or 'none'})")
+        _merge(config, _renamed(parse_override(text)), DEFAULTS, "", set_text(text), sources)
+    result = Config(config)
+    result.__dict__.update(_sources=sources, _where=where)
+    blame = result.blame
     enc = config["encoder"]
+    given = [k for k in ("model_name", "checkpoint", "scratch") if enc[k] is not None]
+    if len(given) != 1:
+        raise ConfigError(f"{blame('encoder.model_name', 'encoder.checkpoint', 'encoder.scratch')}: set exactly one "
+                          f"of encoder.model_name, encoder.checkpoint, encoder.scratch "
+                          f"(got {', '.join(given) or 'none'})")
     unknown = [t for t in enc["lora"]["targets"] if t not in LORA_TARGETS]
     if unknown or not enc["lora"]["targets"] or len(set(enc["lora"]["targets"])) < len(enc["lora"]["targets"]):
-        raise ConfigError(f"{where}: encoder.lora.targets: unknown target(s) {unknown or '(none given or repeated)'}; "
+        raise ConfigError(f"{blame('encoder.lora.targets')}: encoder.lora.targets: unknown target(s) "
+                          f"{shown(unknown) if unknown else '(none given or repeated)'}; "
                           f"choose from {', '.join(LORA_TARGETS)}")
     scratch = enc["scratch"]
     if scratch is not None:
         if scratch["embed_dim"] % scratch["attention_heads"]:
-            raise ConfigError(f"{where}: encoder.scratch.embed_dim ({scratch['embed_dim']}) must be divisible by "
-                              f"attention_heads ({scratch['attention_heads']})")
+            raise ConfigError(f"{blame('encoder.scratch')}: encoder.scratch.embed_dim ({scratch['embed_dim']}) must "
+                              f"be divisible by attention_heads ({scratch['attention_heads']})")
         if (scratch["embed_dim"] // scratch["attention_heads"]) % 2:
-            raise ConfigError(f"{where}: encoder.scratch.embed_dim / attention_heads must be even (rotary "
-                              f"embeddings rotate pairs of dimensions), got {scratch['embed_dim']} / "
+            raise ConfigError(f"{blame('encoder.scratch')}: encoder.scratch.embed_dim / attention_heads must be even "
+                              f"(rotary embeddings rotate pairs of dimensions), got {scratch['embed_dim']} / "
                               f"{scratch['attention_heads']}")
-    if config["data"]["overlap"] >= config["data"]["max_len"]:
-        raise ConfigError(f"{where}: data.overlap must be in [0, data.max_len)")
-    budget, window = enc["chunk_tokens"], config["data"]["max_len"] + 2
+    max_len, overlap = config["data"]["max_len"], config["data"]["overlap"]
+    if overlap > max_len // 2:
+        raise ConfigError(f"{blame('data.overlap', 'data.max_len')}: data.overlap must be in [0, data.max_len / 2] "
+                          f"= [0, {max_len // 2}] (consecutive windows advance by at least half a window), got "
+                          f"{overlap} with data.max_len {max_len}")
+    budget, window = enc["chunk_tokens"], max_len + 2
     if budget != "auto" and 0 < budget < window:
-        raise ConfigError(f"{where}: encoder.chunk_tokens ({budget}) is smaller than a window (data.max_len + BOS + "
-                          f"EOS = {window} tokens): every backbone call must hold at least one window; use >= {window}, "
-                          f"0 (no limit) or auto")
-    if config["train"]["parallel"] == "fsdp" and (enc["cache_frozen"] or enc["cache_dir"] is not None):
-        raise ConfigError(f"{where}: train.parallel: fsdp cannot use the frozen-layer cache (encoder.cache_frozen, "
-                          f"encoder.cache_dir): each process's cache misses would run the sharded frozen layers a "
-                          f"different number of times; turn the cache off or use train.parallel: ddp")
-    if config["train"]["compile"] and not (enc["packed"] and enc["fused_attention"]):
-        raise ConfigError(f"{where}: train.compile compiles the packed layout's layers: set encoder.packed: true "
-                          f"and encoder.fused_attention: true, or train.compile: false")
-    return Config(config)
+        raise ConfigError(f"{blame('encoder.chunk_tokens', 'data.max_len')}: encoder.chunk_tokens ({budget}) is "
+                          f"smaller than a window (data.max_len + BOS + EOS = {window} tokens): every backbone call "
+                          f"must hold at least one window; use >= {window}, 0 (no limit) or auto")
+    train = config["train"]
+    top_lr = max(train["lr"], train["backbone_lr"])
+    if top_lr * train["weight_decay"] >= 1:
+        raise ConfigError(f"{blame('train.weight_decay', 'train.lr', 'train.backbone_lr')}: train.weight_decay "
+                          f"({train['weight_decay']}) x the larger learning rate ({top_lr}) "
+                          f"must be below 1: AdamW multiplies the weights by 1 - lr x weight_decay every step")
+    if train["parallel"] == "fsdp" and (enc["cache_frozen"] or enc["cache_dir"] is not None):
+        raise ConfigError(f"{blame('train.parallel', 'encoder.cache_frozen', 'encoder.cache_dir')}: train.parallel: "
+                          f"fsdp cannot use the frozen-layer cache (encoder.cache_frozen, encoder.cache_dir): each "
+                          f"process's cache misses would run the sharded frozen layers a different number of times; "
+                          f"turn the cache off or use train.parallel: ddp")
+    if train["compile"] and not (enc["packed"] and enc["fused_attention"]):
+        raise ConfigError(f"{blame('train.compile', 'encoder.packed', 'encoder.fused_attention')}: train.compile "
+                          f"compiles the packed layout's layers: set encoder.packed: true and encoder.fused_attention: "
+                          f"true, or train.compile: false")
+    for keys, message in resources.problems(config):
+        raise ConfigError(f"{blame(*keys)}: {message}")
+    return result
 
 
 def load_config(path, overrides=None) -> Config:
-    """Read a YAML config and apply `--set` style overrides ('a.b=value'); validated."""
+    """Read a YAML config (bounded.read_yaml's rules, at most MAX_FILE_BYTES) and apply `--set` style overrides
+    ('a.b=value'); validated."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes: not a configuration (at most {MAX_FILE_BYTES})")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML ({err})") from None
-    return resolve_config(tree, overrides, str(path))
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file ({err.reason} at byte {err.start})") from None
+    return resolve_config(_bounded(str(path), bounded.read_yaml, text) or {}, overrides, str(path))
+
+
+def _existing_part(path: Path) -> Path:
+    """path itself if it exists, else its nearest existing parent folder (or what stands there)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def check_paths(config: Config) -> None:
+    """run_dir and data.root against the file system, before anything is written: a ConfigError naming the key
+    and where it was set when run_dir is (or lies inside) a file or cannot be created, or data.root is a file."""
+    for key in ("run_dir", "data.root"):
+        path = Path(config.run_dir if key == "run_dir" else config.data.root)
+        relative = "" if path.is_absolute() else f" (a relative path: from the current folder, {Path.cwd()})"
+        try:
+            found = _existing_part(path)
+        except OSError as err:  # a name too long, a folder that cannot be read
+            raise ConfigError(f"{config.blame(key)}: {key}: {shown(str(path))} cannot be used: "
+                              f"{err.strerror or err}") from None
+        if found.exists() and not found.is_dir():
+            what = "a file, not a folder" if found.is_file() else "not a folder"
+            problem = f"{path} is {what}" if found == path else f"{path} cannot be created: {found} is {what}"
+            raise ConfigError(f"{config.blame(key)}: {key}: {problem}{relative}")
+        if key == "run_dir" and found != path and not os.access(found, os.W_OK | os.X_OK):
+            raise ConfigError(f"{config.blame(key)}: run_dir: {path} cannot be created: {found} is not writable"
+                              f"{relative}")

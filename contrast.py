@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from data import DataError, LocalizationDataset, Protein
 from evaluate import evaluate
-from utils import write_text_atomic
+from utils import read_json, write_text_atomic
 from vocab import CLASSES, STANDARD, TOKENS
 
 _STANDARD_POSITION = np.full(len(TOKENS), -1)  # token id -> index among the 20 standard residues
@@ -169,15 +169,7 @@ def read_distance_map(path) -> dict:
     """A class distance map file (JSON {class: {class: distance or null}}, as build_distance_map.py and
     train.py write it), checked: DataError naming the file and the entry on anything else."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-        tree = json.loads(text)
-    except OSError as err:
-        raise DataError(f"{path}: cannot read the class distance map ({err.strerror or err})") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not a class distance map: not UTF-8 text (a binary file?)") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not a class distance map: invalid JSON ({err})") from None
+    tree = read_json(path, "a class distance map", DataError, max_bytes=1 << 20)
     check_distance_map(tree, str(path))
     return tree
 

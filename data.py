@@ -15,7 +15,9 @@ from torch.utils.data import Dataset
 from synthetic import make_synthetic_dataset
 from vocab import CLASS_INDEX, CLASSES, NUM_CLASSES, RESIDUES, SEGMENT_CLASSES, tokenize
 
-MOTIF_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*:\s*([A-Za-z_]+)\s*$")
+MOTIF_RE = re.compile(r"^\s*(\d{1,9})\s*-\s*(\d{1,9})\s*:\s*([A-Za-z_]+)\s*$")  # positions below 10^9
+MAX_ID_CHARS = 1000  # a record id longer than this is an error: ids are names (UniProt's are 6-10 characters), and
+# every output repeats them (a 1 MB id made a 1.1 GB plot and, padded, a 400 MB embeddings file)
 
 
 class DataError(ValueError):
@@ -37,10 +39,16 @@ class Protein:
 
 
 def clean_sequence(raw, where: str) -> str:
-    """Uppercase, drop whitespace and one trailing '*'; raise DataError on anything else."""
+    """Uppercase (ASCII letters only), drop ASCII whitespace and one trailing '*'; raise DataError on anything else
+    (a non-ASCII letter such as 'ı' or 'ﬀ' is an error, not the residue its uppercase spells)."""
     if not isinstance(raw, str):
         raise DataError(f"{where}: empty sequence")
-    seq = re.sub(r"\s+", "", raw).upper()
+    seq = re.sub(r"\s+", "", raw, flags=re.ASCII)
+    if not seq.isascii():
+        pos, ch = next((i, c) for i, c in enumerate(seq) if not c.isascii())
+        raise DataError(f"{where}: invalid character {ch!r} (U+{ord(ch):04X}) at position {pos + 1}; sequences "
+                        f"hold the ASCII letters {RESIDUES} only")
+    seq = seq.upper()
     if seq.endswith("*"):
         seq = seq[:-1]
     if not seq:
@@ -53,6 +61,11 @@ def clean_sequence(raw, where: str) -> str:
     return seq
 
 
+def short(text: str, limit: int = 60) -> str:
+    """repr of text, cut to about `limit` characters (error messages quote the input, never all of it)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
 def parse_motif(text, length: int, where: str) -> list[tuple[str, int, int]]:
     """'1-25:SIGNAL|4-11:Nucleus' -> [(label, start, end)] (1-based, inclusive). Empty -> []."""
     if text is None or (isinstance(text, float) and np.isnan(text)) or not str(text).strip():
@@ -61,7 +74,8 @@ def parse_motif(text, length: int, where: str) -> list[tuple[str, int, int]]:
     for part in str(text).split("|"):
         m = MOTIF_RE.match(part)
         if not m:
-            raise DataError(f"{where}: MOTIF part {part!r} does not parse as 'start-end:Label'")
+            raise DataError(f"{where}: MOTIF part {short(part)} does not parse as 'start-end:Label' (positions "
+                            f"up to 9 digits)")
         start, end, label = int(m.group(1)), int(m.group(2)), m.group(3)
         if label not in CLASS_INDEX and label != "dual":
             raise DataError(f"{where}: unknown label {label!r} in MOTIF; known: {', '.join(CLASSES)}, dual")
@@ -126,10 +140,35 @@ def make_protein(entry, raw_sequence, motif, where: str) -> Protein:
 
 
 # --------------------------------------------------------------------------- files
+def check_id(entry: str, where: str) -> None:
+    """A record id longer than MAX_ID_CHARS is a DataError naming the record."""
+    if len(entry) > MAX_ID_CHARS:
+        raise DataError(f"{where}: an id of {len(entry)} characters ({entry[:40]!r}...); ids longer than "
+                        f"{MAX_ID_CHARS} characters are refused (a FASTA id is the header's first word)")
+
+
+def check_complete(path: Path) -> None:
+    """A CSV whose last byte is not a line break ends in the middle of a record: the file was cut (a copy or a
+    download that stopped), and its last sequence would be read short. DataError naming the file."""
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, 2)
+            if size == 0:
+                return
+            handle.seek(size - 1)
+            last = handle.read(1)
+    except OSError:  # missing or unreadable: pandas says which
+        return
+    if last not in (b"\n", b"\r"):
+        raise DataError(f"{path}: the file ends in the middle of a line, so its last record looks cut off (an "
+                        f"interrupted copy or download?); if the file is complete, end it with a line break")
+
+
 def iter_csv(path: Path, rows_per_read: int = 10000):
     """Rows of a MUTarget / TargetP style CSV (columns Entry, MOTIF, Sequence; others ignored) one by
     one as (entry, motif, raw sequence, line), read rows_per_read rows at a time. Errors: missing
-    file, unreadable CSV, missing columns, empty Entry."""
+    file, a file cut in the middle of a record, unreadable CSV, missing columns, empty or over-long Entry."""
+    check_complete(path)
     try:
         pieces = iter(pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=rows_per_read))
         first = next(pieces, None)
@@ -149,6 +188,7 @@ def iter_csv(path: Path, rows_per_read: int = 10000):
                 entry = entry.strip()
                 if not entry:
                     raise DataError(f"{path}: line {row}: empty Entry")
+                check_id(entry, f"{path}: line {row}")
                 yield entry, motif, seq, row
                 row += 1
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
@@ -186,6 +226,7 @@ def iter_fasta(path: Path):
                 parts = line[1:].split(None, 1)
                 if not parts:
                     raise DataError(f"{path}: line {lineno}: header without an identifier")
+                check_id(parts[0], f"{path}: line {lineno}")
                 header, chunks, header_line = (parts[0], parts[1] if len(parts) > 1 else ""), [], lineno
             elif header is None:
                 raise DataError(f"{path}: line {lineno}: sequence data before the first '>' header")
@@ -215,11 +256,18 @@ def read_fasta_proteins(path: Path) -> list[Protein]:
     return proteins
 
 
+def root_error(root: Path) -> DataError:
+    """data.root is not a folder: the error naming the key (and, for a relative path, the folder it is read from)."""
+    what = "a file" if root.is_file() else "not a folder" if root.exists() else "it does not exist"
+    relative = "" if root.is_absolute() else f"; a relative path is read from the current folder, {Path.cwd()}"
+    return DataError(f"data.root: {root} is not a folder ({what}{relative})")
+
+
 def find_data_files(root) -> dict:
     """Locate CSVs, partition.csv and dual.fasta in a flat folder or a MUTarget `data/` checkout."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: data.root is not a folder")
+        raise root_error(root)
     for base in (root, root / "parsed_EC7_v2", root / "data" / "parsed_EC7_v2"):
         csvs = sorted(base.glob("*_uniprot.csv"))
         if not csvs:
@@ -371,6 +419,8 @@ def build_datasets(config) -> dict[str, LocalizationDataset]:
     """{'train', 'valid', 'test'} datasets of fold `data.fold` under `data.root`."""
     root = Path(config.data.root)
     synth = config.data.synthetic
+    if root.exists() and not root.is_dir():  # before generating into it
+        raise root_error(root)
     if synth.generate and not (root / "partition.csv").is_file():
         make_synthetic_dataset(root, synth.n_proteins, synth.seed)
     proteins, partitions = load_proteins(root)

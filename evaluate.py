@@ -13,10 +13,11 @@ from tqdm import tqdm
 
 import space
 from batching import Collate, length_sorted_batches
+from checkpoints import best_for_test
 from data import LocalizationDataset
 from metrics import format_table, score, tune_thresholds
 from runtime import amp_dtype, autocast, load_model_full_state, to_device
-from utils import load_checkpoint, save_checkpoint, write_text_atomic
+from utils import save_checkpoint, write_text_atomic
 from vocab import CLASSES
 
 
@@ -59,14 +60,13 @@ def evaluate(model, dataset, config, device) -> dict:
                          config.data.max_len, config.data.overlap)
 
 
-def final_test(trainer, best_epoch) -> dict:
-    """Evaluate the best checkpoint on test at 0.5 and at MCC-optimal thresholds tuned on valid; write
-    test_metrics.json and store the thresholds and class centres in best.pt. trainer: train.Trainer (sharded,
-    every process runs this; the main process alone writes)."""
+def final_test(trainer, best_epoch, best_metric) -> dict:
+    """Evaluate the best checkpoint on test at 0.5 and at MCC-optimal thresholds tuned on valid; store the
+    thresholds and class centres in best.pt, then write test_metrics.json (the run's last file). best.pt must hold
+    best_epoch with val macro-MCC best_metric (checkpoints.best_for_test); last.pt without a best epoch.
+    trainer: train.Trainer (sharded, every process runs this; the main process alone writes)."""
     model, datasets, config, device, log = trainer.model, trainer.datasets, trainer.config, trainer.device, trainer.log
-    ckpt_dir = Path(config.run_dir) / "checkpoints"
-    best_path = ckpt_dir / "best.pt" if (ckpt_dir / "best.pt").is_file() else ckpt_dir / "last.pt"
-    best = load_checkpoint(best_path) if best_path.is_file() else None
+    best_path, best = best_for_test(Path(config.run_dir) / "checkpoints", best_epoch, best_metric)
     if best is not None:
         load_model_full_state(model, best["model"], best_path)
     else:
@@ -86,10 +86,10 @@ def final_test(trainer, best_epoch) -> dict:
                    "valid": {k: valid_scores[k] for k in ("macro_f1", "macro_mcc")},
                    "space": {name: space.space_metrics(*[(out[name], out["labels"]) for out in (train_out, valid, test)],
                                                        fitted=fitted) for name, fitted in centroids.items()}})
-    write_text_atomic(Path(config.run_dir) / "test_metrics.json", json.dumps(result, indent=2))
     if best is not None:
         best["thresholds"], best["centroids"] = result["thresholds"], space.to_stored(centroids)
         save_checkpoint(best, best_path)
+    write_text_atomic(Path(config.run_dir) / "test_metrics.json", json.dumps(result, indent=2))
     log.info("test (best epoch %s):\n%s", best_epoch, format_table(result))
     log.info("test with valid-tuned thresholds: macro-F1 %.4f macro-MCC %.4f", tuned["macro_f1"], tuned["macro_mcc"])
     for name, m in result["space"].items():

@@ -9,14 +9,16 @@ of today's files keep working; --method centroid leaves the heads' fields out.
 
 Every file goes to a temporary file in its target folder (Staging) and is renamed into place by
 commit(), with the mode the umask gives a new file; on any error abort() removes the temporary
-files and the folders the run created. Nothing is held in memory between chunks: records go
-straight to their files, embedding rows to temporary files on disk until the .npz is assembled.
+files and the folders the run created, and a commit that fails midway puts the previous outputs
+back. Nothing is held in memory between chunks: records go straight to their files, embedding
+rows to temporary files on disk until the .npz is assembled.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,20 +139,48 @@ class Staging:
         return handle
 
     def commit(self) -> None:
+        """Rename every temporary file onto its target, all or none: each existing target first gets a second
+        name (a hard link, or a copy), so that when a rename fails the previous outputs are put back."""
         for handle in self.handles:
             handle.close()
-        done = []
+        kept, done = [], set()  # (second name, target) of the previous outputs; targets renamed onto
         try:
+            for _, target in self.pending:
+                if os.path.lexists(target):
+                    kept.append((self._keep(target), target))
             for tmp, target in self.pending:
                 os.replace(tmp, target)
-                done.append(target)
+                done.add(target)
         except OSError:
-            for target in done:
-                os.unlink(target)
+            for backup, target in kept:
+                if target in done:
+                    _quietly(os.replace, backup, target)  # the previous output back in place
+                    done.discard(target)
+                else:
+                    _quietly(os.unlink, backup)  # its target was not touched
+            for target in done:  # new files where there was none
+                _quietly(os.unlink, target)
             self.abort()
             raise
+        for backup, _ in kept:
+            _quietly(os.unlink, backup)
         self.pending = []
         self.abort()  # scratch files only now
+
+    @staticmethod
+    def _keep(target: Path) -> Path:
+        """A temporary second name for target's file (removed with the other stale temporary files if killed)."""
+        backup = Path(new_temp_file(target.parent, target.name))
+        try:
+            os.unlink(backup)
+            os.link(target, backup, follow_symlinks=False)
+        except OSError:  # no hard links on this file system
+            try:
+                shutil.copy2(target, backup, follow_symlinks=False)
+            except OSError:
+                _quietly(os.unlink, backup)
+                raise
+        return backup
 
     def abort(self) -> None:
         for handle in self.handles:
@@ -167,6 +197,14 @@ class Staging:
             except OSError:  # not empty: other files were put there meanwhile
                 pass
         self.pending, self.scratch, self.created = [], [], []
+
+
+def _quietly(operation, *paths) -> None:
+    """operation(*paths), an OSError ignored (putting back what a failed commit touched: best effort)."""
+    try:
+        operation(*paths)
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------- writers
@@ -188,9 +226,15 @@ class JsonWriter:
             self.handle.write("\n]\n" if self.n else "[]\n")
 
 
+FORMULA_STARTS = ("=", "+", "-", "@")  # a spreadsheet cell starting so is read as a formula
+
+
 def tsv_cell(text: str) -> str:
-    """Tabs and line breaks (possible in CSV Entry fields) as %09, %0A, %0D."""
-    return text.replace("\t", "%09").replace("\n", "%0A").replace("\r", "%0D")
+    """A text cell: tabs and line breaks (possible in CSV Entry fields) as %09, %0A, %0D; a cell that starts with
+    =, +, - or @ (an id like "=cmd|' /C calc'!A0" would be a live formula in a spreadsheet) gets a leading
+    apostrophe, as spreadsheets expect of text (OWASP's advice for CSV injection)."""
+    text = text.replace("\t", "%09").replace("\n", "%0A").replace("\r", "%0D")
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 def format_runs(runs) -> str:

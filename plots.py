@@ -8,6 +8,7 @@ from matplotlib.figure import Figure
 
 from vocab import CLASSES
 
+TITLE_ID_CHARS = 80  # a longer id is cut in the title (the file name and the other outputs hold it whole)
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
@@ -63,7 +64,8 @@ def draw(path, record: dict, motif: np.ndarray, thresholds, centroid: dict | Non
     bars.tick_params(labelsize=7)
     bars.legend(fontsize=7, loc="lower right")
     predicted = ", ".join(record["predicted"]) or "Other"
-    title = f"{record['id']}  ({length} residues; predicted: {predicted})"
+    name = record["id"] if len(record["id"]) <= TITLE_ID_CHARS else record["id"][:TITLE_ID_CHARS - 3] + "..."
+    title = f"{name}  ({length} residues; predicted: {predicted})"
     if centroid is not None:
         title += f"\ncentroid prediction ({centroid['space']}, {centroid['rule']}): {', '.join(centroid['predicted']) or 'Other'}"
     fig.suptitle(plain(title), fontsize=10)

@@ -16,16 +16,19 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+import torch
 
 from space import from_stored
-from utils import CheckpointError, WriteError, give_umask_mode, load_checkpoint, new_temp_dir, remove_stale_temps
-from vocab import CLASSES
+from utils import (CheckpointError, WriteError, give_umask_mode, load_checkpoint, new_temp_dir, read_json,
+                   remove_stale_temps)
+from vocab import CLASSES, TOKENS
 from weights import safetensors_ready
 
 FORMAT, FORMAT_VERSION = "mutarget-model", 1
@@ -54,8 +57,129 @@ class Trained:
     checkpoint: str | None = None  # the train.py checkpoint it was read from (None: a release folder)
 
 
+# --------------------------------------------------------------------------- checks of a stored model
+ARCH_KEYS = ("num_layers", "embed_dim", "attention_heads", "token_dropout")
+ARCH_LIMITS = {"num_layers": 1000, "embed_dim": 65536, "attention_heads": 4096}  # as encoder.scratch allows
+MAX_PARAMETERS = 20e9  # ESM-2's largest, esm2_t48_15B_UR50D (48 layers x 5120), has 15 billion
+
+
+def arch_problem(arch) -> str | None:
+    """What makes a stored ESM-2 architecture (a checkpoint's or model folder's `arch`) unusable, naming the
+    field, or None. Checked before anything is built from it: exactly ARCH_KEYS; positive integers up to
+    ARCH_LIMITS and a bool; heads of an even size (rotary embeddings rotate pairs); at most MAX_PARAMETERS
+    parameters (about 12 d^2 a layer)."""
+    if not isinstance(arch, dict):
+        return (f"arch: {'null' if arch is None else type(arch).__name__}; a trained model must hold its "
+                f"backbone's architecture, a mapping of {', '.join(ARCH_KEYS)}")
+    unknown = sorted(repr(k)[:40] for k in arch if k not in ARCH_KEYS)
+    missing = [k for k in ARCH_KEYS if k not in arch]
+    if unknown or missing:
+        return (f"arch: {'unknown key ' + ', '.join(unknown) if unknown else 'missing ' + ', '.join(missing)} "
+                f"(an ESM-2 architecture has exactly {', '.join(ARCH_KEYS)})")
+    for key, top in ARCH_LIMITS.items():
+        value = arch[key]
+        if type(value) is not int or not 1 <= value <= top:
+            return f"arch.{key}: must be an integer from 1 to {top}, got {repr(value)[:40]}"
+    if type(arch["token_dropout"]) is not bool:
+        return f"arch.token_dropout: must be true or false, got {repr(arch['token_dropout'])[:40]}"
+    layers, d, heads = arch["num_layers"], arch["embed_dim"], arch["attention_heads"]
+    if d % heads or (d // heads) % 2:
+        return (f"arch.embed_dim: {d} is not divisible by arch.attention_heads ({heads}) into heads of an even "
+                f"size (rotary embeddings rotate pairs of dimensions)")
+    if 12 * d * d * layers > MAX_PARAMETERS:
+        return (f"arch: {layers} layers of width {d} are about {12 * d * d * layers / 1e9:.0f} billion parameters, "
+                f"more than the {MAX_PARAMETERS / 1e9:.0f} billion of any ESM-2")
+    return None
+
+
+def esm2_shapes(arch: dict) -> dict:
+    """The shape of every tensor of fair-esm's ESM2 (without lm_head and contact_head) of a valid `arch`, by
+    name, computed without building it (the same as ESM2(**arch).state_dict(), tested)."""
+    d, vec = arch["embed_dim"], (arch["embed_dim"],)
+    layer = {"self_attn.rot_emb.inv_freq": (d // arch["attention_heads"] // 2,), "fc1.weight": (4 * d, d),
+             "fc1.bias": (4 * d,), "fc2.weight": (d, 4 * d), "fc2.bias": vec}
+    for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                 "self_attn_layer_norm", "final_layer_norm"):
+        layer.update({f"{part}.weight": (d, d) if part.endswith("proj") else vec, f"{part}.bias": vec})
+    shapes = {"embed_tokens.weight": (len(TOKENS), d), "emb_layer_norm_after.weight": vec,
+              "emb_layer_norm_after.bias": vec}
+    shapes.update({f"layers.{i}.{k}": v for i in range(arch["num_layers"]) for k, v in layer.items()})
+    return shapes
+
+
+def _arch_text(arch: dict) -> str:
+    return ", ".join(f"{k} {arch[k]}" for k in ARCH_KEYS[:3])
+
+
+def tensors_problem(arch: dict, state) -> str | None:
+    """What makes a model's tensors (`state`, Encoder names) unusable with its valid `arch`, naming the tensor,
+    or None: the backbone's tensors of the shapes the arch implies (so nothing is built for an arch its tensors
+    do not have), no layer beyond it, floating-point weights (0-d counters may be integers), finite values."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        return "model: not a mapping of tensor names to tensors"
+    for name, shape in esm2_shapes(arch).items():
+        tensor = state.get("backbone." + name)
+        if tensor is None:
+            return f"tensor 'backbone.{name}' is missing, which arch ({_arch_text(arch)}) needs"
+        if tuple(tensor.shape) != shape:
+            return (f"tensor 'backbone.{name}' has shape {tuple(tensor.shape)}, but arch ({_arch_text(arch)}) "
+                    f"needs {shape}")
+    for name, tensor in state.items():
+        layer = re.match(r"backbone\.layers\.(\d+)\.", name)
+        if layer and int(layer.group(1)) >= arch["num_layers"]:
+            return f"tensor {name!r} is beyond arch.num_layers ({arch['num_layers']})"
+        if tensor.dim() and not tensor.is_floating_point():
+            return f"tensor {name!r} holds {str(tensor.dtype).replace('torch.', '')} values; weights are floating point"
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"tensor {name!r} holds NaN or infinite values"
+    return None
+
+
+def _space_dims(arch: dict, state: dict) -> dict:
+    """{'pooled': embed_dim, 'projection': the projection head's output size (None: no head)}."""
+    heads = {int(m.group(1)): t for k, t in state.items() if (m := re.fullmatch(r"projection\.net\.(\d+)\.weight", k))}
+    return {"pooled": arch["embed_dim"], "projection": heads[max(heads)].shape[0] if heads else None}
+
+
+def stored_problem(thresholds, centroids, dims: dict) -> str | None:
+    """What makes the tuned `thresholds` ({class: number}) or the class `centroids` ({space: {'centres' [C, d],
+    'counts' [C], 'thresholds' [C]}}, d: the space's size in `dims`) unusable, naming the field, or None."""
+    n = len(CLASSES)
+    if thresholds is not None:
+        if not isinstance(thresholds, dict) or set(thresholds) != set(CLASSES):
+            return f"thresholds: not one number for each of the {n} classes {', '.join(CLASSES)}"
+        bad = [c for c, v in thresholds.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v]
+        if bad:
+            return f"thresholds.{bad[0]}: not a number ({repr(thresholds[bad[0]])[:40]})"
+    if centroids is None:
+        return None
+    if not isinstance(centroids, dict):
+        return f"centroids: {type(centroids).__name__}, expected a mapping of embedding spaces"
+    for space, fitted in centroids.items():
+        if dims.get(space) is None:
+            return (f"centroids.{repr(space)[:40]}: no such embedding space in this model (it has "
+                    f"{', '.join(k for k, v in dims.items() if v)})")
+        if not isinstance(fitted, dict) or set(fitted) != {"centres", "counts", "thresholds"}:
+            return f"centroids.{space}: expected centres, counts and thresholds"
+        for key, shape in (("centres", (n, dims[space])), ("counts", (n,)), ("thresholds", (n,))):
+            found = tuple(np.shape(fitted[key]))
+            if found != shape:
+                return (f"centroids.{space}.{key}: shape {found}, expected {shape} ({n} classes"
+                        f"{f' x the {space} size {dims[space]}' if key == 'centres' else ''})")
+    return None
+
+
+def check_model(path, arch, state, thresholds=None, centroids=None) -> None:
+    """A train.py checkpoint's model, checked before anything is built from it (arch_problem, tensors_problem,
+    stored_problem): CheckpointError, one line naming the file and the field or tensor."""
+    problem = arch_problem(arch) or tensors_problem(arch, state)
+    problem = problem or stored_problem(thresholds, centroids, _space_dims(arch, state))
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+
+
 def from_checkpoint(path) -> Trained:
-    """A train.py checkpoint (read with weights_only=True: no code in it can run)."""
+    """A train.py checkpoint (read with weights_only=True: no code in it can run), checked (check_model)."""
     ckpt = load_checkpoint(path, ("model", "config", "arch", "classes"))
     return Trained(str(path), ckpt["model"], ckpt["config"], ckpt["arch"], list(ckpt["classes"]),
                    ckpt.get("thresholds"), from_stored(ckpt.get("centroids")), str(path))
@@ -168,10 +292,7 @@ def _read_index(folder: Path, index: Path) -> tuple[list, list]:
     if not index.is_file():
         raise ReleaseError(f"{folder}: not a model folder ({MODEL_JSON} not found); make one with "
                            f"scripts/export_model.py CKPT... {folder}")
-    try:
-        tree = json.loads(index.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ReleaseError(f"{index}: not a readable {MODEL_JSON} ({err})") from None
+    tree = read_json(index, f"a readable {MODEL_JSON}", ReleaseError, max_bytes=1 << 20)
     if not isinstance(tree, dict) or tree.get("format") != FORMAT:
         found = tree.get("format") if isinstance(tree, dict) else type(tree).__name__
         raise ReleaseError(f"{index}: not a {FORMAT} description (format {found!r})")
@@ -185,6 +306,9 @@ def _read_index(folder: Path, index: Path) -> tuple[list, list]:
 
 
 def _read_member(folder: Path, index: Path, i: int, member, classes: list) -> Trained:
+    """One member, checked before its weights are hashed or anything is built: its entry (arch_problem,
+    thresholds), its weights file (inside the folder, links resolved), the SHA-256, the tensors against the
+    arch (tensors_problem), the class centres against the tensors (stored_problem)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     where = f"{index}: member {i}"
@@ -197,6 +321,13 @@ def _read_member(folder: Path, index: Path, i: int, member, classes: list) -> Tr
         centroids = None if member["centroids"] is None else _centroids_from_json(member["centroids"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ReleaseError(f"{where}: malformed entry ({type(err).__name__}: {err})") from None
+    problem = arch_problem(arch) or stored_problem(thresholds, None, {})
+    if problem:
+        raise ReleaseError(f"{where}: {problem}")
+    real = Path(os.path.realpath(weights))
+    if real.parent != Path(os.path.realpath(folder)):
+        raise ReleaseError(f"{weights}: weights file of {where} is a link to {real}, outside the model folder; "
+                           f"a model folder's files are read from inside it only")
     if not weights.is_file():
         raise ReleaseError(f"{weights}: weights file of {where} not found")
     if sha256_of(weights) != expected_hash:
@@ -206,6 +337,12 @@ def _read_member(folder: Path, index: Path, i: int, member, classes: list) -> Tr
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise ReleaseError(f"{weights}: not a readable safetensors file ({err})") from None
+    problem = tensors_problem(arch, state)
+    if problem:
+        raise ReleaseError(f"{weights}: {problem}")
+    problem = stored_problem(None, centroids, _space_dims(arch, state))
+    if problem:
+        raise ReleaseError(f"{where}: {problem}")
     return Trained(f"{folder} member {i} ({member.get('source', '?')})", state, config, arch, list(classes),
                    thresholds, centroids)
 

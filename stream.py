@@ -15,6 +15,7 @@ metrics need them.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import signal
 import sys
@@ -46,6 +47,7 @@ from metrics import score
 from packing import fused_varlen_supported
 from release import read_models
 from runtime import init_distributed
+from utils import WriteError
 from space import centroid_metrics
 from vocab import CLASSES
 
@@ -166,6 +168,10 @@ class Writers:
             writer.finish()
         self.staging.commit()
 
+    def targets(self) -> list:
+        """The output files being written."""
+        return sorted({str(target) for _, target in self.staging.pending})
+
     def abort(self) -> None:
         self.staging.abort()
 
@@ -184,6 +190,9 @@ def terminated(signum, frame):
     """SIGTERM (a batch system's time limit, torchrun stopping the other ranks) as an exception, so the
     temporary output files are removed as on any error."""
     raise SystemExit(128 + signum)
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write failed for want of room
 
 
 def predict(args) -> None:
@@ -255,8 +264,12 @@ def run(args, rank: int, world: int, device) -> None:
                 writers.write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
             writers.commit()
         progress.close()
-    except BaseException:
+    except BaseException as err:
         progress.close(summary=False)
         if writers is not None:
+            targets = writers.targets()
             writers.abort()
+            if isinstance(err, OSError) and not isinstance(err, WriteError) and err.errno in FULL:
+                raise WriteError(f"{', '.join(map(str, targets))}: cannot write the outputs: {err.strerror} "
+                                 f"(nothing was written; the previous files, if any, are as they were)") from None
         raise

@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from collections import defaultdict
@@ -26,7 +25,8 @@ from adapters import is_peft_parameter
 from backbone import backbone_arch
 from batching import Collate, EpochShuffleSampler, LengthBucketSampler, RankSlice
 from cache import make_cache
-from config import ConfigError, load_config, resolve_config
+from checkpoints import apply_resume, check_resume, commit_epoch
+from config import ConfigError, check_paths, load_config, resolve_config
 from contrast import anchor_cosines, remine, setup_supcon, uses_mutations
 from data import DataError, build_datasets
 from evaluate import evaluate, final_test
@@ -38,8 +38,8 @@ from packing import fused_varlen_supported
 from runtime import (amp_dtype, autocast, check_compiler, full_state, init_distributed, load_optimizer_state,
                      loader_workers, shard_model, to_device, warn_thread_oversubscription)
 from throughput import epoch_speed, speed_text
-from utils import (load_checkpoint, log_to_file, remove_stale_temps, rng_state, save_checkpoint, seed_everything,
-                   set_rng_state, setup_logging, write_atomic, write_text_atomic, write_yaml)
+from utils import (load_checkpoint, log_to_file, remove_stale_temps, rng_state, seed_everything, set_rng_state,
+                   setup_logging, write_text_atomic, write_yaml)
 from vocab import CLASSES
 
 
@@ -134,6 +134,9 @@ def run(args) -> int:
     trainer, progress = set_up(args)
     config, log = trainer.config, trainer.log
     for epoch in range(progress.epoch, config.train.epochs):
+        if progress.bad_epochs >= config.train.patience:  # checked before the epoch: a resumed run stops too
+            log.info("early stop: no val macro-MCC gain for %d epochs", config.train.patience)
+            break
         start, phase = time.time(), phase_of(config, epoch)
         if trainer.distance_map is not None and config.supcon.remine_every and epoch and \
                 epoch % config.supcon.remine_every == 0:
@@ -153,12 +156,9 @@ def run(args) -> int:
                      trainer.run_dir / "checkpoints" / "last.pt")
             trainer.tb.close()
             return 0
-        if progress.bad_epochs >= config.train.patience:
-            log.info("early stop: no val macro-MCC gain for %d epochs", config.train.patience)
-            break
     trainer.tb.close()
     if trainer.main_process or trainer.sharded:
-        final_test(trainer, progress.best_epoch)
+        final_test(trainer, progress.best_epoch, progress.best_metric)  # best.pt (checked), then test_metrics.json
     return 0
 
 
@@ -173,6 +173,7 @@ def set_up(args) -> tuple[Trainer, Progress]:
         config = resolve_config(resume["config"], args.set, where=f"{args.resume} (stored config)")
     else:
         config = load_config(args.config, args.set)
+    check_paths(config)  # run_dir and data.root: named errors before anything is written
     tblog.require(config)
     rank, world, device = init_distributed(config)
     amp_dtype(config.train.amp, device)  # an impossible train.amp fails here, before anything is written
@@ -199,6 +200,10 @@ def set_up(args) -> tuple[Trainer, Progress]:
         raise ConfigError("encoder.cache_frozen would be wrong with mutated sequences (train.augment.apply or "
                           "a view-based supcon.loss): the frozen layers' outputs change every epoch")
     distance_map = setup_supcon(config, model, datasets["train"], device, log, resume)
+    plan = None  # every field of the checkpoint, and best.pt of the run, checked before anything is written
+    if resume is not None:
+        plan = check_resume(resume, args.resume, config, model, make_optimizer(model, config.train),
+                            amp_dtype(config.train.amp, device) == torch.float16)
 
     run_dir = Path(config.run_dir)  # from here on, files are written
     if main_process:
@@ -209,6 +214,8 @@ def set_up(args) -> tuple[Trainer, Progress]:
         write_yaml(run_dir / "config.yaml", config.to_dict())
         if distance_map is not None:
             write_text_atomic(run_dir / "distance_map.json", json.dumps(distance_map, indent=1))
+        if plan is not None:  # best.pt re-created if a kill left it behind last.pt; metrics.jsonl from the history
+            apply_resume(plan, run_dir, log)
         warn_thread_oversubscription(log)
     if caching:
         model.cache = make_cache(model, datasets, config, rank)
@@ -258,10 +265,8 @@ def set_up(args) -> tuple[Trainer, Progress]:
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         progress = Progress(**{k: resume[k] for k in asdict(progress)})
-        set_rng_state(resume["rng"])
-        if main_process and (run_dir / "metrics.jsonl").is_file():
-            trainer.history = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-                               if r["epoch"] < progress.epoch]
+        set_rng_state({**resume["rng"], "cuda": resume["rng"].get("cuda", [])[:torch.cuda.device_count()]})
+        trainer.history = plan.history
         log.info("resumed from %s at epoch %d (best val macro-MCC %.4f)", args.resume, progress.epoch,
                  progress.best_metric)
     trainer.tb = tblog.open_log(config, main_process, progress.epoch, len(loader))
@@ -358,8 +363,8 @@ def train_epoch(trainer: Trainer, epoch: int) -> EpochStats:
     for step, batch in enumerate(bar):
         if bar.disable and step % every == 0 and time.time() - last_line >= 30:  # no bar (not a terminal)
             last_line = time.time()
-            trainer.log.info("epoch %d: %d/%d batches, %.0fs, loss %.4f", epoch, step, n_batches,
-                             last_line - start, float(sums["loss"]) / step)
+            trainer.log.info("epoch %d: %d/%d batches, %.0fs%s", epoch, step, n_batches, last_line - start,
+                             f", loss {float(sums['loss']) / step:.4f}" if step else "")  # step 0: a slow first batch
         batch = to_device(batch, device)
         anchors += batch["labels"].shape[0]
         group_start = step - step % cfg.accumulate
@@ -448,8 +453,9 @@ def average_over_ranks(stats: EpochStats) -> EpochStats:
 
 def end_epoch(trainer: Trainer, progress: Progress, epoch: int, phase: str, stats: EpochStats,
               start: float) -> Progress:
-    """Validate, select on val macro-MCC (after the warm start), write checkpoints (last.pt; best.pt when
-    improved), then the epoch's metrics.jsonl row and TensorBoard values, and log. Returns the new progress.
+    """Validate, select on val macro-MCC (after the warm start), write last.pt (holding the metrics rows so
+    far), best.pt when improved, then metrics.jsonl (checkpoints.commit_epoch: in that order, consistent after
+    a kill at any instant), TensorBoard values, and log. Returns the new progress.
     Sharded (train.parallel: fsdp), every process runs it (validation and gathering the weights need them
     all); the main process alone writes."""
     config, model = trainer.config, trainer.model
@@ -471,13 +477,9 @@ def end_epoch(trainer: Trainer, progress: Progress, epoch: int, phase: str, stat
     checkpoint = {"model": model_state, "optimizer": optimizer_state, "scheduler": trainer.scheduler.state_dict(),
                   "scaler": trainer.scaler.state_dict(), **asdict(progress), "rng": rng_state(),
                   "config": config.to_dict(), "arch": backbone_arch(model.backbone), "classes": CLASSES,
-                  "distance_map": trainer.distance_map}
-    ckpt_dir = trainer.run_dir / "checkpoints"
-    save_checkpoint(checkpoint, ckpt_dir / "last.pt")  # first: a metrics row always has its checkpoint
-    if improved:
-        write_atomic(ckpt_dir / "best.pt", lambda tmp: shutil.copyfile(ckpt_dir / "last.pt", tmp))
-    trainer.history.append(record)
-    write_text_atomic(trainer.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in trainer.history))
+                  "distance_map": trainer.distance_map, "history": trainer.history + [record]}
+    commit_epoch(trainer.run_dir, checkpoint, improved)
+    trainer.history = checkpoint["history"]
     trainer.tb.epoch(record)
     losses = ", ".join(f"{k} {v:.4f}" for k, v in stats.losses.items() if k.endswith("_loss"))
     rate = speed_text(speed)

@@ -3,6 +3,7 @@ write named), torch files read without running code, checkpoint save / load."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import pickle
@@ -241,61 +242,142 @@ class CheckpointError(OSError):
 
 
 class UnsafeFileError(CheckpointError):
-    """A torch file holding Python objects other than tensors, numbers, strings, lists, tuples and dicts:
-    loading it could run code, so it is refused. `name` is the first such object, e.g. 'posix.system'."""
+    """A file that is not a safe tensor file: a torch file holding Python objects other than tensors, numbers,
+    strings, lists, tuples and dicts (loading it could run code), or a raw pickle or tar archive (read only by
+    a full unpickling). `name` is the first such object, e.g. 'posix.system' (None: no object named); `legacy`:
+    the file opens with legacy_globals() (a checkpoint of an earlier version of this project)."""
 
-    def __init__(self, path, name: str, message: str):
+    def __init__(self, path, name: str | None, message: str, legacy: bool = False):
         super().__init__(message)
-        self.path, self.name = path, name
+        self.path, self.name, self.legacy = path, name, legacy
 
 
 UNSAFE_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+TORCH_LEGACY_MAGIC = b"l\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's pre-zip format begins with this number, pickled
+
+
+def legacy_globals() -> list:
+    """What checkpoints of earlier versions of this project held besides tensors: NumPy arrays and scalars (the
+    functions that rebuild them from their bytes, ndarray, dtype and its classes) and argparse.Namespace. Each
+    builds data only, under the names NumPy 1 and 2 pickle them with; nothing else is allowed."""
+    from argparse import Namespace
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # NumPy 1
+        from numpy.core import multiarray
+    names = [(f, f"numpy.{core}.multiarray.{f.__name__}") for f in (multiarray._reconstruct, multiarray.scalar)
+             for core in ("core", "_core")]
+    dtypes = {type(np.dtype(code)) for code in np.typecodes["All"]}
+    return names + [np.ndarray, np.dtype, Namespace] + sorted(dtypes, key=lambda t: t.__name__)
+
+
+def _container_problem(path) -> str | None:
+    """Why `path` is no torch file at all (a raw pickle, a tar archive), or None: torch.save writes a zip
+    archive (or, before torch 1.6, a pickled magic number and then the data)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(512)
+    except (OSError, TypeError):  # not a path (a file object): torch.load says what is wrong
+        return None
+    if head.startswith(b"PK") or TORCH_LEGACY_MAGIC in head[:32]:
+        return None
+    if head[257:262] == b"ustar":
+        return "a tar archive (torch's pre-1.6 .tar format, or any archive), which only a full unpickling reads"
+    if head.startswith(b"\x80"):
+        return "a raw Python pickle, not a torch.save file; only a full unpickling reads it"
+    return None
+
+
+def _starts_like_torch(path) -> bool:
+    """Whether the file begins as torch.save's output does (a zip archive, or a pickle: pre-1.6 torch files)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+    except (OSError, TypeError):
+        return True
+    return head.startswith(b"PK") or head.startswith(b"\x80")
+
+
+def _one_line(err: Exception) -> str:
+    """The gist of an error of torch's weights-only reader on one line (its message spans several and advises
+    turning that reader off, which this project never does)."""
+    text = str(err)
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    return (found.group(1) if found else text).strip().splitlines()[0] if text.strip() else type(err).__name__
 
 
 def torch_load_safe(path, allowed=(), mmap: bool = False, what: str = "torch file"):
     """torch.load(weights_only=True) onto the CPU: only tensors, numbers, strings, lists, tuples, dicts
     and the `allowed` classes are built. A file referring to anything else (a function to call, a class
-    to build) is refused before any of it runs: UnsafeFileError naming the file and the object."""
+    to build), a raw pickle or a tar archive is refused before any of it runs: UnsafeFileError, one line
+    naming the file (and the object)."""
+    problem = _container_problem(path)
+    if problem:
+        raise UnsafeFileError(path, None, f"{path}: refused: not a safe tensor file: {problem}")
     with torch.serialization.safe_globals(list(allowed)):
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as err:
             found = UNSAFE_GLOBAL_RE.search(str(err))
             if not found:
-                raise
+                if "weights only" not in str(err).lower() or not _starts_like_torch(path):
+                    raise  # not a torch file at all (junk, text): the caller's "not readable" error
+                raise UnsafeFileError(path, None, f"{path}: refused: this {what} is not a safe tensor file "
+                                                  f"({_one_line(err)})") from None
             name = found.group(1)
-            legacy = (f". If it is a checkpoint of an earlier version of this project (those held NumPy objects) and "
-                      f"you trust it, convert it once with: python scripts/upgrade_checkpoint.py {path} NEW.pt"
-                      if name.startswith("numpy.") else "")
-            raise UnsafeFileError(path, name, (
-                f"{path}: refused: this {what} refers to the Python object {name}, which loading it would build or "
-                f"call; only tensors, numbers, strings, lists and dicts are read from files, so that no file can run "
-                f"code{legacy}")) from None
+    legacy = False
+    if name.startswith("numpy."):  # a checkpoint of an earlier version, or NumPy in front of something else
+        beyond = _beyond_legacy(path, allowed)
+        legacy, name = beyond is None, beyond or name
+    hint = (f". It is a checkpoint of an earlier version of this project (NumPy arrays); convert it once with: "
+            f"python scripts/upgrade_checkpoint.py {path} NEW.pt" if legacy else "")
+    raise UnsafeFileError(path, name, (
+        f"{path}: refused: this {what} refers to the Python object {name}, which loading it would build or "
+        f"call; only tensors, numbers, strings, lists and dicts are read from files, so that no file can run "
+        f"code{hint}"), legacy)
+
+
+def _beyond_legacy(path, allowed=()) -> str | None:
+    """None when the file loads with weights_only=True once NumPy's arrays are allowed (legacy_globals): what
+    scripts/upgrade_checkpoint.py converts. Else the first object it still refers to (a payload's function),
+    or '' when it is unreadable."""
+    with torch.serialization.safe_globals([*allowed, *legacy_globals()]):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+            return None
+        except Exception as err:  # refused (another object) or unreadable
+            found = UNSAFE_GLOBAL_RE.search(str(err))
+            return found.group(1) if found else ""
 
 
 def load_checkpoint(path, required=()) -> dict:
     """Load a checkpoint written by save_checkpoint (tensors, numbers, strings, lists and dicts only:
     read with weights_only=True, so no code in it can run). A truncated, corrupt or foreign file, or
     one missing a `required` key: CheckpointError. A checkpoint of an earlier version of this project
-    (it held NumPy objects) is refused with the command that converts it."""
+    (it held NumPy arrays; it loads with legacy_globals) is refused with the command that converts it.
+    With 'arch' and 'model' required, the model it holds is checked (release.check_model: architecture,
+    tensors, thresholds, class centres) before anything is built from it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
         ckpt = torch_load_safe(path, what="checkpoint")
     except UnsafeFileError as err:
-        if err.name.startswith("numpy."):  # what checkpoints of earlier versions held (RNG states, class centres)
+        if err.legacy:  # what checkpoints of earlier versions held (RNG states, class centres)
             raise CheckpointError(
-                f"{path}: written by an earlier version of this project, whose checkpoints held NumPy objects "
-                f"({err.name}), which are not read from files because loading them could run code. If you trust "
-                f"this file, convert it once with: python scripts/upgrade_checkpoint.py {path} NEW.pt") from None
+                f"{path}: written by an earlier version of this project, whose checkpoints held NumPy arrays "
+                f"({err.name}), which this version does not read; convert it once with: "
+                f"python scripts/upgrade_checkpoint.py {path} NEW.pt") from None
         raise
     except Exception as err:  # zip / pickle / EOF errors of a damaged or foreign file
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt? "
-                              f"({type(err).__name__}: {err})") from None
+                              f"({type(err).__name__}: {_one_line(err)})") from None
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)})")
+    if {"arch", "model"} <= set(required):
+        from release import check_model  # release reads checkpoints with this function
+        check_model(path, ckpt["arch"], ckpt["model"], ckpt.get("thresholds"), ckpt.get("centroids"))
     return ckpt
 
 
@@ -308,3 +390,32 @@ def write_text_atomic(path, text: str) -> None:
 
 def write_yaml(path, tree: dict) -> None:
     write_text_atomic(path, yaml.safe_dump(tree, sort_keys=False))
+
+
+def read_json(path, what: str, error=ValueError, max_bytes: int = 16 << 20):
+    """A JSON file from outside (a class distance map, a model folder's model.json), bounded: at most max_bytes,
+    UTF-8, integers of at most 30 digits, nesting Python's JSON reader can follow. `error` (the caller's kind:
+    DataError, ReleaseError, WeightsError) naming the file and `what` it should have been on anything else."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        raw = path.read_bytes() if size <= max_bytes else None
+    except OSError as err:
+        raise error(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    if raw is None:
+        raise error(f"{path}: not {what}: {size} bytes, more than the {max_bytes} such a file can need")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path}: not {what}: not UTF-8 text (a binary file?)") from None
+
+    def bounded_int(digits: str) -> int:
+        if len(digits) > 31:
+            raise ValueError(f"an integer of {len(digits)} digits")
+        return int(digits)
+    try:
+        return json.loads(text, parse_int=bounded_int)
+    except RecursionError:
+        raise error(f"{path}: not {what}: JSON nested too deeply") from None
+    except ValueError as err:  # json.JSONDecodeError too
+        raise error(f"{path}: not {what}: invalid JSON ({str(err)[:200]})") from None

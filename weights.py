@@ -26,7 +26,8 @@ import esm
 import torch
 
 from config import ConfigError
-from utils import UnsafeFileError, give_umask_mode, new_temp_dir, remove_stale_temps, save_checkpoint, torch_load_safe
+from utils import (UnsafeFileError, give_umask_mode, new_temp_dir, read_json, remove_stale_temps, save_checkpoint,
+                   torch_load_safe)
 from vocab import TOKENS
 
 ESM_MODELS_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/"
@@ -177,10 +178,9 @@ def read_fair_esm(path) -> tuple[dict, dict]:
 
 def hf_arch(config_path: Path) -> dict:
     """ESM2 architecture from a Hugging Face config.json; refuses what is not ESM-2."""
-    try:
-        cfg = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise WeightsError(f"{config_path}: not a readable config.json ({err})") from None
+    cfg = read_json(config_path, "a readable config.json", WeightsError, max_bytes=1 << 20)
+    if not isinstance(cfg, dict):
+        raise WeightsError(f"{config_path}: not a readable config.json (a JSON object is expected)")
     problems = []
     if cfg.get("model_type") != "esm":
         problems.append(f"model_type is {cfg.get('model_type')!r}, not 'esm'")
@@ -210,9 +210,14 @@ def hf_weight_files(folder: Path) -> tuple[str, list[str]]:
             continue
         if name.endswith(".index.json"):
             try:
-                files = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
-            except (OSError, json.JSONDecodeError, KeyError, AttributeError) as err:
+                index = read_json(folder / name, "a readable weight index", WeightsError)
+                files = sorted(set(index["weight_map"].values()))
+            except (KeyError, AttributeError, TypeError) as err:
                 raise WeightsError(f"{folder / name}: not a readable weight index ({err})") from None
+            outside = [f for f in files if not isinstance(f, str) or Path(f).is_absolute() or ".." in Path(f).parts]
+            if outside:
+                raise WeightsError(f"{folder / name}: weight_map names {repr(outside[0])[:80]}, not a file of this "
+                                   f"folder; only files inside it are read")
         else:
             files = [name]
         missing = [f for f in files if not (folder / f).is_file()]
@@ -386,8 +391,6 @@ def hf_config(arch: dict) -> dict:
             "max_position_embeddings": 1026, "position_embedding_type": "rotary", "layer_norm_eps": 1e-05,
             "initializer_range": 0.02, "pad_token_id": 1, "mask_token_id": 32, "token_dropout": arch["token_dropout"],
             "emb_layer_norm_before": False, "is_folding_model": False, "use_cache": True, "torch_dtype": "float32"}
-
-
 
 
 def safetensors_ready(state: dict) -> dict:

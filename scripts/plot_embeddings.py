@@ -23,20 +23,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import load_config, resolve_config  # noqa: E402
-from data import build_datasets  # noqa: E402
+from config import ConfigError, load_config, resolve_config  # noqa: E402
+from data import DataError, build_datasets  # noqa: E402
 from evaluate import run_inference  # noqa: E402
-from model import Encoder  # noqa: E402
+from model import Encoder, load_model_state  # noqa: E402
 from runtime import resolve_device  # noqa: E402
-from utils import load_checkpoint  # noqa: E402
+from utils import load_checkpoint, write_atomic  # noqa: E402
 from vocab import CLASSES  # noqa: E402
 
 
 def embeddings(checkpoint, dataset, config, device) -> dict:
     """{'pooled': [N, d], 'projection': [N, k] or absent} of one checkpoint's model."""
-    ckpt = load_checkpoint(checkpoint)
-    model = Encoder(resolve_config(ckpt["config"]), arch=ckpt["arch"])
-    model.load_state_dict(ckpt["model"])
+    ckpt = load_checkpoint(checkpoint, ("model", "config", "arch"))
+    model = Encoder(resolve_config(ckpt["config"], where=f"{checkpoint} (stored config)"), arch=ckpt["arch"])
+    load_model_state(model, ckpt["model"], checkpoint)
     model.to(device).eval()
     out = run_inference(model, dataset, config.train.eval_batch_size, device, "none",
                         config.data.max_len, config.data.overlap)
@@ -70,6 +70,18 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--perplexity", type=float, default=30.0)
     args = p.parse_args(argv)
+    if args.labels and len(args.labels) != len(args.checkpoint):
+        p.error(f"--labels: {len(args.labels)} given for {len(args.checkpoint)} checkpoint(s)")
+    try:
+        plot(args)
+    except (ConfigError, DataError, OSError) as err:  # OSError: CheckpointError, WriteError, ...
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(args.out)
+    return 0
+
+
+def plot(args) -> None:
     config = load_config(args.config)
     device = resolve_device(args.device)
     valid = build_datasets(config)["valid"]
@@ -90,10 +102,8 @@ def main(argv=None) -> int:
     handles, names = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=5, fontsize=8, markerscale=2)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(args.out, dpi=110)
+    write_atomic(args.out, lambda tmp: fig.savefig(tmp, dpi=110, format=Path(args.out).suffix[1:] or "png"))
     plt.close(fig)
-    print(args.out)
-    return 0
 
 
 if __name__ == "__main__":

@@ -169,3 +169,29 @@ def test_frozen_cache_matches_uncached(tmp_path, dtype, tol):
     for name, g in grads_plain.items():
         assert (m.get_parameter(name).grad - g).norm() <= tol * g.norm(), name  # fp16: a ReLU may flip
     assert (tmp_path / "cache.npy").stat().st_size >= sum(windows.values()) * 32 * (2 if dtype == "float16" else 4)
+
+
+def test_a_full_disk_leaves_no_sparse_cache_and_names_the_file(tmp_path, monkeypatch):
+    """encoder.cache_on_disk on a disk without room: WriteError naming the file, and no sparse file of the full
+    size left behind; a full cache_dir says "No space left on device" (numpy's own write said only "N requested
+    and M written")."""
+    import errno
+    import os
+
+    from utils import WriteError
+
+    def no_room(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(cache, "reserve", no_room)
+    path = tmp_path / "frozen_cache.npy"
+    with pytest.raises(WriteError, match="frozen_cache.npy: cannot write the frozen-layer cache"):
+        cache.FrozenCache({("a", 0): 10}, 4, path=path)
+    assert not path.exists()
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    store = cache.DiskCache(tmp_path / "shared", "model", "float32")
+    real_open = open
+    monkeypatch.setattr(cache, "open", lambda tmp, mode: real_open("/dev/full", mode), raising=False)
+    tokens, keys = windows("MKTAYIAKQR")
+    with pytest.raises(WriteError, match="No space left on device"):
+        store.fetch(keys, tokens, frozen_prefix)

@@ -60,6 +60,17 @@ def test_plot_run_and_embeddings(tmp_path, tiny_run, capsys):
                                  str(tmp_path / "s" / "run" / "checkpoints" / "best.pt"), "--config", str(supcon),
                                  "--out", str(out), "--labels", "baseline", "SupCon"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    capsys.readouterr()
+    # errors are one line and exit 2 (a missing or foreign checkpoint; labels that do not match), nothing written
+    bad = tmp_path / "bad.png"
+    assert plot_embeddings.main(["--checkpoint", str(tmp_path / "nowhere.pt"), "--config", str(supcon),
+                                 "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nowhere.pt" in err and err.count("\n") == 1 and not bad.exists()
+    (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint")
+    assert plot_embeddings.main(["--checkpoint", str(tmp_path / "foreign.pt"), "--config", str(supcon),
+                                 "--out", str(bad)]) == 2
+    assert "foreign.pt" in capsys.readouterr().err and not bad.exists()
 
 
 def _summary(f1s, mccs):

@@ -7,6 +7,7 @@ from helpers import protein
 
 import data
 import synthetic
+import utils
 import vocab
 from data import DataError
 from vocab import CLASS_INDEX as C
@@ -199,3 +200,52 @@ def test_fasta_parsing(tmp_path):
         data.read_fasta(path)
 
 
+
+
+# ---------------------------------------------------------------- hostile or damaged files
+def test_a_csv_cut_in_the_middle_of_a_record_is_refused(tmp_path):
+    """A training CSV cut in half (an interrupted copy) ends inside its last sequence: refused, naming the file,
+    instead of training on a shortened protein; a row cut before its sequence is refused with its line."""
+    rows = "Entry,MOTIF,LOCATION,Sequence\nP1,1-20:SIGNAL,x,MKTAYIAKQRQISFVKSHFSRQLEERLG\nP2,,y,MLSRAVCGTSRQ\n"
+    whole = tmp_path / "whole.csv"
+    whole.write_text(rows)
+    assert [p.sequence for p in data.read_csv_file(whole)] == ["MKTAYIAKQRQISFVKSHFSRQLEERLG", "MLSRAVCGTSRQ"]
+    cut = tmp_path / "cut.csv"
+    cut.write_text(rows[:len(rows) - 6])
+    with pytest.raises(DataError, match=r"cut\.csv: the file ends in the middle of a line"):
+        data.read_csv_file(cut)
+    short = tmp_path / "short.csv"  # a row cut before its sequence: its line named
+    short.write_text("Entry,MOTIF,LOCATION,Sequence\nP1,,x,MKTAYIAK\nP2,,\n")
+    with pytest.raises(DataError, match=r"short\.csv: line 3, entry 'P2': empty sequence"):
+        data.read_csv_file(short)
+
+
+def test_motif_positions_of_thousands_of_digits_are_a_clear_error():
+    """A MOTIF position of 4,400 digits (beyond Python's int parsing limit) is a short DataError, not a ValueError
+    traceback; the message quotes the part cut short."""
+    with pytest.raises(DataError, match="does not parse") as err:
+        data.parse_motif("1" * 4400 + "-3:SIGNAL", 10, "t.csv: line 2")
+    assert len(str(err.value)) < 300
+
+
+def test_non_ascii_uppercase_letters_are_errors():
+    """str.upper() maps 'ı' to I, 'ſ' to S and 'ﬀ' to FF: such letters are refused with their position, so a
+    30-character sequence never predicts as 31 residues; ASCII lowercase and whitespace stay accepted."""
+    assert data.clean_sequence("mk tl\n*", "x") == "MKTL"
+    for char in ("ı", "ſ", "ﬀ", "\u00a0"):
+        with pytest.raises(DataError, match=f"at position 3"):
+            data.clean_sequence(f"MK{char}L", "x")
+
+
+@pytest.mark.parametrize("text,problem", [("[" * 100000 + "]" * 100000, "nested too deeply"),
+                                          ('{"ER": {"ER": ' + "9" * 5000 + "}}", "5000 digits"),
+                                          ("\xff\xfe", "not UTF-8")])
+def test_json_from_outside_is_bounded(tmp_path, text, problem):
+    """Deep nesting, a 5,000-digit integer, binary bytes, an over-large file: DataError naming the file."""
+    path = tmp_path / "map.json"
+    path.write_bytes(text.encode("latin-1") if problem == "not UTF-8" else text.encode())
+    with pytest.raises(DataError, match=problem):
+        utils.read_json(path, "a class distance map", DataError)
+    path.write_text("[" + "0," * 600 + "0]")
+    with pytest.raises(DataError, match="more than the 1000"):
+        utils.read_json(path, "a class distance map", DataError, max_bytes=1000)

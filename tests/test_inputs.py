@@ -64,3 +64,23 @@ def test_pipe_input_refused_and_byte_order_mark_accepted(tmp_path, ckpts, capsys
     code, err = run(capsys, "--checkpoint", ckpts["a"], "--fasta", bom, "--out", tmp_path / "bom.json")
     assert code == 0, err
     assert [r["id"] for r in records_of(tmp_path / "bom.json")] == ["first", "second"]
+
+
+def test_non_ascii_letters_are_not_residues(tmp_path, ckpts, capsys):
+    """'ı', 'ſ' and 'ﬀ' uppercase to I, S and FF; a sequence holding one is an error naming the record, the
+    character and its position, not a prediction for a longer or different protein."""
+    for char in ("ı", "ſ", "ﬀ"):
+        fasta = write_fasta(tmp_path / "odd.fa", [("ok", "MKLV"), ("odd", f"MKT{char}L")])
+        check_failure(capsys, tmp_path, ["--checkpoint", ckpts["a"], "--fasta", fasta], str(fasta), "'odd'",
+                      repr(char), "position 4")
+
+
+def test_an_over_long_id_is_refused_before_prediction(tmp_path, ckpts, capsys):
+    """A 1,001-character id is refused with the line it is on (a 1 MB id made a 1.1 GB plot and a 400 MB .npz);
+    1,000 characters are accepted, and written whole."""
+    fasta = write_fasta(tmp_path / "long.fa", [("ok", "MKLV"), ("x" * 1001, "MKLV")])
+    check_failure(capsys, tmp_path, ["--checkpoint", ckpts["a"], "--fasta", fasta], str(fasta), "line 3",
+                  "1001 characters")
+    fasta = write_fasta(tmp_path / "fine.fa", [("ok", "MKLV"), ("y" * 1000, "MKLV")])
+    code, _ = run(capsys, "--checkpoint", ckpts["a"], "--fasta", fasta, "--out", tmp_path / "out.json")
+    assert code == 0 and [r["id"] for r in records_of(tmp_path / "out.json")] == ["ok", "y" * 1000]

@@ -125,3 +125,34 @@ def test_output_modes_follow_the_umask(tmp_path, ckpts, capsys):
 
 
 # Sequence Ontology terms (so.obo) allowed as feature types, with their accessions.
+
+
+def test_tsv_text_cells_are_never_spreadsheet_formulas():
+    """A cell starting with =, +, - or @ gets a leading apostrophe (OWASP's advice: a spreadsheet shows it as
+    text); other ids are written as they are; tabs and line breaks stay escaped."""
+    assert outputs.tsv_cell("=cmd|' /C calc'!A0") == "'=cmd|' /C calc'!A0"
+    for start in "+-@":
+        assert outputs.tsv_cell(start + "SUM(A1)") == "'" + start + "SUM(A1)"
+    assert outputs.tsv_cell("sp|P12345|ABC_HUMAN") == "sp|P12345|ABC_HUMAN"
+    assert outputs.tsv_cell("a\tb=c") == "a%09b=c"
+
+
+def test_a_full_disk_while_predicting_names_the_outputs(tmp_path, ckpts, capsys, monkeypatch):
+    """Every write failing with ENOSPC (files opened on /dev/full): exit 2 naming the output files, and nothing
+    is left at their names."""
+    if not os.path.exists("/dev/full"):
+        import pytest
+        pytest.skip("no /dev/full here")
+    real_open = outputs.Staging.open
+
+    def full_disk(self, target, binary=False, scratch=False):
+        real_open(self, target, binary, scratch).close()
+        handle = open("/dev/full", "wb" if binary else "w")
+        self.handles.append(handle)
+        return handle
+    monkeypatch.setattr(outputs.Staging, "open", full_disk)
+    fasta = write_fasta(tmp_path / "in.fa", [("A", "MKTAYIAKQR"), ("B", "MLSRAVCG")])
+    out, tsv = tmp_path / "res" / "out.json", tmp_path / "res" / "out.tsv"
+    code, err = run(capsys, "--checkpoint", ckpts["a"], "--fasta", fasta, "--out", out, "--tsv", tsv)
+    assert code == 2 and str(out) in err and str(tsv) in err and "No space left on device" in err, err
+    assert not out.exists() and not tsv.exists()

@@ -31,3 +31,19 @@ def test_plots_for_chosen_ids(tmp_path, ckpts, capsys):
 def test_plot_ids_not_in_input(tmp_path, ckpts, fasta, capsys):
     check_failure(capsys, tmp_path, ["--checkpoint", ckpts["a"], "--fasta", fasta, "--plot-ids", "prot1", "nope"],
                   "--plot-ids", "'nope'")
+
+
+def test_a_long_id_is_cut_in_the_title(tmp_path, monkeypatch):
+    """The title shows at most 80 characters of an id (a 1 MB id took 257 s and 1.1 GB to draw)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    import plots
+    titles = []
+    real = Figure.suptitle
+    monkeypatch.setattr(Figure, "suptitle", lambda self, text, **kw: titles.append(text) or real(self, text, **kw))
+    record = {"id": "Q" * 1000, "length": 5, "predicted": [], "probabilities": dict.fromkeys(plots.CLASSES, 0.1),
+              "sites": {}, "segments": {}}
+    plots.draw(tmp_path / "p.png", record, np.zeros((8, 5)), [0.5] * 8)
+    assert titles and titles[0].startswith("Q" * 77 + "...") and "Q" * 78 not in titles[0]
+    check_png(tmp_path / "p.png")
