@@ -96,6 +96,7 @@ DEFAULTS = {
         "drop_out": 0.1,
     },
     "log": {"tensorboard": False},
+    "calibration": {"coverages": [0.8, 0.9, 0.95]},
 }
 LORA_TARGETS = ("q", "k", "v", "out", "fc1", "fc2")  # query, key, value, attention output, feed-forward in / out
 SCRATCH_DEFAULTS = {"num_layers": 2, "embed_dim": 64, "attention_heads": 4}
@@ -367,6 +368,11 @@ def resolve_config(tree: dict, overrides=None, where: str = "config") -> Config:
         raise ConfigError(f"{blame('encoder.lora.targets')}: encoder.lora.targets: unknown target(s) "
                           f"{shown(unknown) if unknown else '(none given or repeated)'}; "
                           f"choose from {', '.join(LORA_TARGETS)}")
+    coverages = config["calibration"]["coverages"]
+    if (not coverages or not all(type(c) in (int, float) and 0 < c < 1 for c in coverages)
+            or len(set(coverages)) < len(coverages)):
+        raise ConfigError(f"{blame('calibration.coverages')}: calibration.coverages: a list of numbers between 0 and 1 "
+                          f"(exclusive), none twice, got {shown(coverages)}")
     scratch = enc["scratch"]
     if scratch is not None:
         if scratch["embed_dim"] % scratch["attention_heads"]:

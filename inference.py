@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import confidence
 import vocab
 from config import resolve_config
 from model import Encoder, load_model_state
@@ -73,6 +74,8 @@ class Member:
     centroids: dict | None = None  # train.py's class centres per embedding space (best.pt), if stored
     space: str | None = None  # the space of centroid prediction, set by use_centroids
     checkpoint: str | None = None  # the train.py checkpoint it came from (None: a release folder)
+    calibration: dict | None = None  # temperatures and conformal scores (calibration.py), if stored
+    temperatures: np.ndarray | None = None  # [8] float32, from calibration
 
 
 def load_ensemble(paths, device, tuned: bool = False) -> list[Member]:
@@ -94,8 +97,11 @@ def build_ensemble(models, device, tuned: bool = False) -> list[Member]:
             raise PredictError(f"{trained.name}: windowing data.max_len={window[0]}, data.overlap={window[1]} differs "
                                f"from {first.path} (data.max_len={first.max_len}, data.overlap={first.overlap}); "
                                f"the checkpoints of an ensemble must share it")
+        temperatures = None if trained.calibration is None else np.array(
+            [trained.calibration["temperatures"][c] for c in CLASSES], dtype=np.float32)
         members.append(Member(trained.name, load_model(trained, config, device), *window, thresholds,
-                              trained.centroids, checkpoint=trained.checkpoint))
+                              trained.centroids, checkpoint=trained.checkpoint, calibration=trained.calibration,
+                              temperatures=temperatures))
         del trained
     return members
 
@@ -122,6 +128,23 @@ def use_centroids(members: list[Member], space: str) -> str:
 def centroid_thresholds(members: list[Member]) -> np.ndarray:
     """Mean of the checkpoints' validation-tuned distance thresholds [8] in their centroid space."""
     return np.mean([m.centroids[m.space]["thresholds"] for m in members], axis=0)
+
+
+def centroid_p_value(members: list[Member], rule: str, given: float | None) -> tuple[float | None, list]:
+    """(p-value cut, members without confidence fields). The cut: `given` (--p-value), else the mean of the
+    checkpoints' validation-chosen ones; None when a checkpoint lacks the confidence mixtures and null distances
+    (confidence.FIELDS), which --centroid-rule pvalue needs (PredictError naming the file and the remedy)."""
+    missing = [m for m in members if not confidence.calibrated(m.centroids[m.space])]
+    if missing and rule == "pvalue":
+        m = missing[0]
+        fix = (f"add them with: python scripts/add_centroids.py {m.checkpoint}" if m.checkpoint else
+               "add them to its checkpoint with scripts/add_centroids.py and export the model again")
+        raise PredictError(f"{m.path}: --centroid-rule pvalue needs the centroid confidence mixtures and null "
+                           f"distances of the {m.space} space, which this model does not store (written before "
+                           f"train.py stored them); {fix}, or retrain")
+    if missing:
+        return None, missing
+    return (given if given is not None else float(np.mean([m.centroids[m.space]["p_value"] for m in members]))), []
 
 
 def ensemble_thresholds(members: list[Member], tuned: bool) -> np.ndarray:
@@ -287,7 +310,7 @@ def sigmoid_each(logits: torch.Tensor, begins, ends) -> list[np.ndarray]:
 def run_member(model: Encoder, batch: Batch, dtype=None) -> dict:
     """One checkpoint on one batch of B proteins (what Encoder.forward computes in eval mode).
     Returns float32 numpy arrays: probs [B, 8], motif (list of [8, L_i]), pooled [B, d],
-    projection [B, k] (None without a projection head). Probabilities are sigmoids of fp32 logits."""
+    projection [B, k] (None without a projection head), logits [B, 8]. Probabilities are sigmoids of fp32 logits."""
     B = len(batch.lengths)
     with autocast(batch.tokens.device, dtype):
         reps = run_backbone(model, batch).float()  # [W, T, d] padded, [N, d] packed
@@ -303,7 +326,14 @@ def run_member(model: Encoder, batch: Batch, dtype=None) -> dict:
         projection = None if model.projection is None else model.projection(heads_in)[:B].float().cpu().numpy()
     return {"probs": np.concatenate(sigmoid_each(class_logits.T, range(B), range(1, B + 1)), axis=1).T,
             "motif": sigmoid_each(motif_logits, starts[:-1], starts[:-1] + np.array(batch.lengths)),
-            "pooled": pooled.cpu().numpy(), "projection": projection}
+            "pooled": pooled.cpu().numpy(), "projection": projection, "logits": class_logits.float().cpu().numpy()}
+
+
+def calibrated_probs(logits: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
+    """Calibrated probabilities [B, 8] = sigmoid(z / T_c) of one checkpoint's logits [B, 8] (float32) and its
+    temperatures [8] (float32), per protein as run_member's (sigmoid_each; division rounds the same anywhere)."""
+    z = (torch.from_numpy(logits) / torch.from_numpy(temperatures)).T
+    return np.concatenate(sigmoid_each(z, range(len(logits)), range(1, len(logits) + 1)), axis=1).T
 
 
 @dataclass
@@ -312,13 +342,21 @@ class Result:
     checkpoints' probabilities), pooled [d] and projection [k] (float32 means; pooled None when the
     backbones differ in size, projection None unless every checkpoint has a projection head of one
     size), distances [8] (mean over the
-    checkpoints of the Euclidean distances to each one's class centres; None without use_centroids)."""
+    checkpoints of the Euclidean distances to each one's class centres; None without use_centroids; NaN for
+    an embedding holding NaN), confidence and p_values [8] (means over the checkpoints of each one's mixture
+    confidence and p-values, confidence.member_scores; None unless every checkpoint stores their fields),
+    calibrated [8] (the mean of the checkpoints' calibrated class probabilities, calibration.py; None unless every
+    checkpoint has a calibration) and logits [8] (the mean of their class logits)."""
 
     probs: np.ndarray
     motif: np.ndarray
     pooled: np.ndarray | None
     projection: np.ndarray | None
     distances: np.ndarray | None = None
+    confidence: np.ndarray | None = None
+    p_values: np.ndarray | None = None
+    calibrated: np.ndarray | None = None
+    logits: np.ndarray | None = None
 
 
 @dataclass
@@ -342,16 +380,25 @@ def run_ensemble(members: list[Member], sequences: list[str], settings: Settings
     keep_projection = all(o["projection"] is not None for o in outs) and len({o["projection"].shape for o in outs}) == 1
     keep_pooled = len({o["pooled"].shape for o in outs}) == 1  # backbones of different sizes: no mean embedding
 
+    scored = members[0].space is not None and all(confidence.calibrated(m.centroids[m.space]) for m in members)
+    calibrate = all(m.temperatures is not None for m in members)
     for m, o in zip(members, outs):
+        if calibrate:
+            o["calibrated"] = calibrated_probs(o["logits"], m.temperatures)
         if m.space is not None:  # distances of each protein to this checkpoint's own class centres
             o["distances"] = centre_distances(o[m.space], m.centroids[m.space]["centres"])
+            o["distances"][~np.isfinite(o[m.space]).all(1)] = np.nan  # not inf: stream.py refuses the protein
+        if scored:
+            o["confidence"], o["p_values"] = confidence.member_scores(o["distances"], m.centroids[m.space])
 
     def mean(key, i):
         return sum(o[key][i].astype(np.float64) for o in outs) / n
 
     return [Result(mean("probs", i), mean("motif", i), mean("pooled", i).astype(np.float32) if keep_pooled else None,
                    mean("projection", i).astype(np.float32) if keep_projection else None,
-                   mean("distances", i) if members[0].space is not None else None)
+                   mean("distances", i) if members[0].space is not None else None,
+                   mean("confidence", i) if scored else None, mean("p_values", i) if scored else None,
+                   calibrated=mean("calibrated", i) if calibrate else None, logits=mean("logits", i))
             for i in range(len(sequences))]
 
 

@@ -1,8 +1,9 @@
 """Output files of predict.py, written while the chunks stream past and renamed into place at the end.
 
 Per-protein record (the JSON / JSON Lines output; the other formats are derived from it):
-    id, length, probabilities {class: p, 4 decimals}, predicted [classes with p >= threshold],
-    sites {site class: 1-based residue}, segments {segment class: [[start, end], ...]}.
+    id, length, probabilities {class: p, 4 decimals; calibrated when the model has a calibration, the uncalibrated
+    ones then in probabilities_uncalibrated}, predicted [classes with uncalibrated p >= threshold], sites {site
+    class: 1-based residue}, segments {segment class: [[start, end], ...]}, with --coverage prediction_set.
 These are the classification heads' fields. Centroid prediction (--method centroid | both) adds its
 fields under record["centroid"] (centroid_fields), so the heads' fields keep their meaning and readers
 of today's files keep working; --method centroid leaves the heads' fields out.
@@ -54,44 +55,66 @@ def locate(predicted: list, motif: np.ndarray) -> dict:
             "segments": {c: segments(motif[CLASS_INDEX[c]] > 0.5) for c in predicted if c in SEGMENT_CLASSES}}
 
 
-def protein_record(entry: str, probs: np.ndarray, motif: np.ndarray, thresholds) -> dict:
-    """The heads' record of one protein from its class probabilities [8] and motif tracks [8, L]."""
+def protein_record(entry: str, probs: np.ndarray, motif: np.ndarray, thresholds, calibrated=None, sets=None) -> dict:
+    """The heads' record of one protein from its class probabilities [8] and motif tracks [8, L]. With calibrated
+    probabilities [8] (calibration.py) those are 'probabilities' and the uncalibrated ones
+    'probabilities_uncalibrated'; the calls stay on the uncalibrated ones (thresholds). With sets
+    (calibration.Sets, --coverage): 'prediction_set'."""
     predicted = [c for i, c in enumerate(CLASSES) if probs[i] >= thresholds[i]]
-    return {"id": entry, "length": int(motif.shape[1]),
-            "probabilities": {c: round(float(probs[i]), 4) for i, c in enumerate(CLASSES)},
-            "predicted": predicted, **locate(predicted, motif)}
+    shown = probs if calibrated is None else calibrated
+    record = {"id": entry, "length": int(motif.shape[1]),
+              "probabilities": {c: round(float(shown[i]), 4) for i, c in enumerate(CLASSES)}}
+    if calibrated is not None:
+        record["probabilities_uncalibrated"] = {c: round(float(probs[i]), 4) for i, c in enumerate(CLASSES)}
+    record.update(predicted=predicted, **locate(predicted, motif))
+    if sets is not None:
+        record["prediction_set"] = sets.fields(calibrated)
+    return record
 
 
 @dataclass
 class Centroid:
-    """Centroid prediction settings: the embedding space, the distance thresholds [8] and the rule
-    ('threshold' or 'maxsep') whose classes are 'predicted' (and go to the TSV, GFF3 and plots)."""
+    """Centroid prediction settings: the embedding space, the distance thresholds [8], the rule
+    ('threshold', 'maxsep' or 'pvalue') whose classes are 'predicted' (and go to the TSV, GFF3 and plots)
+    and the p-value cut of the p-value rule (None: the checkpoints store no p-values, confidence.py)."""
 
     space: str
     thresholds: np.ndarray
     rule: str = "threshold"
+    p_value: float | None = None
 
 
-def centroid_fields(distances: np.ndarray, motif: np.ndarray, centroid: Centroid) -> dict:
+def centroid_fields(distances: np.ndarray, motif: np.ndarray, centroid: Centroid, confidence=None,
+                    p_values=None) -> dict:
     """record['centroid']: space, rule, distances {class: Euclidean distance to its centre}, the
-    classes of both rules (maxsep: CLEAN's max-separation; threshold: distance <= the class's
-    validation-tuned threshold), predicted (the chosen rule's) and their sites / segments."""
+    classes of each rule (maxsep: CLEAN's max-separation; threshold: distance <= the class's
+    validation-tuned threshold; pvalue: p-value <= the cut p_value, null without p-values), confidence
+    {class: mixture confidence} and p_values {class: p-value} (null without them), predicted (the chosen
+    rule's) and their sites / segments."""
     by_rule = {"maxsep": max_separation(distances[None])[0], "threshold": distances <= centroid.thresholds}
+    scored = p_values is not None and centroid.p_value is not None
+    if scored:
+        by_rule["pvalue"] = p_values <= centroid.p_value
     chosen = {rule: [c for i, c in enumerate(CLASSES) if hit[i]] for rule, hit in by_rule.items()}
     return {"space": centroid.space, "rule": centroid.rule,
             "distances": {c: round(float(distances[i]), 4) if np.isfinite(distances[i]) else None  # null: no centre
                           for i, c in enumerate(CLASSES)},
-            "maxsep": chosen["maxsep"], "threshold": chosen["threshold"], "predicted": chosen[centroid.rule],
-            **locate(chosen[centroid.rule], motif)}
+            "maxsep": chosen["maxsep"], "threshold": chosen["threshold"], "pvalue": chosen.get("pvalue"),
+            "p_value": centroid.p_value if scored else None,
+            "confidence": {c: round(float(v), 4) for c, v in zip(CLASSES, confidence)} if scored else None,
+            "p_values": {c: float(f"{v:.4g}") for c, v in zip(CLASSES, p_values)} if scored else None,
+            "predicted": chosen[centroid.rule], **locate(chosen[centroid.rule], motif)}
 
 
-def make_record(entry: str, result, method: str, thresholds, centroid: Centroid | None) -> dict:
+def make_record(entry: str, result, method: str, thresholds, centroid: Centroid | None, sets=None) -> dict:
     """A protein's record for predict.py --method head | centroid | both: the heads' fields at the top
     (head, both) and the centroid prediction under 'centroid' (centroid, both)."""
-    record = (protein_record(entry, result.probs, result.motif, thresholds) if method != "centroid"
+    record = (protein_record(entry, result.probs, result.motif, thresholds, result.calibrated, sets)
+              if method != "centroid"
               else {"id": entry, "length": int(result.motif.shape[1])})
     if method != "head":
-        record["centroid"] = centroid_fields(result.distances, result.motif, centroid)
+        record["centroid"] = centroid_fields(result.distances, result.motif, centroid, result.confidence,
+                                             result.p_values)
     return record
 
 
@@ -243,18 +266,21 @@ def format_runs(runs) -> str:
 
 TSV_HEADER = (["id", "length", "predicted"] + [f"prob_{c}" for c in CLASSES] + [f"site_{c}" for c in SITE_CLASSES]
               + [f"segments_{c}" for c in SEGMENT_CLASSES])
-TSV_CENTROID = (["centroid_predicted", "centroid_maxsep", "centroid_threshold"] + [f"distance_{c}" for c in CLASSES]
+TSV_SETS = ["prediction_set", "set_size"]  # with --coverage: the conformal set (calibration.py) and its size
+TSV_CENTROID = (["centroid_predicted", "centroid_maxsep", "centroid_threshold", "centroid_pvalue"]
+                + [f"{k}_{c}" for k in ("distance", "centroid_confidence", "centroid_pvalue") for c in CLASSES]
                 + [f"centroid_site_{c}" for c in SITE_CLASSES] + [f"centroid_segments_{c}" for c in SEGMENT_CLASSES])
 
 
 class TsvWriter:
     """--tsv: one line per protein, several classes or runs joined by commas. Columns: TSV_HEADER
-    (the heads; --method head, both), then TSV_CENTROID (--method centroid, both; without the heads:
-    id, length, then TSV_CENTROID)."""
+    (the heads; --method head, both; prob_<class>: the calibrated probabilities when the model has a calibration),
+    with sets (--coverage) TSV_SETS, then TSV_CENTROID (--method centroid, both; without the heads: id, length,
+    then TSV_CENTROID)."""
 
-    def __init__(self, staging: Staging, path, method: str = "head"):
-        self.handle, self.method = staging.open(path), method
-        header = TSV_HEADER if method != "centroid" else TSV_HEADER[:2]
+    def __init__(self, staging: Staging, path, method: str = "head", sets: bool = False):
+        self.handle, self.method, self.sets = staging.open(path), method, sets and method != "centroid"
+        header = (TSV_HEADER + (TSV_SETS if self.sets else [])) if method != "centroid" else TSV_HEADER[:2]
         self.handle.write("\t".join(header + (TSV_CENTROID if method != "head" else [])) + "\n")
 
     def add(self, record: dict, result) -> None:
@@ -263,10 +289,14 @@ class TsvWriter:
             cells += ([",".join(record["predicted"])] + [f"{record['probabilities'][c]:.4f}" for c in CLASSES]
                       + [str(record["sites"].get(c, "")) for c in SITE_CLASSES]
                       + [format_runs(record["segments"].get(c, [])) for c in SEGMENT_CLASSES])
+        if self.sets:
+            cells += [",".join(record["prediction_set"]["classes"]), str(record["prediction_set"]["size"])]
         if self.method != "head":
             cen = record["centroid"]
-            cells += ([",".join(cen[k]) for k in ("predicted", "maxsep", "threshold")]
+            cells += ([",".join(cen[k] or []) for k in ("predicted", "maxsep", "threshold", "pvalue")]
                       + ["" if cen["distances"][c] is None else f"{cen['distances'][c]:.4f}" for c in CLASSES]
+                      + ["" if cen["p_values"] is None else f"{cen['confidence'][c]:.4f}" for c in CLASSES]
+                      + ["" if cen["p_values"] is None else f"{cen['p_values'][c]:.4g}" for c in CLASSES]
                       + [str(cen["sites"].get(c, "")) for c in SITE_CLASSES]
                       + [format_runs(cen["segments"].get(c, [])) for c in SEGMENT_CLASSES])
         self.handle.write("\t".join(cells) + "\n")
@@ -292,14 +322,17 @@ def gff3_features(record: dict) -> list[tuple]:
     Peroxisome site in the first half of the sequence is read as PTS2 (the end of an N-terminal
     signal), else as PTS1 (the first residue of a C-terminal one). The heads' features: source
     MUTarget, score = the class probability; centroid prediction's: source MUTarget-centroid, score
-    '.', the distance to the class centre and the rule in the attributes."""
+    '.', the distance to the class centre, the rule, the space (and the confidence and p-value when
+    stored) in the attributes."""
     features = []
     if "predicted" in record:
         features += _features(record["length"], record, GFF3_SOURCE, lambda c: (record["probabilities"][c], {}))
     if "centroid" in record:
         cen = record["centroid"]
         features += _features(record["length"], cen, GFF3_SOURCE + "-centroid", lambda c: (
-            None, {"distance": f"{cen['distances'][c]:.4f}", "rule": cen["rule"], "space": cen["space"]}))
+            None, {"distance": f"{cen['distances'][c]:.4f}", "rule": cen["rule"], "space": cen["space"],
+                   **({} if cen.get("p_values") is None else {"confidence": f"{cen['confidence'][c]:.4f}",
+                                                              "p_value": f"{cen['p_values'][c]:.4g}"})}))
     return sorted(features, key=lambda f: (f[2], f[3], CLASS_INDEX[f[5]["class"]], f[0]))
 
 
@@ -427,7 +460,7 @@ class PlotWriter:
         import plots  # matplotlib only when plotting
         tmp = self.staging.temp(self.folder / plot_name(record["id"], self.used))
         head = record if "predicted" in record else protein_record(record["id"], result.probs, result.motif,
-                                                                    self.thresholds)
+                                                                    self.thresholds, result.calibrated)
         plots.draw(tmp, head, result.motif, self.thresholds, record.get("centroid"))
 
     def finish(self) -> None:

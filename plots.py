@@ -18,7 +18,8 @@ def plain(text: str) -> str:
 
 
 def draw(path, record: dict, motif: np.ndarray, thresholds, centroid: dict | None = None) -> None:
-    """PNG of one protein: record (outputs.protein_record), motif probabilities [8, L], thresholds [8];
+    """PNG of one protein: record (outputs.protein_record; bars: its probabilities, calibrated ones with the
+    uncalibrated as circles when the model has a calibration), motif probabilities [8, L], thresholds [8];
     with centroid (outputs.centroid_fields) its predicted classes in the title."""
     length = record["length"]
     fig = Figure(figsize=(11, 8))
@@ -53,6 +54,10 @@ def draw(path, record: dict, motif: np.ndarray, thresholds, centroid: dict | Non
     rows = np.arange(len(CLASSES))[::-1]
     bars.barh(rows, probs, color=[COLORS[i] if c in record["predicted"] else "#bbbbbb" for i, c in enumerate(CLASSES)])
     bars.scatter(thresholds, rows, marker="|", s=120, color="black", label="threshold")
+    raw = record.get("probabilities_uncalibrated")  # calibrated bars: the calls compare these with the thresholds
+    if raw is not None:
+        bars.scatter([raw[c] for c in CLASSES], rows - 0.3, marker="o", s=14, facecolors="none", edgecolors="black",
+                     label="uncalibrated")  # below the bar's centre, clear of its label
     for row, p in zip(rows, probs):
         inside = p > 0.75
         bars.text(p - 0.02 if inside else p + 0.02, row, f"{p:.3f}", va="center", ha="right" if inside else "left",
@@ -60,12 +65,15 @@ def draw(path, record: dict, motif: np.ndarray, thresholds, centroid: dict | Non
     bars.set_yticks(rows)
     bars.set_yticklabels(CLASSES, fontsize=8)
     bars.set_xlim(0, 1)
-    bars.set_xlabel("probability", fontsize=8)
+    bars.set_xlabel("calibrated probability" if raw is not None else "probability", fontsize=8)
     bars.tick_params(labelsize=7)
     bars.legend(fontsize=7, loc="lower right")
     predicted = ", ".join(record["predicted"]) or "Other"
     name = record["id"] if len(record["id"]) <= TITLE_ID_CHARS else record["id"][:TITLE_ID_CHARS - 3] + "..."
     title = f"{name}  ({length} residues; predicted: {predicted})"
+    if "prediction_set" in record:
+        ps = record["prediction_set"]
+        title += f"; {ps['coverage']:g} set: {{{', '.join(ps['classes'])}}}"
     if centroid is not None:
         title += f"\ncentroid prediction ({centroid['space']}, {centroid['rule']}): {', '.join(centroid['predicted']) or 'Other'}"
     fig.suptitle(plain(title), fontsize=10)

@@ -5,7 +5,9 @@ python predict.py (--checkpoint CKPT [CKPT ...] | --model DIR) (--fasta IN.fa | 
                   [--plot-dir DIR [--plot-limit N | --plot-ids ID ...]] [--metrics METRICS.json]
                   [--skip-invalid [--skipped FILE]] [--chunk-size 1000] [--max-tokens 16384]
                   [--precision auto] [--layout auto] [--device auto] [--batch-size N] [--tuned-thresholds]
-                  [--method head|centroid|both [--space auto|pooled|projection] [--centroid-rule threshold|maxsep]]
+                  [--coverage LEVEL]
+                  [--method head|centroid|both [--space auto|pooled|projection]
+                   [--centroid-rule threshold|maxsep|pvalue] [--p-value P]]
 torchrun --nproc_per_node=K predict.py ...   (K processes share the work; same files as one process)
 
 The input is read and written in chunks (stream.py); see the README's Prediction section.
@@ -16,6 +18,7 @@ import argparse
 import os
 import sys
 
+from calibration import CalibrationError
 from config import ConfigError
 from data import DataError
 from inference import PredictError
@@ -58,10 +61,14 @@ def parse_args(argv=None):
     method.add_argument("--space", choices=("auto", "pooled", "projection"), default="auto",
                         help="embedding space of centroid prediction (auto: projection when every checkpoint has a "
                              "projection head, else pooled)")
-    method.add_argument("--centroid-rule", choices=("threshold", "maxsep"), default="threshold",
+    method.add_argument("--centroid-rule", choices=("threshold", "maxsep", "pvalue"), default="threshold",
                         help="which centroid rule gives the centroid's predicted classes (TSV, GFF3, plots): "
-                             "validation-tuned distance thresholds (can say 'no signal') or CLEAN's max-separation; "
-                             "the JSON holds both")
+                             "validation-tuned distance thresholds (can say 'no signal'), CLEAN's max-separation, or "
+                             "CLEAN's p-value rule (classes with p-value <= --p-value; can say 'no signal'); the JSON "
+                             "holds all three")
+    method.add_argument("--p-value", type=float, default=None, metavar="P",
+                        help="p-value cut of the p-value rule, between 0 and 1 (default: the one chosen on validation "
+                             "and stored in best.pt; the mean over an ensemble)")
     bad = p.add_argument_group("bad records")
     bad.add_argument("--skip-invalid", action="store_true",
                      help="skip records with invalid residues or no sequence (listed on stderr and in --skipped) "
@@ -82,6 +89,10 @@ def parse_args(argv=None):
                           "bit for bit (the CPU's default); auto: packed where the fused variable-length kernel runs "
                           "(CUDA, compute capability >= 8.0, bf16 / fp16), padded elsewhere")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    out.add_argument("--coverage", type=float, default=None, metavar="LEVEL",
+                     help="add each protein's conformal prediction set at this coverage, between 0 and 1 (0.9: a "
+                          "class the protein has is in its set with probability >= 0.9), its size and each class's "
+                          "conformal p-value; needs a calibrated model (scripts/calibrate.py)")
     run.add_argument("--tuned-thresholds", action="store_true",
                      help="use the mean of the checkpoints' valid-tuned thresholds instead of 0.5")
     args = p.parse_args(argv)
@@ -89,6 +100,10 @@ def parse_args(argv=None):
         p.error("--metrics needs --csv (labelled input)")
     if not args.plot_dir and args.plot_ids:
         p.error("--plot-ids needs --plot-dir")
+    if args.p_value is not None and args.method == "head":
+        p.error("--p-value needs --method centroid or both")
+    if args.coverage is not None and args.method == "centroid":
+        p.error("--coverage needs the heads: --method head or both")
     if args.plot_limit < 0:
         p.error("--plot-limit must be >= 0")
     named = [getattr(args, k) for k in OUTPUTS if getattr(args, k)]
@@ -109,9 +124,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         predict(args)
-    except (DataError, PredictError, ConfigError, OSError) as err:  # model.WeightsError is an OSError
+    except (DataError, PredictError, ConfigError, CalibrationError, OSError) as err:  # model.WeightsError is an OSError
         rank = int(os.environ.get("RANK", "0"))
-        if rank == 0 or not isinstance(err, (DataError, PredictError)):  # input errors: said once, by rank 0
+        input_error = isinstance(err, (DataError, PredictError, CalibrationError))  # said once, by rank 0
+        if rank == 0 or not input_error:
             print(f"error: {err}" if rank == 0 else f"error (rank {rank}): {err}", file=sys.stderr)
         return 2
     return 0

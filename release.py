@@ -4,14 +4,20 @@ A release folder (scripts/export_model.py CKPT... OUT/, read by predict.py --mod
 publishes: a trained model or a fold ensemble in files that cannot run code.
     OUT/model.json          format, classes, and per member: the file it was exported from, its weights
                             file and that file's SHA-256, the training config, the backbone architecture,
-                            the tuning mode, the validation-tuned thresholds and the class centres
+                            the tuning mode, the validation-tuned thresholds and the class centres (with
+                            their confidence mixtures, null distances and p-value cut: confidence.py),
+                            the calibration (temperatures, sorted conformal scores: calibration.py; null
+                            when uncalibrated, absent in folders written before it existed)
     OUT/member<i>.safetensors   the member's weights (the train.py checkpoint's 'model' tensors, unchanged)
 Numbers that JSON cannot hold (infinite distance thresholds, the centre of a class without training
-proteins) are written as the strings "inf", "-inf" and "nan". Predictions from a release equal those
-from the checkpoints it was exported from, byte for byte.
+proteins) are written as the strings "inf", "-inf" and "nan". The null distances (up to 8 x 5,000 a
+space) go as {"shape": [8, K], "float32_base64": the little-endian float32 bytes}, exact and a fifth of
+the size of a JSON list. Predictions from a release equal those from the checkpoints it was exported
+from, byte for byte.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -25,6 +31,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+import calibration
+import confidence
 from space import from_stored
 from utils import (CheckpointError, WriteError, give_umask_mode, load_checkpoint, new_temp_dir, read_json,
                    remove_stale_temps)
@@ -33,6 +41,8 @@ from weights import safetensors_ready
 
 FORMAT, FORMAT_VERSION = "mutarget-model", 1
 MODEL_JSON = "model.json"
+MODEL_JSON_BYTES = 16 << 20  # a 5-fold ensemble of ESM-2 15B: centres (8 x 5120 a member) and null distances, ~8 MB
+CENTROID_KEYS = ("centres", "counts", "thresholds")
 
 
 class ReleaseError(CheckpointError):
@@ -44,8 +54,8 @@ class Trained:
     """One trained model as prediction needs it: `name` (the file it came from, for messages), the model's
     tensors `state`, the stored training `config` (a tree for config.resolve_config), the backbone `arch`,
     the `classes`, the validation-tuned `thresholds` {class: t} (None for a checkpoint without them) and
-    the class `centroids` {space: {'centres' [8, d], 'counts' [8], 'thresholds' [8]}} (NumPy; None if
-    not stored)."""
+    the class `centroids` {space: {'centres' [8, d], 'counts' [8], 'thresholds' [8], and optionally
+    confidence.FIELDS}} (NumPy; None if not stored)."""
 
     name: str
     state: dict
@@ -55,6 +65,7 @@ class Trained:
     thresholds: dict | None
     centroids: dict | None
     checkpoint: str | None = None  # the train.py checkpoint it was read from (None: a release folder)
+    calibration: dict | None = None  # temperatures and conformal scores (calibration.py); None: uncalibrated
 
 
 # --------------------------------------------------------------------------- checks of a stored model
@@ -159,13 +170,18 @@ def stored_problem(thresholds, centroids, dims: dict) -> str | None:
         if dims.get(space) is None:
             return (f"centroids.{repr(space)[:40]}: no such embedding space in this model (it has "
                     f"{', '.join(k for k, v in dims.items() if v)})")
-        if not isinstance(fitted, dict) or set(fitted) != {"centres", "counts", "thresholds"}:
-            return f"centroids.{space}: expected centres, counts and thresholds"
+        if (not isinstance(fitted, dict) or not set(CENTROID_KEYS) <= set(fitted)
+                or set(fitted) - set(CENTROID_KEYS + confidence.FIELDS)):
+            return (f"centroids.{space}: expected centres, counts and thresholds (and optionally "
+                    f"{', '.join(confidence.FIELDS)})")
         for key, shape in (("centres", (n, dims[space])), ("counts", (n,)), ("thresholds", (n,))):
             found = tuple(np.shape(fitted[key]))
             if found != shape:
                 return (f"centroids.{space}.{key}: shape {found}, expected {shape} ({n} classes"
                         f"{f' x the {space} size {dims[space]}' if key == 'centres' else ''})")
+        problem = confidence.stored_problem(fitted, n)
+        if problem:
+            return f"centroids.{space}.{problem}"
     return None
 
 
@@ -181,8 +197,11 @@ def check_model(path, arch, state, thresholds=None, centroids=None) -> None:
 def from_checkpoint(path) -> Trained:
     """A train.py checkpoint (read with weights_only=True: no code in it can run), checked (check_model)."""
     ckpt = load_checkpoint(path, ("model", "config", "arch", "classes"))
+    problem = calibration.problem(ckpt.get("calibration"))
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     return Trained(str(path), ckpt["model"], ckpt["config"], ckpt["arch"], list(ckpt["classes"]),
-                   ckpt.get("thresholds"), from_stored(ckpt.get("centroids")), str(path))
+                   ckpt.get("thresholds"), from_stored(ckpt.get("centroids")), str(path), ckpt.get("calibration"))
 
 
 # --------------------------------------------------------------------------- JSON numbers
@@ -210,6 +229,25 @@ def _number(value) -> float:
     raise ValueError(f"not a number: {value!r}")
 
 
+def _centroids_to_json(centroids: dict | None):
+    """Trained.centroids for model.json: _to_json, the null distances as base64 float32 (module docstring)."""
+    if centroids is None:
+        return None
+    return {space: {k: {"shape": list(v.shape), "float32_base64": base64.b64encode(
+        np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii")} if k == "null_distances" else _to_json(v)
+        for k, v in fitted.items()} for space, fitted in centroids.items()}
+
+
+def _float32_array(value) -> np.ndarray:
+    shape = value["shape"]
+    if not isinstance(shape, list) or len(shape) != 2 or not all(type(k) is int and 0 <= k <= 1 << 24 for k in shape):
+        raise ValueError(f"null_distances: shape {repr(shape)[:40]}, expected [classes, K]")
+    raw = base64.b64decode(value["float32_base64"], validate=True)
+    if len(raw) != 4 * shape[0] * shape[1]:
+        raise ValueError(f"null_distances: {len(raw)} bytes, but shape {shape} needs {4 * shape[0] * shape[1]}")
+    return np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
+
+
 def _centroids_from_json(tree: dict) -> dict:
     dtypes = {"centres": np.float32, "counts": np.int64, "thresholds": np.float64}
     out = {}
@@ -220,6 +258,13 @@ def _centroids_from_json(tree: dict) -> dict:
             numbers = ([[_number(v) for v in row] for row in values] if key == "centres"
                        else [_number(v) for v in values])
             out[space][key] = np.array(numbers, dtype=np.float64).astype(dtype)
+        for key in confidence.MIXTURE_FIELDS:  # the confidence fields, when stored (stored_problem: all or none)
+            if key in fitted:
+                out[space][key] = np.array([[_number(v) for v in row] for row in fitted[key]], dtype=np.float64)
+        if "null_distances" in fitted:
+            out[space]["null_distances"] = _float32_array(fitted["null_distances"])
+        if "p_value" in fitted:
+            out[space]["p_value"] = np.float64(_number(fitted["p_value"]))
     return out
 
 
@@ -259,7 +304,8 @@ def write_release(models: Iterable[Trained], out) -> int:
                 raise WriteError(f"{out / weights}: cannot write: {err}") from None
             members.append({"source": model.name, "weights": weights, "sha256": sha256_of(tmp / weights),
                             "tune": model.config["encoder"]["tune"], "arch": model.arch, "config": model.config,
-                            "thresholds": _to_json(model.thresholds), "centroids": _to_json(model.centroids)})
+                            "thresholds": _to_json(model.thresholds), "centroids": _centroids_to_json(model.centroids),
+                            "calibration": model.calibration})
             del model
         tree = {"format": FORMAT, "format_version": FORMAT_VERSION, "classes": CLASSES, "members": members}
         try:
@@ -292,7 +338,7 @@ def _read_index(folder: Path, index: Path) -> tuple[list, list]:
     if not index.is_file():
         raise ReleaseError(f"{folder}: not a model folder ({MODEL_JSON} not found); make one with "
                            f"scripts/export_model.py CKPT... {folder}")
-    tree = read_json(index, f"a readable {MODEL_JSON}", ReleaseError, max_bytes=1 << 20)
+    tree = read_json(index, f"a readable {MODEL_JSON}", ReleaseError, max_bytes=MODEL_JSON_BYTES)
     if not isinstance(tree, dict) or tree.get("format") != FORMAT:
         found = tree.get("format") if isinstance(tree, dict) else type(tree).__name__
         raise ReleaseError(f"{index}: not a {FORMAT} description (format {found!r})")
@@ -321,7 +367,8 @@ def _read_member(folder: Path, index: Path, i: int, member, classes: list) -> Tr
         centroids = None if member["centroids"] is None else _centroids_from_json(member["centroids"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ReleaseError(f"{where}: malformed entry ({type(err).__name__}: {err})") from None
-    problem = arch_problem(arch) or stored_problem(thresholds, None, {})
+    problem = arch_problem(arch) or stored_problem(thresholds, None, {}) or calibration.problem(
+        member.get("calibration"))  # no calibration in folders written before it existed
     if problem:
         raise ReleaseError(f"{where}: {problem}")
     real = Path(os.path.realpath(weights))
@@ -344,7 +391,7 @@ def _read_member(folder: Path, index: Path, i: int, member, classes: list) -> Tr
     if problem:
         raise ReleaseError(f"{where}: {problem}")
     return Trained(f"{folder} member {i} ({member.get('source', '?')})", state, config, arch, list(classes),
-                   thresholds, centroids)
+                   thresholds, centroids, calibration=member.get("calibration"))
 
 
 def read_models(checkpoints=None, model_dir=None) -> Iterator[Trained]:

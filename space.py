@@ -9,6 +9,7 @@ projection head's output, [N, k], when the model has one).
 - maxsep: CLEAN's max-separation rule over the 8 sorted distances (no parameters).
 - threshold: one distance threshold per class, tuned on validation for MCC; predicts "no signal" when
   no centre is near enough, which max-separation cannot.
+- pvalue: CLEAN's p-value rule, and the mixture confidence of each distance (confidence.py).
 - Scores for threshold-free metrics: the negative distance.
 - kNN: the k nearest training proteins vote per class (majority), k = KNN_K.
 - Separation per class: the mean silhouette of the class's proteins in the one-vs-rest split of the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import confidence
 from metrics import classification_metrics, mcc_at_thresholds
 from vocab import CLASSES
 
@@ -125,15 +127,18 @@ def class_silhouettes(embeddings: np.ndarray, labels: np.ndarray) -> dict:
 
 def fit(train_emb: np.ndarray, train_labels: np.ndarray, valid_emb: np.ndarray, valid_labels: np.ndarray) -> dict:
     """Centres from the training split, distance thresholds tuned on validation: {'centres' [8, d],
-    'counts' [8], 'thresholds' [8]} (what a checkpoint stores for centroid prediction)."""
+    'counts' [8], 'thresholds' [8]}, and confidence.fit's mixtures [M, 2], null distances [8, K] and p-value
+    cut (when validation allows them): what a checkpoint stores for centroid prediction."""
     centres = class_centres(train_emb, train_labels)
-    thresholds = tune_distance_thresholds(valid_labels, centre_distances(valid_emb, centres))
+    valid_distances = centre_distances(valid_emb, centres)
+    thresholds = tune_distance_thresholds(valid_labels, valid_distances)
     thresholds[~np.isfinite(centres).all(1)] = -np.inf  # a class without training proteins: never predicted
-    return {"centres": centres, "counts": train_labels.astype(bool).sum(0), "thresholds": thresholds}
+    return {"centres": centres, "counts": train_labels.astype(bool).sum(0), "thresholds": thresholds,
+            **confidence.fit(centre_distances(train_emb, centres), train_labels, valid_distances, valid_labels)}
 
 
 def to_stored(fitted: dict) -> dict:
-    """fit()'s results per space, {space: {'centres', 'counts', 'thresholds'}}, as a checkpoint stores them:
+    """fit()'s results per space, {space: {'centres', 'counts', 'thresholds', ...}}, as a checkpoint stores them:
     tensors, which torch.load(weights_only=True) reads (it reads no NumPy arrays)."""
     return {name: {k: torch.from_numpy(np.asarray(v)) for k, v in f.items()} for name, f in fitted.items()}
 
@@ -157,14 +162,19 @@ def _macro(labels, predicted) -> dict:
             "per_class_f1": {c: m["per_class"][c]["f1"] for c in CLASSES}}
 
 
-def centroid_metrics(labels: np.ndarray, distances: np.ndarray, thresholds: np.ndarray) -> dict:
+def centroid_metrics(labels: np.ndarray, distances: np.ndarray, thresholds: np.ndarray, p_values=None,
+                     p_value: float | None = None) -> dict:
     """Centroid prediction scored against labels [N, 8] from distances [N, 8]: macro-F1 / MCC (and
-    per-class F1) of both rules, and macro AP / ROC-AUC of the scores -distance."""
+    per-class F1) of both rules (and of the p-value rule, p_values [N, 8] <= p_value, when given), and
+    macro AP / ROC-AUC of the scores -distance."""
     scores = classification_metrics(labels, np.where(np.isfinite(distances), -distances, -1e30))
-    return {"maxsep": _macro(labels, max_separation(distances)),
-            "threshold": {**_macro(labels, distances <= np.asarray(thresholds)[None, :]),
-                          "thresholds": dict(zip(CLASSES, map(finite_or_none, thresholds)))},
-            "macro_average_precision": scores["macro_average_precision"], "macro_roc_auc": scores["macro_roc_auc"]}
+    rules = {"maxsep": _macro(labels, max_separation(distances)),
+             "threshold": {**_macro(labels, distances <= np.asarray(thresholds)[None, :]),
+                           "thresholds": dict(zip(CLASSES, map(finite_or_none, thresholds)))}}
+    if p_values is not None and p_value is not None:
+        rules["pvalue"] = {**_macro(labels, np.asarray(p_values) <= p_value), "p_value": float(p_value)}
+    return {**rules, "macro_average_precision": scores["macro_average_precision"],
+            "macro_roc_auc": scores["macro_roc_auc"]}
 
 
 def space_metrics(train: tuple, valid: tuple, test: tuple, k: int = KNN_K, fitted: dict | None = None) -> dict:
@@ -174,6 +184,9 @@ def space_metrics(train: tuple, valid: tuple, test: tuple, k: int = KNN_K, fitte
     test_emb, test_labels = test
     silhouettes = class_silhouettes(test_emb, test_labels)
     defined = [v for v in silhouettes.values() if v is not None]
-    return {**centroid_metrics(test_labels, centre_distances(test_emb, fitted["centres"]), fitted["thresholds"]),
+    distances = centre_distances(test_emb, fitted["centres"])
+    pvalues = (confidence.p_values(distances, fitted["null_distances"]), fitted["p_value"]) if (
+        confidence.calibrated(fitted)) else ()
+    return {**centroid_metrics(test_labels, distances, fitted["thresholds"], *pvalues),
             "knn": {"k": k, **_macro(test_labels, knn_predict(*train, test_emb, k))},
             "silhouette": silhouettes, "macro_silhouette": float(np.mean(defined)) if defined else None}

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import calibration
 import inputs
 import outputs
 from config import Config
@@ -37,6 +38,7 @@ from inference import (
     Settings,
     autocast_dtype,
     build_ensemble,
+    centroid_p_value,
     centroid_thresholds,
     embedding_dims,
     ensemble_thresholds,
@@ -112,10 +114,13 @@ class LabelledOutputs:
 
     def __init__(self):
         self.probs, self.motif, self.labels, self.targets, self.masks, self.distances = [], [], [], [], [], []
+        self.p_values, self.calibrated = [], []
 
     def add(self, protein, result) -> None:
         self.probs.append(result.probs)
         self.distances.append(result.distances)
+        self.p_values.append(result.p_values)
+        self.calibrated.append(result.calibrated)
         self.motif.append(result.motif)
         self.labels.append(protein.labels)
         self.targets.append(protein.targets)
@@ -140,7 +145,7 @@ class Writers:
             if args.out:
                 self.writers.append(outputs.JsonWriter(self.staging, args.out))
             if args.tsv:
-                self.writers.append(outputs.TsvWriter(self.staging, args.tsv, args.method))
+                self.writers.append(outputs.TsvWriter(self.staging, args.tsv, args.method, args.coverage is not None))
             if args.gff3:
                 self.writers.append(outputs.Gff3Writer(self.staging, args.gff3))
             if args.embeddings:
@@ -210,7 +215,22 @@ def predict(args) -> None:
             signal.signal(signal.SIGTERM, previous)
 
 
+def add_calibration(metrics: dict, labelled: LabelledOutputs, sets, notes: list) -> None:
+    """--metrics of a labelled set: whether the probabilities are calibrated, their ECE / Brier (calibrated and
+    not), and with --coverage the sets' realised recall and mean size (calibration.py)."""
+    calibrated = None if labelled.calibrated[0] is None else np.stack(labelled.calibrated)
+    labels, probs = np.stack(labelled.labels), np.stack(labelled.probs)
+    metrics.update(calibrated=calibrated is not None, calibration_notes=notes,
+                   calibration=calibration.calibration_report(labels, probs, calibrated))
+    if sets is not None:
+        metrics["sets"] = calibration.set_report(labels, calibrated, sets.stored, [sets.coverage])
+
+
 def run(args, rank: int, world: int, device) -> None:
+    if args.coverage is not None and not 0 < args.coverage < 1:
+        raise PredictError(f"--coverage: must be between 0 and 1 (exclusive), got {args.coverage}")
+    if args.p_value is not None and not 0 < args.p_value < 1:
+        raise PredictError(f"--p-value: must be between 0 and 1 (exclusive), got {args.p_value}")
     source = inputs.Source(Path(args.fasta or args.csv), "fasta" if args.fasta else "csv", args.skip_invalid)
     scan = inputs.scan(source, args.plot_ids or ())
     if args.plot_ids:
@@ -224,10 +244,20 @@ def run(args, rank: int, world: int, device) -> None:
         raise PredictError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bfloat16")
     members = build_ensemble(read_models(args.checkpoint, args.model), device, args.tuned_thresholds)
     thresholds = ensemble_thresholds(members, args.tuned_thresholds)
+    sets, notes = calibration.for_prediction([m.calibration for m in members], [m.path for m in members],
+                                             args.coverage)
+    for line in notes if rank == 0 else ():
+        print(f"note: {line}", file=sys.stderr)
     centroid = None
     if args.method != "head":
         space = use_centroids(members, args.space)
-        centroid = outputs.Centroid(space, centroid_thresholds(members), args.centroid_rule)
+        p_value, unscored = centroid_p_value(members, args.centroid_rule, args.p_value)
+        if unscored and rank == 0:
+            more = f" and {len(unscored) - 1} more" if len(unscored) > 1 else ""
+            print(f"note: {unscored[0].path}{more}: no centroid confidence mixtures or null distances stored "
+                  f"(written before train.py stored them): the centroid confidence and p-value fields are left empty",
+                  file=sys.stderr)
+        centroid = outputs.Centroid(space, centroid_thresholds(members), args.centroid_rule, p_value)
     dtype = autocast_dtype(args.precision, device)
     settings = Settings(device, dtype, args.max_tokens, args.batch_size,  # auto: packed where the fused kernel runs
                         packed=args.layout == "packed" or (args.layout == "auto" and fused_varlen_supported(device, dtype)))
@@ -250,7 +280,11 @@ def run(args, rank: int, world: int, device) -> None:
                 continue
             progress.update(len(chunk) - counted[0])  # the other processes' share
             for protein, result in zip(chunk, results):
-                writers.add(outputs.make_record(protein.entry, result, args.method, thresholds, centroid), result)
+                if centroid is not None and np.isnan(result.distances).any():
+                    raise PredictError(f"{protein.entry}: NaN distances to the class centres: its {centroid.space} "
+                                       f"embedding holds NaN or infinite values (numbers out of range; try "
+                                       f"--precision fp32)")
+                writers.add(outputs.make_record(protein.entry, result, args.method, thresholds, centroid, sets), result)
                 if labelled is not None:
                     labelled.add(protein, result)
         if rank == 0:
@@ -258,9 +292,11 @@ def run(args, rank: int, world: int, device) -> None:
                 metrics = score(labelled.as_outputs(), thresholds if args.tuned_thresholds else None)
                 metrics.update(n_proteins=len(labelled.probs), checkpoints=[m.path for m in members],
                                thresholds=dict(zip(CLASSES, map(float, thresholds))))
+                add_calibration(metrics, labelled, sets, notes)
                 if centroid is not None:  # centroid prediction scored too (space.py)
                     metrics["centroid"] = {"space": centroid.space, **centroid_metrics(
-                        np.stack(labelled.labels), np.stack(labelled.distances), centroid.thresholds)}
+                        np.stack(labelled.labels), np.stack(labelled.distances), centroid.thresholds,
+                        *((np.stack(labelled.p_values), centroid.p_value) if centroid.p_value is not None else ()))}
                 writers.write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
             writers.commit()
         progress.close()

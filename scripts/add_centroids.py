@@ -1,6 +1,6 @@
-"""Add class centres (and validation-tuned distance thresholds) to a finished run's checkpoint, so that
-checkpoints written before train.py stored them can predict from the embedding space
-(predict.py --method centroid | both).
+"""Add class centres (with validation-tuned distance thresholds, and the confidence mixtures, null distances
+and p-value cut of confidence.py) to a finished run's checkpoint, so that checkpoints written before train.py
+stored them can predict from the embedding space (predict.py --method centroid | both, --centroid-rule pvalue).
 
 python scripts/add_centroids.py CKPT [CKPT ...] [--data-root DIR] [--device auto]
 

@@ -11,7 +11,9 @@ Writes DIR/cv_summary.json:
 with <metrics> = macro_f1, macro_mcc (threshold 0.5), tuned_macro_f1, tuned_macro_mcc (per-class
 thresholds tuned on validation), macro_roc_auc, macro_average_precision (threshold-free),
 macro_site_accuracy, macro_iou, per_class_f1 {class}, per_class_mcc {class}, tuned_per_class_mcc
-{class}, per_class_average_precision {class}, site_accuracy {class}, iou {class}, and per embedding
+{class}, per_class_average_precision {class}, site_accuracy {class}, iou {class}, uncalibrated_macro_ece /
+calibrated_macro_ece and set_recall_C / set_size_C / set_singletons_C at coverages C 0.8, 0.9, 0.95 (the
+conformal sets' recall averaged over classes with at least 20 test proteins), and per embedding
 space S (pooled, projection; None without a projection head): S_maxsep_macro_f1 / _mcc, S_threshold_macro_f1
 / _mcc (centroid prediction, space.py), S_centroid_macro_ap, S_knn_macro_f1 / _mcc, S_macro_silhouette,
 S_silhouette {class}; and DIR/cv_summary.md (a Markdown table).
@@ -48,7 +50,27 @@ def run_metrics(test: dict) -> dict:
             "per_class_average_precision": {c: test["per_class"][c]["average_precision"] for c in CLASSES},
             "site_accuracy": {c: residue[c]["site_accuracy"] for c in SITE_CLASSES},
             "iou": {c: residue[c]["iou"] for c in SEGMENT_CLASSES},
-            **space_metrics(test.get("space", {}))}
+            **calibration_metrics(test), **space_metrics(test.get("space", {}))}
+
+
+COVERAGES = ("0.8", "0.9", "0.95")
+MIN_SUPPORT = 20  # test proteins a class needs for its set recall to enter the average
+
+
+def calibration_metrics(test: dict) -> dict:
+    """ECE (macro, uncalibrated and calibrated) and, per coverage, the sets' realised recall averaged over the
+    classes with at least MIN_SUPPORT test proteins, their mean size and share of singletons (None for runs
+    from before calibration)."""
+    cal, sets = test.get("calibration") or {}, test.get("sets") or {}
+    out = {f"{kind}_macro_ece": (cal.get(kind) or {}).get("macro_ece") for kind in ("uncalibrated", "calibrated")}
+    for coverage in COVERAGES:
+        at = sets.get(coverage)
+        recalls = [] if at is None else [c["recall"] for name, c in at["per_class"].items()
+                                         if name in CLASSES and c["support"] >= MIN_SUPPORT and c["recall"] is not None]
+        out[f"set_recall_{coverage}"] = sum(recalls) / len(recalls) if recalls else None
+        out[f"set_size_{coverage}"] = None if at is None else at["mean_size"]
+        out[f"set_singletons_{coverage}"] = None if at is None else at["singletons"]
+    return out
 
 
 SPACES = ("pooled", "projection")
@@ -111,7 +133,8 @@ def markdown(summary: dict) -> str:
              "mean ± std over runs.", "",
              "| metric | value |", "|---|---|"]
     for key in ("macro_f1", "macro_mcc", "tuned_macro_f1", "tuned_macro_mcc", "macro_roc_auc", "macro_average_precision",
-                "macro_site_accuracy", "macro_iou", "wall_s"):
+                "macro_site_accuracy", "macro_iou", "uncalibrated_macro_ece", "calibrated_macro_ece",
+                *(f"set_{kind}_{c}" for c in COVERAGES for kind in ("recall", "size", "singletons")), "wall_s"):
         lines.append(f"| {key} | {fmt(mean[key], std[key])} |")
     lines += ["", "| class | F1 | MCC | site accuracy / IoU |", "|---|---|---|---|"]
     for c in CLASSES:

@@ -52,6 +52,14 @@ def tables(summaries: dict[str, dict]) -> str:
                   "site accuracy", "NLS/NES IoU", "wall s / run"],
                  [[n, *(fmt(s["mean"][k], s["std"][k]) for k in keys),
                    fmt(s["mean"]["wall_s"], s["std"]["wall_s"], 0)] for n, s in summaries.items()])
+    calibrated = {n: s for n, s in summaries.items() if s["mean"].get("calibrated_macro_ece") is not None}
+    if calibrated:  # runs with calibration (earlier summaries have none)
+        out += ["", "Calibration on test (ECE: 15 equal-width bins per class, macro over classes) and the conformal "
+                "prediction sets at coverage 0.9 (recall averaged over classes with at least 20 test proteins):", ""]
+        keys = ("uncalibrated_macro_ece", "calibrated_macro_ece", "set_recall_0.9", "set_size_0.9",
+                "set_singletons_0.9")
+        out += table(["configuration", "ECE", "ECE, calibrated", "set recall 0.9", "mean set size 0.9", "singletons 0.9"],
+                     [[n, *(fmt(s["mean"].get(k), s["std"].get(k)) for k in keys)] for n, s in calibrated.items()])
     out += ["", "Each run: macro-F1 / macro-MCC / macro-MCC tuned / macro AP (a column is one split, so the rows "
             "of a column can be compared pairwise):", ""]
     keys = ("macro_f1", "macro_mcc", "tuned_macro_mcc", "macro_average_precision")

@@ -49,6 +49,17 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def supcon_run(tmp_path_factory):
+    """A finished tiny SupCon run (projection head; centres of both spaces in best.pt; tests/test_space.py and
+    tests/test_confidence.py)."""
+    import train
+    tmp = tmp_path_factory.mktemp("supcon_run")
+    config = write_config(tmp, **{"supcon.apply": True, "supcon.hidden_dim": 16, "supcon.out_dim": 8})
+    assert train.main(["--config", str(config)]) == 0
+    return tmp / "run"
+
+
+@pytest.fixture(scope="session")
 def ckpts(tiny_run, tmp_path_factory):
     """best.pt of the tiny run and two variants with projection heads (they predict a mix of classes)."""
     from helpers import with_heads

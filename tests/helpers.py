@@ -109,7 +109,10 @@ def records_of(path):
 
 
 def probs_of(records):
-    return np.array([[r["probabilities"][c] for c in vocab.CLASSES] for r in records])
+    """The uncalibrated class probabilities [N, 8] of predict.py records (what the calls and metrics use; a
+    calibrated model's records show the calibrated ones as 'probabilities')."""
+    return np.array([[r.get("probabilities_uncalibrated", r["probabilities"])[c] for c in vocab.CLASSES]
+                     for r in records])
 
 
 def with_heads(src, dst, class_bias: float, seed: int):

@@ -233,7 +233,7 @@ def test_non_ascii_uppercase_letters_are_errors():
     30-character sequence never predicts as 31 residues; ASCII lowercase and whitespace stay accepted."""
     assert data.clean_sequence("mk tl\n*", "x") == "MKTL"
     for char in ("ı", "ſ", "ﬀ", "\u00a0"):
-        with pytest.raises(DataError, match=f"at position 3"):
+        with pytest.raises(DataError, match="at position 3"):
             data.clean_sequence(f"MK{char}L", "x")
 
 

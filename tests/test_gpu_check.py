@@ -66,21 +66,21 @@ def test_dry_run_records_every_step_with_its_figures(tmp_path):
 
 
 def test_a_failing_step_is_recorded_and_the_others_still_run(tmp_path):
-    """GPU_CHECK_FAIL_STEP makes the first selected step (GPU_CHECK_STEPS: two of them) fail: its line says so
-    (rc 1, not ok, the tail of its output), the next step still runs and records its figures, the exit status
-    is 1."""
-    done, lines = gpu_check(tmp_path, GPU_CHECK_STEPS="bench_lora_packed bench_adapter_pac*",
+    """GPU_CHECK_FAIL_STEP makes one of the selected steps (GPU_CHECK_STEPS: a bench step and the tests) fail: its
+    line says so (rc 1, not ok, the tail of its output), the other step still runs and records its figures, the
+    exit status is 1."""
+    done, lines = gpu_check(tmp_path, GPU_CHECK_STEPS="bench_lora_packed test_pack*",
                             GPU_CHECK_FAIL_STEP="bench_lora_packed")
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert lines[0]["step"] == "env"
-    assert sorted(line["step"] for line in lines[1:]) == ["bench_adapter_packed", "bench_lora_packed"]
+    assert sorted(line["step"] for line in lines[1:]) == ["bench_lora_packed", "test_packing"]
     failed, *others = sorted(lines[1:], key=lambda line: line["step"] != "bench_lora_packed")
     assert failed["status"] == "failed" and failed["rc"] == 1 and not failed["ok"] and not failed["timed_out"]
     assert "forced to fail" in failed["tail"] and "GPU_CHECK_FAIL_STEP" in failed["reason"]
     for line in [lines[0], *others]:
         assert line["ok"] and "figures" in line, line
-    assert all(next(iter(line["figures"]["steps"].values()))["ok"] for line in others)
-    assert "2 ok, 1 failed (bench_lora_packed), 0 skipped" in done.stdout  # env and bench_adapter_packed
+    assert others[0]["figures"]["passed"] >= 1 and others[0]["figures"]["failures"] == 0
+    assert "2 ok, 1 failed (bench_lora_packed), 0 skipped" in done.stdout  # env and test_packing
 
 
 def test_bench_real_records_failing_children_and_goes_on(tmp_path):

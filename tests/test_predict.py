@@ -54,9 +54,9 @@ def test_fasta_json_and_tsv(tmp_path, ckpt, capsys):
     assert [r["id"] for r in records] == list(SEQS)
     assert [r["length"] for r in records] == [len(s) for s in SEQS.values()]
     for r in records:
-        assert list(r["probabilities"]) == CLASSES
+        assert list(r["probabilities"]) == list(r["probabilities_uncalibrated"]) == CLASSES  # the run is calibrated
         assert all(0.0 <= p <= 1.0 for p in r["probabilities"].values())
-        assert r["predicted"] == [c for c in CLASSES if r["probabilities"][c] >= 0.5]
+        assert r["predicted"] == [c for c in CLASSES if r["probabilities_uncalibrated"][c] >= 0.5]  # calls: uncalibrated
         assert set(r["sites"]) == {c for c in r["predicted"] if c in vocab.SITE_CLASSES}
         assert all(1 <= pos <= r["length"] for pos in r["sites"].values())
         assert set(r["segments"]) == {c for c in r["predicted"] if c in vocab.SEGMENT_CLASSES}
@@ -125,9 +125,10 @@ def test_tuned_thresholds(tmp_path, ckpt, capsys):
     assert code == 0, err
     stored = torch.load(ckpt / "best.pt", weights_only=True)["thresholds"]
     for r in records_of(out):
+        raw = r["probabilities_uncalibrated"]  # the tuned thresholds are on the uncalibrated probabilities
         for c in CLASSES:  # probabilities are rounded to 4 decimals: skip those too close to call
-            if abs(r["probabilities"][c] - stored[c]) > 1e-4:
-                assert (c in r["predicted"]) == (r["probabilities"][c] > stored[c]), (r["id"], c)
+            if abs(raw[c] - stored[c]) > 1e-4:
+                assert (c in r["predicted"]) == (raw[c] > stored[c]), (r["id"], c)
 
 
 def test_sites_and_segments(tmp_path, ckpt, capsys):

@@ -37,11 +37,12 @@ def write_fasta(path, n=25, seed=4):
 
 
 def predict_files(tmp_path, tag, *source):
-    """predict.py with every per-protein output, both methods and tuned thresholds -> {suffix: path}."""
+    """predict.py with every per-protein output, both methods (the centroid's p-value rule) and tuned thresholds ->
+    {suffix: path}."""
     out = {k: tmp_path / f"{tag}.{k}" for k in ("json", "tsv", "gff3", "npz")}
     code = predict.main([*source, "--fasta", str(write_fasta(tmp_path / "in.fa")), "--out", str(out["json"]),
                          "--tsv", str(out["tsv"]), "--gff3", str(out["gff3"]), "--embeddings", str(out["npz"]),
-                         "--method", "both", "--tuned-thresholds", "--device", "cpu"])
+                         "--method", "both", "--centroid-rule", "pvalue", "--tuned-thresholds", "--coverage", "0.9", "--device", "cpu"])  # and the heads' prediction sets
     assert code == 0
     return out
 
@@ -57,6 +58,9 @@ def test_exported_ensemble_predicts_byte_for_byte_as_its_checkpoints(two_checkpo
     assert description["format"] == "mutarget-model" and description["classes"][3] == "SIGNAL"
     assert first["tune"] == "full" and first["arch"]["num_layers"] == 1 and set(first["thresholds"]) == set(
         description["classes"]) and set(first["centroids"]) == {"pooled"}
+    null = first["centroids"]["pooled"]["null_distances"]  # the confidence fields travel too; the null as base64
+    assert set(null) == {"shape", "float32_base64"} and null["shape"][0] == 8 and len(first["centroids"]["pooled"][
+        "mixture_means"][0]) == 2 and 0 < first["centroids"]["pooled"]["p_value"] < 1
     from safetensors.torch import load_file
     exported, trained = load_file(folder / "member1.safetensors"), torch.load(two_checkpoints[1], weights_only=True)
     assert exported.keys() == trained["model"].keys()
@@ -99,3 +103,28 @@ def test_json_numbers_round_trip_exactly():
     back = release._centroids_from_json(json.loads(text))["pooled"]
     assert back["centres"].dtype == np.float32 and back["centres"].tobytes() == centres.tobytes()
     assert back["counts"].tolist() == [3, 0] and back["thresholds"].tolist() == [np.inf, -np.inf]
+
+
+def test_calibrated_model_folder(two_checkpoints, tmp_path, capsys):
+    """scripts/calibrate.py --model: a new folder whose weights files are byte for byte the old ones and whose members
+    hold one ensemble calibration; its prediction sets carry the guarantee (no note of pooled scores), and the
+    records show calibrated probabilities beside the uncalibrated ones."""
+    import calibrate
+    folder, out = tmp_path / "model", tmp_path / "calibrated"
+    assert export_model.main([*map(str, two_checkpoints), str(folder)]) == 0
+    csv = two_checkpoints[0].parents[2] / "data" / "SYNTHETIC_uniprot.csv"
+    assert calibrate.main(["--model", str(folder), "--csv", str(csv), "--out", str(out), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in folder.iterdir())
+    weights = ("member0.safetensors", "member1.safetensors")
+    assert all((out / n).read_bytes() == (folder / n).read_bytes() for n in weights)
+    members = json.loads((out / "model.json").read_text())["members"]
+    assert members[0]["calibration"]["ensemble"] == members[1]["calibration"]["ensemble"] != None  # noqa: E711
+    assert members[0]["calibration"]["temperatures"] != members[1]["calibration"]["temperatures"]  # each its own
+    capsys.readouterr()
+    records = tmp_path / "out.json"
+    assert predict.main(["--model", str(out), "--fasta", str(write_fasta(tmp_path / "in.fa", n=5)), "--out",
+                         str(records), "--coverage", "0.9", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "pool" not in err and "uncalibrated" not in err, err
+    record = json.loads(records.read_text())[0]
+    assert record["probabilities"] != record["probabilities_uncalibrated"] and record["prediction_set"]["size"] >= 0

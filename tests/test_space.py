@@ -8,6 +8,7 @@ from sklearn.metrics import matthews_corrcoef, silhouette_samples
 from sklearn.neighbors import KNeighborsClassifier
 
 import batching
+import confidence
 import space
 from config import load_config, resolve_config
 
@@ -193,18 +194,6 @@ def test_run_stores_centres_and_space_metrics(tiny_run, tmp_path):
     np.testing.assert_allclose(added["thresholds"], centroids["pooled"]["thresholds"], atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def supcon_run(tmp_path_factory):
-    """A finished tiny SupCon run (projection head; centres of both spaces in best.pt)."""
-    from conftest import write_config
-
-    import train
-    tmp = tmp_path_factory.mktemp("supcon_run")
-    config = write_config(tmp, **{"supcon.apply": True, "supcon.hidden_dim": 16, "supcon.out_dim": 8})
-    assert train.main(["--config", str(config)]) == 0
-    return tmp / "run"
-
-
 def predict_both(capsys, tmp_path, ckpt, fasta, *extra):
     import predict
     out = {k: tmp_path / f"out.{k}" for k in ("json", "tsv", "gff3", "npz")}
@@ -256,10 +245,15 @@ def test_predict_method_both_writes_head_and_centroid_everywhere(supcon_run, tmp
     assert predict.main(["--checkpoint", str(ckpt), "--csv", str(csv), "--metrics", str(metrics_path), "--device",
                          "cpu", "--method", "both"]) == 0
     metrics = json.loads(metrics_path.read_text())["centroid"]
-    want = space.centroid_metrics(np.stack([p.labels for p in proteins]), expected, centroids["thresholds"])
+    want_labels = np.stack([p.labels for p in proteins])
+    want = space.centroid_metrics(want_labels, expected, centroids["thresholds"])
     assert metrics["space"] == "projection"
     for rule in ("maxsep", "threshold"):
         assert metrics[rule]["macro_mcc"] == pytest.approx(want[rule]["macro_mcc"], abs=1e-9)
+    p = confidence.p_values(expected, centroids["null_distances"])  # the p-value rule at the stored cut too
+    assert metrics["pvalue"]["p_value"] == float(centroids["p_value"]) and metrics["pvalue"]["macro_mcc"] == (
+        pytest.approx(space.centroid_metrics(want_labels, expected, centroids["thresholds"], p, centroids["p_value"])[
+            "pvalue"]["macro_mcc"], abs=1e-9))
     # centroid only: the heads' fields are left out; the pooled space on request
     only = tmp_path / "only.json"
     assert predict.main(["--checkpoint", str(ckpt), "--fasta", str(fasta), "--out", str(only), "--device", "cpu",

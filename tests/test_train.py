@@ -40,6 +40,11 @@ def test_tiny_run_writes_everything(tiny_run):
     mccs = [r["val_macro_mcc"] for r in records]
     assert best["best_epoch"] == int(np.argmax(mccs)) and best["best_metric"] == max(mccs)  # selected on val MCC
     assert set(best["thresholds"]) == set(train.CLASSES)
+    assert best["calibration"]["scope"] == "member" and set(best["calibration"]["temperatures"]) == set(train.CLASSES)
+    assert best["calibration"]["n_proteins"] == 27  # fitted on the validation partition
+    cal = test["calibration"]  # ECE / Brier on test, before and after; the sets' realised recall at each coverage
+    assert cal["uncalibrated"]["macro_ece"] >= 0 and cal["calibrated"]["macro_brier"] >= 0
+    assert list(test["sets"]) == ["0.8", "0.9", "0.95"] and "Other" in test["sets"]["0.9"]["per_class"]
     assert not list((tiny_run / "checkpoints").glob("*.tmp"))
 
 
