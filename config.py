@@ -342,6 +342,9 @@ def _renamed(tree: dict) -> dict:
     return tree
 
 
+WEIGHT_SOURCES = ("model_name", "checkpoint", "scratch")  # encoder keys naming the weights: exactly one is set
+
+
 def resolve_config(tree: dict, overrides=None, where: str = "config") -> Config:
     """Defaults <- tree <- overrides, validated: each value, then across keys, then what the configuration asks
     of the machine (resources.problems). An error names where the key at fault was set: the `--set` that set it
@@ -353,7 +356,13 @@ def resolve_config(tree: dict, overrides=None, where: str = "config") -> Config:
     sources: dict = {}
     _merge(config, _renamed(tree), DEFAULTS, "", where, sources)
     for text in overrides or []:
-        _merge(config, _renamed(parse_override(text)), DEFAULTS, "", set_text(text), sources)
+        override = _renamed(parse_override(text))
+        chosen = override.get("encoder") if isinstance(override.get("encoder"), dict) else {}
+        if any(chosen.get(k) is not None for k in WEIGHT_SOURCES):  # a later --set of one replaces the others
+            for key in WEIGHT_SOURCES:
+                if key not in chosen:
+                    config["encoder"][key] = None
+        _merge(config, override, DEFAULTS, "", set_text(text), sources)
     result = Config(config)
     result.__dict__.update(_sources=sources, _where=where)
     blame = result.blame
@@ -362,7 +371,8 @@ def resolve_config(tree: dict, overrides=None, where: str = "config") -> Config:
     if len(given) != 1:
         raise ConfigError(f"{blame('encoder.model_name', 'encoder.checkpoint', 'encoder.scratch')}: set exactly one "
                           f"of encoder.model_name, encoder.checkpoint, encoder.scratch "
-                          f"(got {', '.join(given) or 'none'})")
+                          f"(got {', '.join(given) or 'none'}); on the command line one --set of them replaces the "
+                          f"others, e.g. --set encoder.checkpoint=PATH")
     unknown = [t for t in enc["lora"]["targets"] if t not in LORA_TARGETS]
     if unknown or not enc["lora"]["targets"] or len(set(enc["lora"]["targets"])) < len(enc["lora"]["targets"]):
         raise ConfigError(f"{blame('encoder.lora.targets')}: encoder.lora.targets: unknown target(s) "

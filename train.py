@@ -46,7 +46,7 @@ from vocab import CLASSES
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", help="YAML config (see configs/)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set train.epochs=3 encoder.tune=frozen")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (its config is used; --set still applies)")
     p.add_argument("--stop-after", type=int, metavar="N",

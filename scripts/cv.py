@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--folds", type=int, nargs="+", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", required=True, help="output folder (runs/ and cv_summary.*)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides for every run (may be repeated)")
     args = p.parse_args(argv)
     out = Path(args.out)
     runs = []
