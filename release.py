@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -34,8 +33,7 @@ import torch
 import calibration
 import confidence
 from space import from_stored
-from utils import (CheckpointError, WriteError, give_umask_mode, load_checkpoint, new_temp_dir, read_json,
-                   remove_stale_temps)
+from utils import CheckpointError, WriteError, give_umask_mode, load_checkpoint, read_json, write_folder_atomic
 from vocab import CLASSES, TOKENS
 from weights import safetensors_ready
 
@@ -286,14 +284,9 @@ def write_release(models: Iterable[Trained], out) -> int:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ReleaseError(f"{out}: already exists; choose a new folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out.parent)
-        tmp = Path(new_temp_dir(out.parent, out.name))
-    except OSError as err:
-        raise WriteError(f"{out}: cannot write: {err.strerror or err}") from None
-    try:
-        members = []
+    members = []
+
+    def write(tmp: Path) -> None:
         for i, model in enumerate(models):
             weights = f"member{i}.safetensors"
             try:
@@ -308,17 +301,9 @@ def write_release(models: Iterable[Trained], out) -> int:
                             "calibration": model.calibration})
             del model
         tree = {"format": FORMAT, "format_version": FORMAT_VERSION, "classes": CLASSES, "members": members}
-        try:
-            (tmp / MODEL_JSON).write_text(json.dumps(tree, indent=1) + "\n")
-            if out.exists():
-                out.rmdir()  # only an empty folder is replaced
-            os.replace(tmp, out)
-        except OSError as err:
-            raise WriteError(f"{out}: cannot write: {err.strerror or err}") from None
-        return len(members)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / MODEL_JSON).write_text(json.dumps(tree, indent=1) + "\n")
+    write_folder_atomic(out, write)
+    return len(members)
 
 
 # --------------------------------------------------------------------------- reading

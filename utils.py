@@ -388,6 +388,29 @@ def write_text_atomic(path, text: str) -> None:
     write_atomic(path, write)
 
 
+def write_folder_atomic(out, write) -> None:
+    """write(tmp) into a new temporary folder beside `out`, then renamed to `out` (all or nothing; an empty folder
+    at `out` is replaced). An OSError while writing becomes a WriteError naming `out`; the temporary folder is
+    removed on any failure."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out.parent)
+        tmp = Path(new_temp_dir(out.parent, out.name))
+    except OSError as err:
+        raise WriteError(f"{out}: cannot write: {err.strerror or err}") from None
+    try:
+        write(tmp)
+        if out.exists():
+            out.rmdir()  # only an empty folder is replaced
+        os.replace(tmp, out)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise WriteError(f"{out}: cannot write: {err.strerror or err}") from None
+        raise
+
+
 def write_yaml(path, tree: dict) -> None:
     write_text_atomic(path, yaml.safe_dump(tree, sort_keys=False))
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -31,8 +30,7 @@ from data import DataError, build_datasets, read_csv_file  # noqa: E402
 from inference import PredictError, Settings, build_ensemble, calibrated_probs, predict_chunk  # noqa: E402
 from release import MODEL_JSON, MODEL_JSON_BYTES, ReleaseError, read_models  # noqa: E402
 from runtime import resolve_device  # noqa: E402
-from utils import (WriteError, give_umask_mode, load_checkpoint, new_temp_dir, read_json,  # noqa: E402
-                   remove_stale_temps, save_checkpoint)
+from utils import give_umask_mode, load_checkpoint, read_json, save_checkpoint, write_folder_atomic  # noqa: E402
 
 CHUNK = 1000  # proteins predicted at a time
 
@@ -72,26 +70,6 @@ def output_names(paths) -> list[str]:
     return names if len(set(names)) == len(names) else [f"member{i}_{n}" for i, n in enumerate(names)]
 
 
-def write_all(out: Path, write) -> None:
-    """write(tmp) into a new temporary folder beside `out`, then renamed to `out` (all or nothing)."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out.parent)
-        tmp = Path(new_temp_dir(out.parent, out.name))
-    except OSError as err:
-        raise WriteError(f"{out}: cannot write: {err.strerror or err}") from None
-    try:
-        write(tmp)
-        if out.exists():
-            out.rmdir()  # only an empty folder is replaced
-        os.replace(tmp, out)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError) and not isinstance(err, WriteError):
-            raise WriteError(f"{out}: cannot write: {err.strerror or err}") from None
-        raise
-
-
 def write_checkpoints(paths, blocks, out: Path) -> list[Path]:
     """One checkpoint per input in `out`, each its input with 'calibration' replaced."""
     names = output_names(paths)
@@ -101,7 +79,7 @@ def write_checkpoints(paths, blocks, out: Path) -> list[Path]:
             ckpt = load_checkpoint(path)
             ckpt["calibration"] = block
             save_checkpoint(ckpt, tmp / name)
-    write_all(out, write)
+    write_folder_atomic(out, write)
     return [out / n for n in names]
 
 
@@ -118,7 +96,7 @@ def write_folder(folder: Path, blocks, out: Path) -> None:
             member["calibration"] = block
         (tmp / MODEL_JSON).write_text(json.dumps(tree, indent=1) + "\n")
         give_umask_mode(tmp / MODEL_JSON)
-    write_all(out, write)
+    write_folder_atomic(out, write)
 
 
 def report(blocks, logits, labels) -> list[str]:
