@@ -1,10 +1,14 @@
-"""Batches: the collate function (proteins -> backbone windows and protein-level tensors) and the samplers
-(epoch shuffles, length buckets, each process's slice of a global batch, length-sorted evaluation batches)."""
+"""Batches: the collate function (proteins -> backbone windows and protein-level tensors), the samplers
+(epoch shuffles, length buckets, each process's slice of a global batch, length-sorted evaluation batches) and
+the training split's DataLoader (make_loader)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.utils.data import BatchSampler, DataLoader
 
+from config import ConfigError
+from runtime import loader_workers
 from vocab import BOS_IDX, EOS_IDX, NUM_CLASSES, PAD_IDX, window_starts
 
 
@@ -210,3 +214,22 @@ def length_sorted_batches(lengths, batch_size: int) -> list[list[int]]:
     """Evaluation batches of similar lengths (less padding); order is restored by indices."""
     order = np.argsort(lengths, kind="stable")
     return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+def make_loader(train_set, config, rank: int = 0, world: int = 1, device=torch.device("cpu")):
+    """(epoch sampler, DataLoader) of the training split: global batches of train.batch_size,
+    shuffled per (seed, epoch), length-bucketed if train.length_buckets; each rank loads its part."""
+    if config.train.length_buckets:
+        sampler = LengthBucketSampler(train_set.item_lengths(), config.train.batch_size, config.seed)
+        batches = sampler
+    else:
+        sampler = EpochShuffleSampler(len(train_set), config.seed)
+        batches = BatchSampler(sampler, config.train.batch_size, drop_last=False)
+    if world > 1:
+        if config.train.batch_size < world:
+            raise ConfigError(f"train.batch_size ({config.train.batch_size}) is the global batch: it must be at "
+                              f"least the number of processes ({world})")
+        batches = RankSlice(batches, rank, world)
+    loader = DataLoader(train_set, batch_sampler=batches, collate_fn=Collate(config.data.max_len, config.data.overlap),
+                        num_workers=loader_workers(config.data.num_workers, device), pin_memory=device.type == "cuda")
+    return sampler, loader

@@ -36,11 +36,10 @@ import math
 
 import numpy as np
 
-from vocab import CLASSES
+from vocab import CLASSES, NO_SIGNAL
 
 BINS = 15
 MIN_POSITIVES = 10
-NO_SIGNAL = "Other"
 SET_NAMES = CLASSES + [NO_SIGNAL]
 T_BOUNDS = (0.05, 20.0)
 BINNING = ("15 equal-width bins of each class's predicted probability; ECE = sum over bins of n_b / N "

@@ -32,9 +32,13 @@ SCALER_KEYS = {"scale": float, "growth_factor": float, "backoff_factor": float, 
 
 
 # --------------------------------------------------------------------------- writing
+def metrics_text(history: list) -> str:
+    """metrics.jsonl's text: one JSON line per record of `history`."""
+    return "".join(json.dumps(r) + "\n" for r in history)
+
+
 def write_metrics(run_dir, history: list) -> None:
-    """metrics.jsonl: one JSON line per record of `history`."""
-    write_text_atomic(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    write_text_atomic(Path(run_dir) / "metrics.jsonl", metrics_text(history))
 
 
 def commit_epoch(run_dir, checkpoint: dict, improved: bool) -> None:
@@ -60,6 +64,15 @@ class ResumePlan:
     history: list
     best_source: Path | None = None
     notes: list = field(default_factory=list)
+
+    def changes(self, run_dir) -> bool:
+        """Whether carrying it out changes a file of run_dir (or logs a note)."""
+        metrics = Path(run_dir) / "metrics.jsonl"
+        try:
+            same = metrics.read_text() == metrics_text(self.history)
+        except (OSError, UnicodeDecodeError):
+            same = False
+        return self.best_source is not None or bool(self.notes) or not same
 
 
 def apply_resume(plan: ResumePlan, run_dir, log) -> None:

@@ -437,6 +437,19 @@ def load_config(path, overrides=None) -> Config:
     return resolve_config(_bounded(str(path), bounded.read_yaml, text) or {}, overrides, str(path))
 
 
+def relative_text(path) -> str:
+    """For a relative path, 'relative to the current directory: ABSOLUTE', the path it stands for, which error
+    messages add; '' for an absolute path."""
+    path = Path(path)
+    return "" if path.is_absolute() else f"relative to the current directory: {Path(os.path.abspath(path))}"
+
+
+def relative_note(path) -> str:
+    """relative_text in parentheses after a space, or ''."""
+    text = relative_text(path)
+    return f" ({text})" if text else ""
+
+
 def _existing_part(path: Path) -> Path:
     """path itself if it exists, else its nearest existing parent folder (or what stands there)."""
     while not path.exists() and path.parent != path:
@@ -449,7 +462,7 @@ def check_paths(config: Config) -> None:
     and where it was set when run_dir is (or lies inside) a file or cannot be created, or data.root is a file."""
     for key in ("run_dir", "data.root"):
         path = Path(config.run_dir if key == "run_dir" else config.data.root)
-        relative = "" if path.is_absolute() else f" (a relative path: from the current folder, {Path.cwd()})"
+        relative = relative_note(path)
         try:
             found = _existing_part(path)
         except OSError as err:  # a name too long, a folder that cannot be read

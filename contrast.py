@@ -269,6 +269,14 @@ def uses_mutations(config) -> bool:
     return config.train.augment.apply or (config.supcon.apply and config.supcon.loss != "hard")
 
 
+def phase_of(config, epoch: int) -> str:
+    """'warm_start' (SupCon only), 'joint' (supervised + SupCon) or 'supervised'."""
+    sc = config.supcon
+    if sc.apply and epoch < sc.warm_start:
+        return "warm_start"
+    return "joint" if sc.apply and sc.apply_supcon_loss else "supervised"
+
+
 def setup_supcon(config, model, train_set, device, log, resume=None):
     """Turn on mutation augmentation / views and positive / negative sampling (supcon.loss: hard)
     for the training split; returns the class distance map used for hard negatives (read from supcon.distance_map, or built from the initial model's

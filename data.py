@@ -12,16 +12,14 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import Dataset
 
+from config import relative_note, relative_text
+from problems import MAX_LISTED, DataError, Problems, report  # noqa: F401  (DataError: raised by data)
 from synthetic import make_synthetic_dataset
 from vocab import CLASS_INDEX, CLASSES, NUM_CLASSES, RESIDUES, SEGMENT_CLASSES, tokenize
 
 MOTIF_RE = re.compile(r"^\s*(\d{1,9})\s*-\s*(\d{1,9})\s*:\s*([A-Za-z_]+)\s*$")  # positions below 10^9
 MAX_ID_CHARS = 1000  # a record id longer than this is an error: ids are names (UniProt's are 6-10 characters), and
 # every output repeats them (a 1 MB id made a 1.1 GB plot and, padded, a 400 MB embeddings file)
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the record and the problem."""
 
 
 # --------------------------------------------------------------------------- records
@@ -140,11 +138,12 @@ def make_protein(entry, raw_sequence, motif, where: str) -> Protein:
 
 
 # --------------------------------------------------------------------------- files
-def check_id(entry: str, where: str) -> None:
-    """A record id longer than MAX_ID_CHARS is a DataError naming the record."""
-    if len(entry) > MAX_ID_CHARS:
-        raise DataError(f"{where}: an id of {len(entry)} characters ({entry[:40]!r}...); ids longer than "
-                        f"{MAX_ID_CHARS} characters are refused (a FASTA id is the header's first word)")
+def id_problem(entry: str, where: str) -> str | None:
+    """The error message for a record id longer than MAX_ID_CHARS, naming the record; None for a fine id."""
+    if len(entry) <= MAX_ID_CHARS:
+        return None
+    return (f"{where}: an id of {len(entry)} characters ({entry[:40]!r}...); ids longer than {MAX_ID_CHARS} "
+            f"characters are refused (a FASTA id is the header's first word)")
 
 
 def check_complete(path: Path) -> None:
@@ -164,16 +163,17 @@ def check_complete(path: Path) -> None:
                         f"interrupted copy or download?); if the file is complete, end it with a line break")
 
 
-def iter_csv(path: Path, rows_per_read: int = 10000):
+def iter_csv(path: Path, rows_per_read: int = 10000, problems: Problems | None = None):
     """Rows of a MUTarget / TargetP style CSV (columns Entry, MOTIF, Sequence; others ignored) one by
     one as (entry, motif, raw sequence, line), read rows_per_read rows at a time. Errors: missing
-    file, a file cut in the middle of a record, unreadable CSV, missing columns, empty or over-long Entry."""
+    file, a file cut in the middle of a record, unreadable CSV, missing columns; a row with an empty or
+    over-long Entry is left out and added to `problems` (without it: raised)."""
     check_complete(path)
     try:
         pieces = iter(pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=rows_per_read))
         first = next(pieces, None)
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+        raise DataError(f"{path}: file not found{relative_note(path)}") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a readable CSV file ({err})") from None
     if first is None:
@@ -186,35 +186,46 @@ def iter_csv(path: Path, rows_per_read: int = 10000):
         for df in itertools.chain([first], pieces):
             for entry, motif, seq in zip(df["Entry"], df["MOTIF"], df["Sequence"]):
                 entry = entry.strip()
-                if not entry:
-                    raise DataError(f"{path}: line {row}: empty Entry")
-                check_id(entry, f"{path}: line {row}")
-                yield entry, motif, seq, row
+                problem = f"{path}: line {row}: empty Entry" if not entry else id_problem(entry, f"{path}: line {row}")
+                if problem is None:
+                    yield entry, motif, seq, row
+                else:
+                    report(problems, problem)
                 row += 1
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a readable CSV file ({err})") from None
 
 
-def read_csv_file(path: Path) -> list[Protein]:
-    """A MUTarget / TargetP style CSV with columns Entry, MOTIF, Sequence (others ignored)."""
+def read_csv_file(path: Path, problems: Problems | None = None) -> list[Protein]:
+    """A MUTarget / TargetP style CSV with columns Entry, MOTIF, Sequence (others ignored). Bad records are
+    added to `problems` and left out; without it every record is read, then one DataError lists the bad ones."""
+    own = problems is None
+    problems = Problems() if own else problems
     proteins, seen = [], {}
-    for entry, motif, seq, row in iter_csv(path):
+    for entry, motif, seq, row in iter_csv(path, problems=problems):
         where = f"{path}: line {row}, entry {entry!r}"
         if entry in seen:
-            raise DataError(f"{where}: duplicate entry (first at line {seen[entry]})")
+            problems.add(f"{where}: duplicate entry (first at line {seen[entry]})")
+            continue
         seen[entry] = row
-        proteins.append(make_protein(entry, seq, motif, where))
+        try:
+            proteins.append(make_protein(entry, seq, motif, where))
+        except DataError as err:
+            problems.add(err)
+    if own:
+        problems.check(path)
     return proteins
 
 
-def iter_fasta(path: Path):
+def iter_fasta(path: Path, problems: Problems | None = None):
     """FASTA records one by one as (id, description, raw sequence, header line); multi-line records
-    and blank lines allowed. Errors: missing file, header without id, sequence before the first
-    header, no record at all."""
+    and blank lines allowed. Errors: missing file, sequence before the first header, no record at all;
+    a record whose header has no id or an over-long one is left out and added to `problems` (without
+    it: raised)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    header, chunks, header_line = None, [], 0
+        raise DataError(f"{path}: file not found{relative_note(path)}")
+    header, chunks, header_line, seen_header = None, [], 0, False  # header None: no record being read
     with open(path, encoding="utf-8-sig", errors="replace") as handle:  # -sig: a byte-order mark is dropped
         for lineno, line in enumerate(handle, start=1):
             line = line.strip()
@@ -223,44 +234,71 @@ def iter_fasta(path: Path):
             if line.startswith(">"):
                 if header is not None:
                     yield (*header, "".join(chunks), header_line)
+                seen_header, header, chunks, header_line = True, None, [], lineno
                 parts = line[1:].split(None, 1)
-                if not parts:
-                    raise DataError(f"{path}: line {lineno}: header without an identifier")
-                check_id(parts[0], f"{path}: line {lineno}")
-                header, chunks, header_line = (parts[0], parts[1] if len(parts) > 1 else ""), [], lineno
-            elif header is None:
+                problem = (f"{path}: line {lineno}: header without an identifier" if not parts
+                           else id_problem(parts[0], f"{path}: line {lineno}"))
+                if problem is None:
+                    header = (parts[0], parts[1] if len(parts) > 1 else "")
+                else:
+                    report(problems, problem)  # the record's sequence lines are passed over
+            elif not seen_header:
                 raise DataError(f"{path}: line {lineno}: sequence data before the first '>' header")
-            else:
+            elif header is not None:
                 chunks.append(line)
-    if header is None:
+    if not seen_header:
         raise DataError(f"{path}: no FASTA records found")
-    yield (*header, "".join(chunks), header_line)
+    if header is not None:
+        yield (*header, "".join(chunks), header_line)
 
 
-def read_fasta(path: Path) -> list[tuple[str, str, str]]:
-    """FASTA -> [(id, description, raw sequence)] (see iter_fasta); duplicate ids are an error."""
-    records = [record[:3] for record in iter_fasta(path)]
-    ids = [r[0] for r in records]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
-    if dupes:
-        raise DataError(f"{path}: duplicate record id(s) {', '.join(dupes[:5])}")
+def fasta_records(path: Path, problems: Problems) -> list[tuple[str, str, str, int]]:
+    """FASTA -> [(id, description, raw sequence, header line)] (see iter_fasta); a duplicate id is a problem
+    naming both lines, and its later records are left out."""
+    records, first = [], {}
+    for record in iter_fasta(path, problems):
+        ident, line = record[0], record[3]
+        if ident in first:
+            problems.add(f"{path}: line {line}, record {ident!r}: duplicate record id (first at line {first[ident]})")
+            continue
+        first[ident] = line
+        records.append(record)
     return records
 
 
-def read_fasta_proteins(path: Path) -> list[Protein]:
-    """FASTA records as proteins; a header like '>ID 1-85:dual' carries the MOTIF."""
+def read_fasta(path: Path) -> list[tuple[str, str, str]]:
+    """FASTA -> [(id, description, raw sequence)] (see iter_fasta); duplicate ids are errors, listed with the
+    file's other bad records in one DataError."""
+    problems = Problems()
+    records = fasta_records(path, problems)
+    problems.check(path)
+    return [record[:3] for record in records]
+
+
+def read_fasta_proteins(path: Path, problems: Problems | None = None) -> list[Protein]:
+    """FASTA records as proteins; a header like '>ID 1-85:dual' carries the MOTIF. Bad records as in
+    read_csv_file."""
+    own = problems is None
+    problems = Problems() if own else problems
     proteins = []
-    for ident, desc, raw in read_fasta(path):
-        where = f"{path}: record {ident!r}"
-        proteins.append(make_protein(ident, raw, desc if MOTIF_RE.match(desc.split("|")[0] or "-") else "", where))
+    for ident, desc, raw, line in fasta_records(path, problems):
+        where = f"{path}: line {line}, record {ident!r}"
+        try:
+            proteins.append(make_protein(ident, raw, desc if MOTIF_RE.match(desc.split("|")[0] or "-") else "",
+                                         where))
+        except DataError as err:
+            problems.add(err)
+    if own:
+        problems.check(path)
     return proteins
 
 
 def root_error(root: Path) -> DataError:
-    """data.root is not a folder: the error naming the key (and, for a relative path, the folder it is read from)."""
+    """data.root is not a folder: the error naming the key (and, for a relative path, the absolute path it
+    stands for: relative paths are read from the current directory)."""
     what = "a file" if root.is_file() else "not a folder" if root.exists() else "it does not exist"
-    relative = "" if root.is_absolute() else f"; a relative path is read from the current folder, {Path.cwd()}"
-    return DataError(f"data.root: {root} is not a folder ({what}{relative})")
+    relative = relative_text(root)
+    return DataError(f"data.root: {root} is not a folder ({what}{'; ' + relative if relative else ''})")
 
 
 def find_data_files(root) -> dict:
@@ -281,10 +319,13 @@ def find_data_files(root) -> dict:
         dual = next((p for p in (base / "dual.fasta", base / "fasta" / "type" / "dual.fasta") if p.is_file()), None)
         return {"csvs": csvs, "partition": part, "dual": dual}
     raise DataError(f"{root}: no *_uniprot.csv files (expected a flat folder or a MUTarget data/ "
-                    f"checkout with parsed_EC7_v2/)")
+                    f"checkout with parsed_EC7_v2/){relative_note(root)}")
 
 
-def read_partition(path: Path) -> pd.DataFrame:
+def read_partition(path: Path, problems: Problems | None = None) -> pd.DataFrame:
+    """partition.csv (columns entry, partition; others ignored). Unreadable file or missing columns: DataError;
+    rows whose partition is not 0-4 and repeated entries: added to `problems` (without it: one DataError listing
+    them), and left out."""
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
@@ -292,37 +333,61 @@ def read_partition(path: Path) -> pd.DataFrame:
     missing = [c for c in ("entry", "partition") if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, df.columns))}")
-    bad = df[~df["partition"].isin([str(k) for k in range(5)])]
-    if len(bad):
-        row = bad.index[0] + 2
-        raise DataError(f"{path}: line {row}, entry {bad['entry'].iloc[0]!r}: partition "
-                        f"{bad['partition'].iloc[0]!r} is not one of 0-4")
-    dupes = df["entry"][df["entry"].duplicated()]
-    if len(dupes):
-        raise DataError(f"{path}: duplicate entry {dupes.iloc[0]!r}")
+    own = problems is None
+    problems = Problems() if own else problems
+    bad = ~df["partition"].isin([str(k) for k in range(5)])
+    repeated = df["entry"].duplicated() & ~bad
+    if bad.any() or repeated.any():  # per row only when something is wrong: the real file has 5,000 rows
+        first_line = {}
+        for index, entry, part, wrong in zip(df.index, df["entry"], df["partition"], bad):
+            line = index + 2  # the header is line 1
+            if wrong:
+                problems.add(f"{path}: line {line}, entry {entry!r}: partition {short(part)} is not one of 0-4")
+            elif entry in first_line:
+                problems.add(f"{path}: line {line}, entry {entry!r}: duplicate entry (first at line "
+                             f"{first_line[entry]})")
+            else:
+                first_line[entry] = line
+        df = df[~bad & ~repeated]
+    if own:
+        problems.check(path)
     return df
 
 
 def load_proteins(root) -> tuple[list[Protein], np.ndarray]:
-    """All proteins under `root` with their partition (0-4), checked for consistency."""
+    """All proteins under `root` with their partition (0-4), checked for consistency. Every file is read to the
+    end: one DataError lists the bad records of all of them (the first MAX_LISTED, then a count)."""
     files = find_data_files(root)
+    problems = Problems()
     proteins: list[Protein] = []
-    for path in files["csvs"]:
-        proteins.extend(read_csv_file(path))
-    if files["dual"] is not None:
-        proteins.extend(read_fasta_proteins(files["dual"]))
-    first_seen = {}
+    for path, read in [(path, read_csv_file) for path in files["csvs"]] + (
+            [(files["dual"], read_fasta_proteins)] if files["dual"] is not None else []):
+        try:
+            proteins.extend(read(path, problems))
+        except DataError as err:  # the file as a whole (unreadable, a column missing): the others still read
+            problems.add(err)
+    first_seen, unique = {}, []
     for p in proteins:
         if p.entry in first_seen:
-            raise DataError(f"entry {p.entry!r} appears in both {first_seen[p.entry]} and {p.source}")
-        first_seen[p.entry] = p.source
-    part = read_partition(files["partition"])
-    part_of = dict(zip(part["entry"], part["partition"].astype(int)))
-    absent = [p for p in proteins if p.entry not in part_of]
-    if absent:
-        names = ", ".join(f"{p.entry!r} ({p.source})" for p in absent[:5])
-        raise DataError(f"{files['partition']}: {len(absent)} entr{'y' if len(absent) == 1 else 'ies'} of the "
-                        f"data missing from the partition file: {names}")
+            problems.add(f"entry {p.entry!r} appears in both {first_seen[p.entry]} and {p.source}")
+        else:
+            first_seen[p.entry] = p.source
+            unique.append(p)
+    proteins = unique
+    try:
+        part = read_partition(files["partition"], problems)
+    except DataError as err:
+        problems.add(err)
+        part = None
+    if part is not None:
+        part_of = dict(zip(part["entry"], part["partition"].astype(int)))
+        absent = [p for p in proteins if p.entry not in part_of]
+        if absent:
+            names = ", ".join(f"{p.entry!r} ({p.source})" for p in absent[:MAX_LISTED])
+            more = f" and {len(absent) - MAX_LISTED} more" if len(absent) > MAX_LISTED else ""
+            problems.add(f"{files['partition']}: {len(absent)} entr{'y' if len(absent) == 1 else 'ies'} of the "
+                         f"data missing from the partition file: {names}{more}")
+    problems.check(f"the data under {root}")
     unused = len(part_of) - len(proteins)
     if unused:
         warnings.warn(f"{files['partition']}: {unused} entries have no sequence in the data files; ignored")

@@ -87,6 +87,7 @@ def final_test(trainer, best_epoch, best_metric) -> dict:
         return result
     calib, test_cal = fit_calibration(valid, test, config, log)
     result.update({"best_epoch": best_epoch, "checkpoint": str(best_path) if best else None,
+                   "fold": config.data.fold, "n_test": len(datasets["test"]),
                    "thresholds": dict(zip(CLASSES, map(float, thresholds))),
                    "tuned": {k: tuned[k] for k in ("macro_f1", "macro_mcc", "per_class", "subset_accuracy", "jaccard")},
                    "valid": {k: valid_scores[k] for k in ("macro_f1", "macro_mcc")},
@@ -98,11 +99,11 @@ def final_test(trainer, best_epoch, best_metric) -> dict:
     if best is not None:
         best["thresholds"], best["centroids"] = result["thresholds"], space.to_stored(centroids)
         best["calibration"] = calib
+        best["test"] = test_summary(result)  # a model folder's test figures (release.py)
         save_checkpoint(best, best_path)
     write_text_atomic(Path(config.run_dir) / "test_metrics.json", json.dumps(result, indent=2))
     log.info("test (best epoch %s; threshold 0.5 on the uncalibrated probabilities):\n%s", best_epoch,
              format_table(result))
-    log.info("test with valid-tuned thresholds: macro-F1 %.4f macro-MCC %.4f", tuned["macro_f1"], tuned["macro_mcc"])
     log_calibration(result, log)
     for name, m in result["space"].items():
         log.info("%s space: centroid macro-MCC %.4f (max-separation) %.4f (thresholds), macro AP %.4f, %d-NN macro-MCC "
@@ -110,6 +111,16 @@ def final_test(trainer, best_epoch, best_metric) -> dict:
                  m["macro_average_precision"], m["knn"]["k"], m["knn"]["macro_mcc"],
                  "-" if m["macro_silhouette"] is None else f"{m['macro_silhouette']:.4f}")
     return result
+
+
+def test_summary(result: dict) -> dict:
+    """The final test's headline figures, as best.pt and model folders keep them: the fold, the number of test
+    proteins, macro-F1 / macro-MCC and per-class F1 / MCC at threshold 0.5 and at the valid-tuned thresholds."""
+    def figures(m):
+        return {"macro_f1": m["macro_f1"], "macro_mcc": m["macro_mcc"],
+                "per_class": {c: {k: v[k] for k in ("f1", "mcc")} for c, v in m["per_class"].items()}}
+    return {"fold": result["fold"], "best_epoch": result["best_epoch"], "n_test": result["n_test"],
+            "threshold_0.5": figures(result), "tuned": figures(result["tuned"])}
 
 
 def fit_calibration(valid: dict, test: dict, config, log) -> tuple[dict | None, np.ndarray | None]:

@@ -187,6 +187,18 @@ def window_width(length: int, max_len: int) -> int:
     return -(-(min(length, max_len) + 2) // WIDTH_STEP) * WIDTH_STEP
 
 
+def token_cost(length: int, max_len: int, overlap: int) -> int:
+    """Padded tokens of a protein's windows (windows x window_width): what predicting it costs, near enough (the
+    progress estimate; the token budget of plan_batches)."""
+    return len(vocab.window_starts(length, max_len, overlap)) * window_width(length, max_len)
+
+
+def chunk_cost(members: list[Member], proteins) -> int:
+    """token_cost summed over the distinct sequences of `proteins` (identical ones are predicted once)."""
+    m = members[0]
+    return sum(token_cost(len(s), m.max_len, m.overlap) for s in {p.sequence for p in proteins})
+
+
 def plan_batches(lengths, max_len: int, overlap: int, max_tokens: int,
                  max_proteins: int | None = None) -> list[list[int]]:
     """Indices of `lengths` in batches: length-sorted, one window width per batch, at most
@@ -195,8 +207,7 @@ def plan_batches(lengths, max_len: int, overlap: int, max_tokens: int,
     order = np.argsort(np.asarray(lengths), kind="stable")
     batches, current, width, tokens = [], [], None, 0
     for i in order.tolist():
-        w = window_width(lengths[i], max_len)
-        n = len(vocab.window_starts(lengths[i], max_len, overlap)) * w
+        w, n = window_width(lengths[i], max_len), token_cost(lengths[i], max_len, overlap)
         if current and (w != width or tokens + n > max_tokens or (max_proteins and len(current) >= max_proteins)):
             batches.append(current)
             current, tokens = [], 0
@@ -408,8 +419,8 @@ def predict_chunk(members: list[Member], proteins, settings: Settings, rank: int
 
     Identical sequences are predicted once. The distinct sequences are length-sorted and batched
     (plan_batches); with world > 1 processes, rank r runs batches r, r + world, ... and rank 0
-    gathers the results. on_batch(n) is called after each of this rank's batches with the number
-    of proteins (duplicates included) it covered."""
+    gathers the results. on_batch(n, tokens) is called after each of this rank's batches with the number
+    of proteins (duplicates included) it covered and their token_cost (each distinct sequence once)."""
     unique, of_protein = {}, []
     for p in proteins:
         of_protein.append(unique.setdefault(p.sequence, len(unique)))
@@ -421,7 +432,8 @@ def predict_chunk(members: list[Member], proteins, settings: Settings, rank: int
     for batch in batches[rank::world]:
         results.update(zip(batch, run_ensemble(members, [sequences[i] for i in batch], settings)))
         if on_batch is not None:
-            on_batch(int(copies[batch].sum()))
+            on_batch(int(copies[batch].sum()),
+                     sum(token_cost(len(sequences[i]), members[0].max_len, members[0].overlap) for i in batch))
     if world > 1:
         gathered = [None] * world if rank == 0 else None
         dist.gather_object(results, gathered, dst=0)

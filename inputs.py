@@ -1,10 +1,11 @@
 """Streaming input of predict.py: FASTA or labelled CSV records read one at a time, in chunks.
 
 scan() reads the whole input once, before anything is predicted, and keeps no sequences: it checks
-every record (a bad one is an error naming the file and the record, or with skip_invalid a skipped
-record), finds duplicate ids (8-byte digests of the ids, not the ids themselves, are held) and counts
-the records to predict. chunks() then reads the input again and yields lists of at most chunk_size
-proteins in input order, so memory depends on the chunk size, not on the input size.
+every record (bad ones are listed by one error, each with its file, line and id, or with skip_invalid
+an invalid sequence is a skipped record), finds duplicate ids (8-byte digests of the ids, not the ids
+themselves, are held) and counts the records to predict. chunks() then reads the input again and
+yields lists of at most chunk_size proteins in input order, so memory depends on the chunk size, not on
+the input size.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Iterator
 import numpy as np
 
 import data
-from data import DataError
+from data import DataError, Problems
 
 
 @dataclass
@@ -60,25 +61,28 @@ class Scan:
     found: set = field(default_factory=set)
 
 
-def fasta_records(path: Path) -> Iterator[Record]:
-    """FASTA records one by one, with the errors of data.iter_fasta."""
-    for ident, _, raw, line in data.iter_fasta(path):
-        yield Record(ident, "", raw, line, f"{path}: record {ident!r}")
+def fasta_records(path: Path, problems: Problems | None = None) -> Iterator[Record]:
+    """FASTA records one by one, with the errors of data.iter_fasta (records with a bad id added to
+    `problems`, when given, and left out)."""
+    for ident, _, raw, line in data.iter_fasta(path, problems):
+        yield Record(ident, "", raw, line, f"{path}: line {line}, record {ident!r}")
 
 
-def csv_records(path: Path, rows_per_read: int = 10000) -> Iterator[Record]:
+def csv_records(path: Path, rows_per_read: int = 10000, problems: Problems | None = None) -> Iterator[Record]:
     """Rows of a labelled CSV (columns Entry, MOTIF, Sequence; others ignored) one by one, read in
     pieces of rows_per_read rows, with the errors of data.iter_csv; no row at all is an error too."""
     n = 0
-    for entry, motif, seq, row in data.iter_csv(path, rows_per_read):
+    for entry, motif, seq, row in data.iter_csv(path, rows_per_read, problems):
         n += 1
         yield Record(entry, motif, seq, row, f"{path}: line {row}, entry {entry!r}")
-    if n == 0:
+    if n == 0 and not (problems is not None and problems.count):
         raise DataError(f"{path}: no proteins")
 
 
-def records(source: Source) -> Iterator[Record]:
-    return fasta_records(source.path) if source.kind == "fasta" else csv_records(source.path)
+def records(source: Source, problems: Problems | None = None) -> Iterator[Record]:
+    if source.kind == "fasta":
+        return fasta_records(source.path, problems)
+    return csv_records(source.path, problems=problems)
 
 
 def check_sequence(record: Record, source: Source) -> Skipped | None:
@@ -102,51 +106,50 @@ def _digest(entry: str) -> int:
 
 def scan(source: Source, wanted=()) -> Scan:
     """Check the whole input once (see the module docstring); `wanted` ids found among the records
-    to predict are returned in Scan.found. Raises DataError on the first bad record (unless
-    skip_invalid and the problem is the sequence) and on duplicate ids."""
+    to predict are returned in Scan.found. Reads to the end, then raises one DataError listing the bad
+    records (data.Problems: the first data.MAX_LISTED, then a count): an id, a label or (unless
+    skip_invalid) a sequence at fault, and duplicate ids."""
     if source.path.exists() and not source.path.is_file():
         raise DataError(f"{source.path}: not a regular file; the input is read twice (checked in full, then "
                         f"predicted chunk by chunk), so a pipe cannot serve: save it to a file first")
-    result, digests, wanted = Scan(), array("Q"), set(wanted)
-    for record in records(source):
+    result, digests, wanted, problems = Scan(), array("Q"), set(wanted), Problems()
+    for record in records(source, problems):
         digests.append(_digest(record.entry))
-        skipped = check_sequence(record, source)
-        if skipped is not None:
-            result.skipped.append(skipped)
+        try:
+            skipped = check_sequence(record, source)
+            if skipped is not None:
+                result.skipped.append(skipped)
+                continue
+            if source.kind == "csv":  # label errors are errors even with skip_invalid
+                data.parse_motif(record.motif, len(data.clean_sequence(record.raw, record.where)), record.where)
+        except DataError as err:
+            problems.add(err)
             continue
-        if source.kind == "csv":  # label errors are errors even with skip_invalid
-            data.parse_motif(record.motif, len(data.clean_sequence(record.raw, record.where)), record.where)
         result.n_valid += 1
         if record.entry in wanted:
             result.found.add(record.entry)
     values = np.frombuffer(digests, dtype=np.uint64)
     ordered = np.sort(values)
     repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
-    error = duplicate_error(source, repeated) if repeated else None
-    if error is not None:
-        raise error
+    if repeated:
+        for message in duplicates(source, repeated):
+            problems.add(message)
+    problems.check(source.path)
     return result
 
 
-def duplicate_error(source: Source, repeated: set) -> DataError | None:
-    """The DataError naming the duplicate ids among the records whose id digest is in `repeated`
-    (None when the digests collided for different ids)."""
-    first, dupes = {}, []
-    for record in records(source):
+def duplicates(source: Source, repeated: set) -> Iterator[str]:
+    """An error message for each record whose id an earlier record has, among the records whose id digest
+    is in `repeated` (none when the digests collided for different ids)."""
+    first = {}
+    for record in records(source, Problems()):  # records with a bad id: scan() has them already
         if _digest(record.entry) not in repeated:
             continue
         if record.entry in first:
-            dupes.append((record, first[record.entry]))
+            what = "entry" if source.kind == "csv" else "record id"
+            yield f"{record.where}: duplicate {what} (first at line {first[record.entry]})"
         else:
             first[record.entry] = record.line
-    if not dupes:  # two different ids with the same 64-bit digest: no duplicate after all
-        return None
-    if source.kind == "csv":
-        record, line = dupes[0]
-        return DataError(f"{record.where}: duplicate entry (first at line {line})")
-    listed = ", ".join(f"{r.entry!r} (lines {line} and {r.line})" for r, line in dupes[:5])
-    more = f" and {len(dupes) - 5} more" if len(dupes) > 5 else ""
-    return DataError(f"{source.path}: duplicate record id(s) {listed}{more}")
 
 
 def proteins(source: Source) -> Iterator[data.Protein]:

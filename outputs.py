@@ -2,8 +2,11 @@
 
 Per-protein record (the JSON / JSON Lines output; the other formats are derived from it):
     id, length, probabilities {class: p, 4 decimals; calibrated when the model has a calibration, the uncalibrated
-    ones then in probabilities_uncalibrated}, predicted [classes with uncalibrated p >= threshold], sites {site
-    class: 1-based residue}, segments {segment class: [[start, end], ...]}, with --coverage prediction_set.
+    ones then in probabilities_uncalibrated}, predicted [classes with uncalibrated p >= threshold; ["Other"]
+    (vocab.NO_SIGNAL) when none is], sites {site class: 1-based residue}, site_scores {site class: residue
+    probability there}, segments {segment class: [[start, end], ...]}, segment_scores {segment class: [mean residue
+    probability of each segment]} (signals.py), with --coverage prediction_set; then warnings [text, ...] (empty
+    when none: a protein shorter than the training data, a site kept inside its class's window...).
 These are the classification heads' fields. Centroid prediction (--method centroid | both) adds its
 fields under record["centroid"] (centroid_fields), so the heads' fields keep their meaning and readers
 of today's files keep working; --method centroid leaves the heads' fields out.
@@ -26,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+import signals
 from space import max_separation
 from utils import new_temp_file, remove_stale_temps
-from vocab import CLASS_INDEX, CLASSES, SEGMENT_CLASSES, SITE_CLASSES
+from vocab import CLASS_INDEX, CLASSES, NO_SIGNAL, SEGMENT_CLASSES, SITE_CLASSES
 
 # GFF3 feature type per class: Sequence Ontology terms (so.obo): signal_peptide SO:0000418,
 # transit_peptide SO:0000725, ER_retention_signal SO:0001806, nuclear_localization_signal SO:0001528,
@@ -42,33 +46,29 @@ SEQID_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789
 
 
 # --------------------------------------------------------------------------- records
-def segments(mask: np.ndarray) -> list[list[int]]:
-    """Runs of True as 1-based inclusive [start, end] pairs."""
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
-    return [[int(s) + 1, int(e)] for s, e in zip(edges[::2], edges[1::2])]
-
-
-def locate(predicted: list, motif: np.ndarray) -> dict:
-    """Where the predicted classes' signals sit on the motif tracks [8, L]: sites {site class: 1-based
-    argmax of its track}, segments {segment class: runs of probability > 0.5}."""
-    return {"sites": {c: int(np.argmax(motif[CLASS_INDEX[c]])) + 1 for c in predicted if c in SITE_CLASSES},
-            "segments": {c: segments(motif[CLASS_INDEX[c]] > 0.5) for c in predicted if c in SEGMENT_CLASSES}}
+segments = signals.runs  # runs of True in a mask [L] as 1-based [start, end] pairs
+called, merge_warnings = signals.called, signals.merge_warnings
 
 
 def protein_record(entry: str, probs: np.ndarray, motif: np.ndarray, thresholds, calibrated=None, sets=None) -> dict:
     """The heads' record of one protein from its class probabilities [8] and motif tracks [8, L]. With calibrated
     probabilities [8] (calibration.py) those are 'probabilities' and the uncalibrated ones
     'probabilities_uncalibrated'; the calls stay on the uncalibrated ones (thresholds). With sets
-    (calibration.Sets, --coverage): 'prediction_set'."""
-    predicted = [c for i, c in enumerate(CLASSES) if probs[i] >= thresholds[i]]
+    (calibration.Sets, --coverage): 'prediction_set'. Sites, segments, their scores and the warnings: signals.py."""
+    if np.shape(probs) != (len(CLASSES),) or np.ndim(motif) != 2 or np.shape(motif)[0] != len(CLASSES):
+        raise ValueError(f"{entry}: probabilities must be [{len(CLASSES)}] and motif tracks [{len(CLASSES)}, L], got "
+                         f"{np.shape(probs)} and {np.shape(motif)}")
+    predicted = called([c for i, c in enumerate(CLASSES) if probs[i] >= thresholds[i]])
     shown = probs if calibrated is None else calibrated
     record = {"id": entry, "length": int(motif.shape[1]),
               "probabilities": {c: round(float(shown[i]), 4) for i, c in enumerate(CLASSES)}}
     if calibrated is not None:
         record["probabilities_uncalibrated"] = {c: round(float(probs[i]), 4) for i, c in enumerate(CLASSES)}
-    record.update(predicted=predicted, **locate(predicted, motif))
+    fields, notes = signals.locate(predicted, motif)
+    record.update(predicted=predicted, **fields)
     if sets is not None:
         record["prediction_set"] = sets.fields(calibrated)
+    record["warnings"] = merge_warnings(signals.length_warnings(record["length"], predicted), notes)
     return record
 
 
@@ -85,17 +85,21 @@ class Centroid:
 
 
 def centroid_fields(distances: np.ndarray, motif: np.ndarray, centroid: Centroid, confidence=None,
-                    p_values=None) -> dict:
+                    p_values=None, notes: list | None = None) -> dict:
     """record['centroid']: space, rule, distances {class: Euclidean distance to its centre}, the
     classes of each rule (maxsep: CLEAN's max-separation; threshold: distance <= the class's
-    validation-tuned threshold; pvalue: p-value <= the cut p_value, null without p-values), confidence
-    {class: mixture confidence} and p_values {class: p-value} (null without them), predicted (the chosen
-    rule's) and their sites / segments."""
+    validation-tuned threshold; pvalue: p-value <= the cut p_value, null without p-values; ["Other"] when a rule
+    calls no class), confidence {class: mixture confidence} and p_values {class: p-value} (null without them),
+    predicted (the chosen rule's) and their sites / segments and scores (signals.locate; its notes are appended to
+    `notes` when given)."""
     by_rule = {"maxsep": max_separation(distances[None])[0], "threshold": distances <= centroid.thresholds}
     scored = p_values is not None and centroid.p_value is not None
     if scored:
         by_rule["pvalue"] = p_values <= centroid.p_value
-    chosen = {rule: [c for i, c in enumerate(CLASSES) if hit[i]] for rule, hit in by_rule.items()}
+    chosen = {rule: called([c for i, c in enumerate(CLASSES) if hit[i]]) for rule, hit in by_rule.items()}
+    fields, found = signals.locate(chosen[centroid.rule], motif)
+    if notes is not None:
+        notes += found
     return {"space": centroid.space, "rule": centroid.rule,
             "distances": {c: round(float(distances[i]), 4) if np.isfinite(distances[i]) else None  # null: no centre
                           for i, c in enumerate(CLASSES)},
@@ -103,18 +107,21 @@ def centroid_fields(distances: np.ndarray, motif: np.ndarray, centroid: Centroid
             "p_value": centroid.p_value if scored else None,
             "confidence": {c: round(float(v), 4) for c, v in zip(CLASSES, confidence)} if scored else None,
             "p_values": {c: float(f"{v:.4g}") for c, v in zip(CLASSES, p_values)} if scored else None,
-            "predicted": chosen[centroid.rule], **locate(chosen[centroid.rule], motif)}
+            "predicted": chosen[centroid.rule], **fields}
 
 
 def make_record(entry: str, result, method: str, thresholds, centroid: Centroid | None, sets=None) -> dict:
     """A protein's record for predict.py --method head | centroid | both: the heads' fields at the top
-    (head, both) and the centroid prediction under 'centroid' (centroid, both)."""
+    (head, both), warnings (of both methods' calls), and the centroid prediction under 'centroid' (centroid, both)."""
     record = (protein_record(entry, result.probs, result.motif, thresholds, result.calibrated, sets)
               if method != "centroid"
-              else {"id": entry, "length": int(result.motif.shape[1])})
+              else {"id": entry, "length": int(result.motif.shape[1]), "warnings": []})
     if method != "head":
-        record["centroid"] = centroid_fields(result.distances, result.motif, centroid, result.confidence,
-                                             result.p_values)
+        notes = []
+        cen = centroid_fields(result.distances, result.motif, centroid, result.confidence, result.p_values, notes)
+        record["warnings"] = merge_warnings(record["warnings"], signals.length_warnings(record["length"],
+                                                                                        cen["predicted"]), notes)
+        record["centroid"] = cen
     return record
 
 
@@ -270,18 +277,19 @@ TSV_SETS = ["prediction_set", "set_size"]  # with --coverage: the conformal set 
 TSV_CENTROID = (["centroid_predicted", "centroid_maxsep", "centroid_threshold", "centroid_pvalue"]
                 + [f"{k}_{c}" for k in ("distance", "centroid_confidence", "centroid_pvalue") for c in CLASSES]
                 + [f"centroid_site_{c}" for c in SITE_CLASSES] + [f"centroid_segments_{c}" for c in SEGMENT_CLASSES])
+TSV_WARNINGS = "warnings"  # the last column, whatever the method: the record's warnings joined by "; "
 
 
 class TsvWriter:
     """--tsv: one line per protein, several classes or runs joined by commas. Columns: TSV_HEADER
     (the heads; --method head, both; prob_<class>: the calibrated probabilities when the model has a calibration),
     with sets (--coverage) TSV_SETS, then TSV_CENTROID (--method centroid, both; without the heads: id, length,
-    then TSV_CENTROID)."""
+    then TSV_CENTROID), then TSV_WARNINGS."""
 
     def __init__(self, staging: Staging, path, method: str = "head", sets: bool = False):
         self.handle, self.method, self.sets = staging.open(path), method, sets and method != "centroid"
         header = (TSV_HEADER + (TSV_SETS if self.sets else [])) if method != "centroid" else TSV_HEADER[:2]
-        self.handle.write("\t".join(header + (TSV_CENTROID if method != "head" else [])) + "\n")
+        self.handle.write("\t".join(header + (TSV_CENTROID if method != "head" else []) + [TSV_WARNINGS]) + "\n")
 
     def add(self, record: dict, result) -> None:
         cells = [tsv_cell(record["id"]), str(record["length"])]
@@ -299,6 +307,7 @@ class TsvWriter:
                       + ["" if cen["p_values"] is None else f"{cen['p_values'][c]:.4g}" for c in CLASSES]
                       + [str(cen["sites"].get(c, "")) for c in SITE_CLASSES]
                       + [format_runs(cen["segments"].get(c, [])) for c in SEGMENT_CLASSES])
+        cells.append(tsv_cell("; ".join(record["warnings"])))
         self.handle.write("\t".join(cells) + "\n")
 
     def finish(self) -> None:
@@ -318,45 +327,58 @@ def gff3_value(text: str) -> str:
 def gff3_features(record: dict) -> list[tuple]:
     """(source, SO type, start, end, score, attributes) of the predicted signals, 1-based inclusive,
     sorted by position: N-terminal peptides (SIGNAL, Mitochondrion, chloroplast, Thylakoid, Peroxisome
-    PTS2) 1..site; C-terminal motifs (ER, Peroxisome PTS1) site..length; NLS / NES their runs. A
-    Peroxisome site in the first half of the sequence is read as PTS2 (the end of an N-terminal
-    signal), else as PTS1 (the first residue of a C-terminal one). The heads' features: source
-    MUTarget, score = the class probability; centroid prediction's: source MUTarget-centroid, score
-    '.', the distance to the class centre, the rule, the space (and the confidence and p-value when
-    stored) in the attributes."""
+    PTS2) 1..site; C-terminal motifs (ER, Peroxisome PTS1) site..length; NLS / NES their segments
+    (signals.py: a Peroxisome site in the last PTS1_WINDOW residues is PTS1, in the first PTS2_WINDOW PTS2).
+    Score: the feature's own residue probability (site_scores: the track at the site; segment_scores: its mean
+    over the segment). The heads' features: source MUTarget, class_probability (the protein-level probability,
+    calibrated when the model has a calibration) in the attributes; centroid prediction's: source
+    MUTarget-centroid, the distance to the class centre, the rule, the space (and the confidence and p-value when
+    stored) in the attributes. A class without a site or segment (NO_SIGNAL) has no feature."""
     features = []
     if "predicted" in record:
-        features += _features(record["length"], record, GFF3_SOURCE, lambda c: (record["probabilities"][c], {}))
+        features += _features(record["length"], record, GFF3_SOURCE,
+                              lambda c: {"class_probability": f"{record['probabilities'][c]:.4f}"})
     if "centroid" in record:
         cen = record["centroid"]
-        features += _features(record["length"], cen, GFF3_SOURCE + "-centroid", lambda c: (
-            None, {"distance": f"{cen['distances'][c]:.4f}", "rule": cen["rule"], "space": cen["space"],
-                   **({} if cen.get("p_values") is None else {"confidence": f"{cen['confidence'][c]:.4f}",
-                                                              "p_value": f"{cen['p_values'][c]:.4g}"})}))
+        features += _features(record["length"], cen, GFF3_SOURCE + "-centroid", lambda c: {
+            "distance": f"{cen['distances'][c]:.4f}", "rule": cen["rule"], "space": cen["space"],
+            **({} if cen.get("p_values") is None else {"confidence": f"{cen['confidence'][c]:.4f}",
+                                                       "p_value": f"{cen['p_values'][c]:.4g}"})})
     return sorted(features, key=lambda f: (f[2], f[3], CLASS_INDEX[f[5]["class"]], f[0]))
 
 
-def _features(length: int, fields: dict, source: str, score_of) -> list[tuple]:
-    """gff3_features of one prediction's fields (predicted, sites, segments)."""
+def _features(length: int, fields: dict, source: str, attributes_of) -> list[tuple]:
+    """gff3_features of one prediction's fields (predicted, sites, site_scores, segments, segment_scores)."""
     features = []
     for c in fields["predicted"]:
-        score, extra = score_of(c)
-        attributes = {"class": c, **extra}
         if c in fields["sites"]:
-            site = fields["sites"][c]
-            c_terminal = c == "ER" or (c == "Peroxisome" and site > length // 2)
+            site, attributes = fields["sites"][c], {"class": c}
+            c_terminal = c == "ER"
             if c == "Peroxisome":
-                attributes["signal"] = "PTS1" if c_terminal else "PTS2"
-            features.append((source, SO_TYPES[c], site if c_terminal else 1, length if c_terminal else site, score,
-                             attributes))
-        for start, end in fields["segments"].get(c, []):
-            features.append((source, SO_TYPES[c], start, end, score, attributes))
+                attributes["signal"] = signals.peroxisome_signal(site, length)
+                c_terminal = attributes["signal"] == "PTS1"
+            features.append((source, SO_TYPES[c], site if c_terminal else 1, length if c_terminal else site,
+                             fields["site_scores"][c], {**attributes, **attributes_of(c)}))
+        for (start, end), score in zip(fields["segments"].get(c, []), fields["segment_scores"].get(c, [])):
+            features.append((source, SO_TYPES[c], start, end, score, {"class": c, **attributes_of(c)}))
     return features
 
 
+def gff3_comments(record: dict) -> list[str]:
+    """The GFF3 comment lines of a record: '# SEQID: Other (no signal predicted by SOURCE)' for each prediction
+    (the heads: MUTarget; centroid: MUTarget-centroid) that calls no class, and '# SEQID: warning: TEXT' for each
+    warning."""
+    seqid = gff3_seqid(record["id"])
+    lines = [f"# {seqid}: {NO_SIGNAL} (no signal predicted by {source})"
+             for source, fields in ((GFF3_SOURCE, record), (GFF3_SOURCE + "-centroid", record.get("centroid")))
+             if fields is not None and fields.get("predicted") == [NO_SIGNAL]]
+    return lines + [f"# {seqid}: warning: {' '.join(w.split())}" for w in record.get("warnings", [])]  # one line
+
+
 class Gff3Writer:
-    """--gff3: '##gff-version 3', then per protein with a predicted signal a ##sequence-region line
-    and one feature line per signal (9 tab-separated columns; strand and phase '.')."""
+    """--gff3: '##gff-version 3', then per protein a ##sequence-region line when it has features, its comment
+    lines (gff3_comments: no signal predicted, warnings) and one feature line per signal (9 tab-separated
+    columns; strand and phase '.')."""
 
     def __init__(self, staging: Staging, path):
         self.handle = staging.open(path)
@@ -364,15 +386,14 @@ class Gff3Writer:
 
     def add(self, record: dict, result) -> None:
         features = gff3_features(record)
-        if not features:
-            return
         seqid = gff3_seqid(record["id"])
-        lines = [f"##sequence-region {seqid} 1 {record['length']}"]
+        lines = ([f"##sequence-region {seqid} 1 {record['length']}"] if features else []) + gff3_comments(record)
         for source, kind, start, end, score, attributes in features:
             column9 = ";".join(f"{gff3_value(k)}={gff3_value(v)}" for k, v in attributes.items())
             score = "." if score is None else f"{score:.4f}"
             lines.append("\t".join([seqid, source, kind, str(start), str(end), score, ".", ".", column9]))
-        self.handle.write("\n".join(lines) + "\n")
+        if lines:
+            self.handle.write("\n".join(lines) + "\n")
 
     def finish(self) -> None:
         pass
@@ -448,7 +469,7 @@ class PlotWriter:
         if self.folder.exists() and not self.folder.is_dir():
             raise NotADirectoryError(f"{self.folder}: exists and is not a folder")
         self.ids, self.left = (set(ids), None) if ids else (None, limit)
-        self.used = set()
+        self.used, self.written = set(), 0
 
     def add(self, record: dict, result) -> None:
         if self.ids is not None and record["id"] not in self.ids:
@@ -462,6 +483,7 @@ class PlotWriter:
         head = record if "predicted" in record else protein_record(record["id"], result.probs, result.motif,
                                                                     self.thresholds, result.calibrated)
         plots.draw(tmp, head, result.motif, self.thresholds, record.get("centroid"))
+        self.written += 1
 
     def finish(self) -> None:
         pass

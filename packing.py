@@ -162,6 +162,15 @@ def fused_varlen_available(q: torch.Tensor) -> bool:
     return fused_varlen_supported(q.device, q.dtype, q.shape[-1])
 
 
+def warn_if_unfused(model, device: torch.device, dtype, log) -> None:
+    """encoder.packed on a GPU where the fused kernel cannot run (fused_varlen_supported): one logged warning."""
+    head_dim = model.backbone.embed_dim // model.backbone.attention_heads
+    if model.packed and device.type == "cuda" and not fused_varlen_supported(device, dtype, head_dim):
+        log.warning("encoder.packed: the fused variable-length attention kernel does not run here (it needs compute "
+                    "capability 8.0+, train.amp bf16 / fp16 and a head size that is a multiple of 8): attention runs "
+                    "once per group of windows, usually slower than encoder.packed: false on a GPU")
+
+
 def fused_varlen_supported(device: torch.device, dtype, head_dim: int = 64) -> bool:
     """Whether the fused variable-length kernel (flash attention) runs here: CUDA on a GPU of compute capability
     8.0 or later (Ampere, Hopper, ...), half precision, a head size that is a multiple of 8 up to 256 (every

@@ -1,15 +1,23 @@
 """The per-protein picture of predict.py --plot-dir: eight per-residue tracks with the predicted sites
-and segments marked, beside the class probabilities. matplotlib's Agg canvas, no pyplot state."""
+and segments marked, beside the class probabilities. matplotlib's Agg canvas, no pyplot state.
+
+A track is the model's probability, residue by residue, that the residue is the class's site (SIGNAL, transit
+peptides: the last residue of the peptide; ER, PTS1: the first residue of the motif) or part of its segment
+(Nucleus, Nucleus_export); a caption under the tracks says so, and what the dashed lines and shaded spans are."""
 from __future__ import annotations
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from vocab import CLASSES
+from vocab import CLASSES, NO_SIGNAL
 
 TITLE_ID_CHARS = 80  # a longer id is cut in the title (the file name and the other outputs hold it whole)
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+CAPTION = ("tracks: per-residue probability that the residue is the class's site (the last residue of an N-terminal "
+           "peptide, the first of a C-terminal motif) or lies in its NLS / NES segment\n"
+           "dashed line: predicted site;  shaded span: predicted segment;  bold name: predicted class;  "
+           "bars: protein-level probability, with the threshold that calls the class")
 
 
 def plain(text: str) -> str:
@@ -25,7 +33,7 @@ def draw(path, record: dict, motif: np.ndarray, thresholds, centroid: dict | Non
     fig = Figure(figsize=(11, 8))
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(len(CLASSES), 2, width_ratios=[4, 1.2], hspace=0.12, wspace=0.32,
-                            left=0.11, right=0.97, top=0.92, bottom=0.07)
+                            left=0.13, right=0.93, top=0.92, bottom=0.1)
     x = np.arange(1, length + 1)
     first = None
     for i, c in enumerate(CLASSES):
@@ -49,6 +57,8 @@ def draw(path, record: dict, motif: np.ndarray, thresholds, centroid: dict | Non
             ax.tick_params(labelbottom=False)
     first.set_xlim(0.5, length + 0.5)
     ax.set_xlabel("residue", fontsize=8)
+    fig.text(0.015, 0.51, "residue probability", rotation=90, ha="left", va="center", fontsize=8)
+    fig.text(0.015, 0.015, CAPTION, ha="left", va="bottom", fontsize=7, color="#444444")
     bars = fig.add_subplot(grid[:, 1])
     probs = [record["probabilities"][c] for c in CLASSES]
     rows = np.arange(len(CLASSES))[::-1]
@@ -58,23 +68,22 @@ def draw(path, record: dict, motif: np.ndarray, thresholds, centroid: dict | Non
     if raw is not None:
         bars.scatter([raw[c] for c in CLASSES], rows - 0.3, marker="o", s=14, facecolors="none", edgecolors="black",
                      label="uncalibrated")  # below the bar's centre, clear of its label
-    for row, p in zip(rows, probs):
-        inside = p > 0.75
-        bars.text(p - 0.02 if inside else p + 0.02, row, f"{p:.3f}", va="center", ha="right" if inside else "left",
-                  color="white" if inside else "black", fontsize=7)
+    for row, p in zip(rows, probs):  # beside the axis, where no bar, threshold tick or circle can be
+        bars.text(1.02, row, f"{p:.3f}", transform=bars.get_yaxis_transform(), va="center", ha="left", fontsize=7)
     bars.set_yticks(rows)
     bars.set_yticklabels(CLASSES, fontsize=8)
-    bars.set_xlim(0, 1)
+    bars.set_xlim(0, 1.03)  # room for a circle at 1
+    bars.set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1])
     bars.set_xlabel("calibrated probability" if raw is not None else "probability", fontsize=8)
     bars.tick_params(labelsize=7)
     bars.legend(fontsize=7, loc="lower right")
-    predicted = ", ".join(record["predicted"]) or "Other"
+    predicted = ", ".join(record["predicted"]) or NO_SIGNAL
     name = record["id"] if len(record["id"]) <= TITLE_ID_CHARS else record["id"][:TITLE_ID_CHARS - 3] + "..."
     title = f"{name}  ({length} residues; predicted: {predicted})"
     if "prediction_set" in record:
         ps = record["prediction_set"]
         title += f"; {ps['coverage']:g} set: {{{', '.join(ps['classes'])}}}"
     if centroid is not None:
-        title += f"\ncentroid prediction ({centroid['space']}, {centroid['rule']}): {', '.join(centroid['predicted']) or 'Other'}"
+        title += f"\ncentroid prediction ({centroid['space']}, {centroid['rule']}): {', '.join(centroid['predicted']) or NO_SIGNAL}"
     fig.suptitle(plain(title), fontsize=10)
     fig.savefig(path, format="png", dpi=90)

@@ -10,19 +10,14 @@ python predict.py (--checkpoint CKPT [CKPT ...] | --model DIR) (--fasta IN.fa | 
                    [--centroid-rule threshold|maxsep|pvalue] [--p-value P]]
 torchrun --nproc_per_node=K predict.py ...   (K processes share the work; same files as one process)
 
-The input is read and written in chunks (stream.py); see the README's Prediction section.
+The input is read and written in chunks (stream.py); the run ends with one line on stderr per file written (its
+path and what it is). Outputs, their fields and the rules that place each signal: docs/prediction.md.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-
-from calibration import CalibrationError
-from config import ConfigError
-from data import DataError
-from inference import PredictError
-from stream import predict
 
 OUTPUTS = ("out", "tsv", "gff3", "embeddings", "metrics")
 
@@ -121,7 +116,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # --help and usage errors answer before torch and the project load (several seconds)
+    from calibration import CalibrationError
+    from config import ConfigError
+    from data import DataError
+    from inference import PredictError
+    from stream import predict
     try:
         predict(args)
     except (DataError, PredictError, ConfigError, CalibrationError, OSError) as err:  # model.WeightsError is an OSError

@@ -2,12 +2,16 @@
 
 A release folder (scripts/export_model.py CKPT... OUT/, read by predict.py --model OUT/) is what a lab
 publishes: a trained model or a fold ensemble in files that cannot run code.
-    OUT/model.json          format, classes, and per member: the file it was exported from, its weights
-                            file and that file's SHA-256, the training config, the backbone architecture,
+    OUT/model.json          format, classes, and per member: the checkpoint it was exported from (run folder /
+                            checkpoints / file, no local path), its weights file and that file's SHA-256,
+                            the training config (local paths cut to their last part), the backbone architecture,
                             the tuning mode, the validation-tuned thresholds and the class centres (with
                             their confidence mixtures, null distances and p-value cut: confidence.py),
                             the calibration (temperatures, sorted conformal scores: calibration.py; null
-                            when uncalibrated, absent in folders written before it existed)
+                            when uncalibrated, absent in folders written before it existed), the training's
+                            provenance (code version, package versions, device, the initial weights' SHA-256:
+                            provenance.public) and the final test's figures (evaluate.test_summary); both null
+                            for checkpoints written before they were stored
     OUT/member<i>.safetensors   the member's weights (the train.py checkpoint's 'model' tensors, unchanged)
 Numbers that JSON cannot hold (infinite distance thresholds, the centre of a class without training
 proteins) are written as the strings "inf", "-inf" and "nan". The null distances (up to 8 x 5,000 a
@@ -18,7 +22,7 @@ from, byte for byte.
 from __future__ import annotations
 
 import base64
-import hashlib
+import copy
 import json
 import math
 import os
@@ -32,6 +36,7 @@ import torch
 
 import calibration
 import confidence
+from provenance import sha256_of
 from space import from_stored
 from utils import CheckpointError, WriteError, give_umask_mode, load_checkpoint, read_json, write_folder_atomic
 from vocab import CLASSES, TOKENS
@@ -64,6 +69,8 @@ class Trained:
     centroids: dict | None
     checkpoint: str | None = None  # the train.py checkpoint it was read from (None: a release folder)
     calibration: dict | None = None  # temperatures and conformal scores (calibration.py); None: uncalibrated
+    provenance: dict | None = None  # how it was trained, without local paths (provenance.public); None: not stored
+    test: dict | None = None  # the final test's figures (evaluate.test_summary); None: not stored
 
 
 # --------------------------------------------------------------------------- checks of a stored model
@@ -199,7 +206,8 @@ def from_checkpoint(path) -> Trained:
     if problem:
         raise CheckpointError(f"{path}: {problem}")
     return Trained(str(path), ckpt["model"], ckpt["config"], ckpt["arch"], list(ckpt["classes"]),
-                   ckpt.get("thresholds"), from_stored(ckpt.get("centroids")), str(path), ckpt.get("calibration"))
+                   ckpt.get("thresholds"), from_stored(ckpt.get("centroids")), str(path), ckpt.get("calibration"),
+                   ckpt.get("provenance"), ckpt.get("test"))
 
 
 # --------------------------------------------------------------------------- JSON numbers
@@ -267,12 +275,26 @@ def _centroids_from_json(tree: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- writing
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+PATH_KEYS = (("run_dir",), ("data", "root"), ("encoder", "checkpoint"), ("encoder", "cache_dir"),
+             ("supcon", "distance_map"))  # config values that are local paths: a model folder keeps their last part
+
+
+def public_config(config: dict) -> dict:
+    """A stored config tree without local paths: each PATH_KEYS value cut to its last component."""
+    tree = copy.deepcopy(config)
+    for keys in PATH_KEYS:
+        node = tree
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            node[keys[-1]] = Path(node[keys[-1]]).name
+    return tree
+
+
+def public_source(name: str) -> str:
+    """The checkpoint a member came from, as a model folder names it: its last three path components
+    (run folder / checkpoints / file), never the exporter's absolute path."""
+    return "/".join(Path(name).parts[-3:])
 
 
 def write_release(models: Iterable[Trained], out) -> int:
@@ -291,14 +313,16 @@ def write_release(models: Iterable[Trained], out) -> int:
             weights = f"member{i}.safetensors"
             try:
                 save_file(safetensors_ready(model.state), str(tmp / weights),
-                          metadata={"format": "pt", "source": model.name})
+                          metadata={"format": "pt", "source": public_source(model.name)})
                 give_umask_mode(tmp / weights)
             except (OSError, SafetensorError) as err:
                 raise WriteError(f"{out / weights}: cannot write: {err}") from None
-            members.append({"source": model.name, "weights": weights, "sha256": sha256_of(tmp / weights),
-                            "tune": model.config["encoder"]["tune"], "arch": model.arch, "config": model.config,
+            members.append({"source": public_source(model.name), "weights": weights,
+                            "sha256": sha256_of(tmp / weights), "tune": model.config["encoder"]["tune"],
+                            "arch": model.arch, "config": public_config(model.config),
                             "thresholds": _to_json(model.thresholds), "centroids": _centroids_to_json(model.centroids),
-                            "calibration": model.calibration})
+                            "calibration": model.calibration, "provenance": model.provenance,
+                            "test": _to_json(model.test)})
             del model
         tree = {"format": FORMAT, "format_version": FORMAT_VERSION, "classes": CLASSES, "members": members}
         (tmp / MODEL_JSON).write_text(json.dumps(tree, indent=1) + "\n")
@@ -376,7 +400,8 @@ def _read_member(folder: Path, index: Path, i: int, member, classes: list) -> Tr
     if problem:
         raise ReleaseError(f"{where}: {problem}")
     return Trained(f"{folder} member {i} ({member.get('source', '?')})", state, config, arch, list(classes),
-                   thresholds, centroids, calibration=member.get("calibration"))
+                   thresholds, centroids, calibration=member.get("calibration"), provenance=member.get("provenance"),
+                   test=member.get("test"))
 
 
 def read_models(checkpoints=None, model_dir=None) -> Iterator[Trained]:

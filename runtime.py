@@ -4,6 +4,7 @@ training and prediction (prediction never imports train.py)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 
@@ -27,7 +28,8 @@ def resolve_device(name: str) -> torch.device:
 
 def amp_dtype(amp: str, device: torch.device):
     """Autocast dtype, None = fp32. CUDA: auto = bf16 where supported, else fp16. CPU: bf16 when asked
-    (train.amp: bf16); auto stays fp32 on the CPU (see the README's measurement); fp16 is CUDA-only."""
+    (train.amp: bf16); auto stays fp32 on the CPU (measured: docs/benchmarks.md, "Training steps
+    (`scripts/bench.py`)"); fp16 is CUDA-only."""
     if amp == "none":
         return None
     if device.type != "cuda":
@@ -169,3 +171,22 @@ def loader_workers(num_workers, device: torch.device) -> int:
         return num_workers
     per_process = available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return 0 if device.type != "cuda" else max(0, min(4, per_process - 1))
+
+
+def average_over_ranks(stats):
+    """An epoch's statistics (train.EpochStats) over all processes: losses and the gradient norm averaged, counts
+    and work summed; unchanged in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return stats
+    means = sorted(stats.losses) + (["grad_norm"] if stats.grad_norm is not None else [])
+    sums = sorted(stats.fallbacks) + sorted(stats.work) + ["seconds"]
+    values = torch.tensor([float(stats.losses.get(k, stats.grad_norm)) for k in means]
+                          + [float(stats.fallbacks.get(k, stats.work.get(k, stats.seconds))) for k in sums],
+                          dtype=torch.float64)
+    dist.all_reduce(values)
+    world = dist.get_world_size()
+    mean = dict(zip(means, (v / world for v in values[:len(means)].tolist())))
+    total = dict(zip(sums, values[len(means):].tolist()))
+    return dataclasses.replace(stats, losses={k: mean[k] for k in stats.losses}, grad_norm=mean.get("grad_norm"),
+                               fallbacks={k: int(total[k]) for k in stats.fallbacks},
+                               work={k: int(total[k]) for k in stats.work}, seconds=total["seconds"] / world)

@@ -40,6 +40,7 @@ from inference import (
     build_ensemble,
     centroid_p_value,
     centroid_thresholds,
+    chunk_cost,
     embedding_dims,
     ensemble_thresholds,
     predict_chunk,
@@ -70,40 +71,75 @@ def return_freed_memory() -> None:
 
 
 class Progress:
-    """A tqdm bar (proteins, proteins/s) when the stream is a terminal; otherwise a log line at most
-    every `interval` seconds and a summary at the end."""
+    """A tqdm bar when the stream is a terminal; otherwise a log line at most every `interval` seconds and a
+    summary at the end. Both show proteins done / total; the share done and the time left are of the work, in
+    tokens (inference.token_cost), not of the proteins: each chunk runs its proteins shortest first, so proteins
+    per second fall as a chunk goes on and an estimate from proteins runs low (it said 138 s left at 19% of a
+    run that took 368 s). The work of chunks not read yet: the proteins left times the mean work per protein
+    read so far (add_work)."""
 
     def __init__(self, total: int, stream=None, interval: float = 30.0, enabled: bool = True, clock=time.monotonic):
+        if total < 1:
+            raise ValueError(f"Progress: total must be >= 1 protein, got {total}")
         self.total, self.stream, self.interval = total, stream or sys.stderr, interval
         self.enabled, self.clock = enabled, clock
-        self.done = 0
+        self.done = self.done_tokens = self.read = self.read_tokens = 0
         self.start = self.last = clock()
-        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.bar = (tqdm(total=total, unit="protein", desc="predict", file=self.stream, dynamic_ncols=True)
-                    if enabled and tty else None)
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = None  # the tqdm bar, from the first chunk on (its total: total_tokens)
+
+    def add_work(self, proteins: int, tokens: int) -> None:
+        """A chunk of `proteins` costing `tokens` was read."""
+        self.read += proteins
+        self.read_tokens += tokens
+        if self.tty and self.bar is None:
+            self.bar = tqdm(total=max(self.total_tokens(), 1), unit="token", unit_scale=True, desc="predict",
+                            file=self.stream, dynamic_ncols=True, initial=self.done_tokens,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} tokens{postfix} [{elapsed}<{remaining}]")
+        elif self.bar is not None:
+            self.bar.total = max(self.total_tokens(), 1)
+            self.bar.refresh()
+
+    def total_tokens(self) -> float:
+        """The work of the whole input, in tokens: that of the chunks read, plus their mean per protein for the rest."""
+        if self.read == 0:
+            return 0.0
+        return self.read_tokens + max(self.total - self.read, 0) * self.read_tokens / self.read
+
+    def fraction(self) -> float:
+        """The share of the work done (of the proteins, before any chunk was read)."""
+        total = self.total_tokens()
+        return min(self.done_tokens / total, 1.0) if total > 0 else self.done / self.total
+
+    def seconds_left(self, now) -> float:
+        share, spent = self.fraction(), now - self.start
+        return spent * (1 - share) / share if share > 0 else float("inf")
 
     def _rate(self, now) -> float:
         return self.done / max(now - self.start, 1e-9)
 
-    def update(self, n: int) -> None:
+    def update(self, n: int, tokens: int = 0) -> None:
+        """n more proteins done, costing `tokens`."""
         self.done += n
+        self.done_tokens += tokens
         if not self.enabled or n == 0:
             return
-        if self.bar is not None:
-            self.bar.update(n)
+        if self.tty:
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"{self.done}/{self.total} proteins", refresh=False)
+                self.bar.update(tokens)
             return
         now = self.clock()
         if now - self.last >= self.interval:
             self.last = now
-            rate = self._rate(now)
-            left = (self.total - self.done) / rate if rate > 0 else float("inf")
-            print(f"predict: {self.done}/{self.total} proteins ({100 * self.done / self.total:.0f}%), "
-                  f"{rate:.1f} proteins/s, about {left:.0f} s left", file=self.stream, flush=True)
+            print(f"predict: {self.done}/{self.total} proteins, {100 * self.fraction():.0f}% of the work (tokens), "
+                  f"{self._rate(now):.1f} proteins/s, about {self.seconds_left(now):.0f} s left", file=self.stream,
+                  flush=True)
 
     def close(self, summary: bool = True) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled and summary:
+        elif self.enabled and summary and not self.tty:
             now = self.clock()
             print(f"predict: {self.done} proteins in {now - self.start:.1f} s ({self._rate(now):.1f} proteins/s)",
                   file=self.stream, flush=True)
@@ -134,29 +170,36 @@ class LabelledOutputs:
 
 
 class Writers:
-    """The writers of the requested files over one Staging."""
+    """The writers of the requested files over one Staging; listed() says what was written where."""
 
     def __init__(self, args, members, thresholds, scan):
         self.staging = outputs.Staging()
-        self.writers = []
+        self.writers, self.files, self.plots = [], [], None  # files: (path, what it is)
         try:
             if args.skip_invalid:
                 outputs.write_skipped(self.staging, args.skipped, scan.skipped)
+                self.files.append((args.skipped, f"skipped records, {len(scan.skipped)} (TSV)"))
             if args.out:
                 self.writers.append(outputs.JsonWriter(self.staging, args.out))
+                lines = self.writers[-1].lines
+                self.files.append((args.out, f"per-protein records ({'JSON Lines' if lines else 'JSON'})"))
             if args.tsv:
                 self.writers.append(outputs.TsvWriter(self.staging, args.tsv, args.method, args.coverage is not None))
+                self.files.append((args.tsv, "one line per protein (TSV)"))
             if args.gff3:
                 self.writers.append(outputs.Gff3Writer(self.staging, args.gff3))
+                self.files.append((args.gff3, "signal features (GFF3)"))
             if args.embeddings:
                 dim, projection_dim, note = embedding_dims(members)
                 if note:
                     print(f"warning: {note}", file=sys.stderr)
                 self.writers.append(outputs.EmbeddingWriter(self.staging, args.embeddings, dim, projection_dim,
                                                             distances=args.method != "head"))
+                self.files.append((args.embeddings, "embeddings (NumPy .npz)"))
             if args.plot_dir:
-                self.writers.append(outputs.PlotWriter(self.staging, args.plot_dir, thresholds, args.plot_ids,
-                                                       args.plot_limit))
+                self.plots = outputs.PlotWriter(self.staging, args.plot_dir, thresholds, args.plot_ids,
+                                                args.plot_limit)
+                self.writers.append(self.plots)
         except BaseException:
             self.staging.abort()
             raise
@@ -165,8 +208,15 @@ class Writers:
         for writer in self.writers:
             writer.add(record, result)
 
-    def write_text(self, path, text: str) -> None:
+    def write_text(self, path, text: str, what: str) -> None:
         self.staging.open(path).write(text)
+        self.files.append((path, what))
+
+    def listed(self) -> list[str]:
+        """One line per output written: its absolute path and what it is (plots: their folder and number)."""
+        files = self.files + ([(self.plots.folder, f"{self.plots.written} plot(s) (PNG)")]
+                              if self.plots is not None and self.plots.written else [])
+        return [f"wrote {Path(path).absolute()}: {what}" for path, what in files]
 
     def commit(self) -> None:
         for writer in self.writers:
@@ -269,16 +319,18 @@ def run(args, rank: int, world: int, device) -> None:
     progress = Progress(scan.n_valid, enabled=rank == 0)
     try:
         for chunk in inputs.chunks(source, args.chunk_size):
-            counted = [0]
+            counted, work = [0, 0], chunk_cost(members, chunk)
+            progress.add_work(len(chunk), work)
 
-            def on_batch(n):
+            def on_batch(n, tokens):
                 counted[0] += n
-                progress.update(n)
+                counted[1] += tokens
+                progress.update(n, tokens)
 
             results = predict_chunk(members, chunk, settings, rank, world, on_batch if rank == 0 else None)
             if rank != 0:
                 continue
-            progress.update(len(chunk) - counted[0])  # the other processes' share
+            progress.update(len(chunk) - counted[0], work - counted[1])  # the other processes' share
             for protein, result in zip(chunk, results):
                 if centroid is not None and np.isnan(result.distances).any():
                     raise PredictError(f"{protein.entry}: NaN distances to the class centres: its {centroid.space} "
@@ -297,9 +349,11 @@ def run(args, rank: int, world: int, device) -> None:
                     metrics["centroid"] = {"space": centroid.space, **centroid_metrics(
                         np.stack(labelled.labels), np.stack(labelled.distances), centroid.thresholds,
                         *((np.stack(labelled.p_values), centroid.p_value) if centroid.p_value is not None else ()))}
-                writers.write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
+                writers.write_text(args.metrics, json.dumps(metrics, indent=2) + "\n", "metrics (JSON)")
             writers.commit()
         progress.close()
+        for line in writers.listed() if rank == 0 else ():  # the last lines: where every output is
+            print(line, file=sys.stderr)
     except BaseException as err:
         progress.close(summary=False)
         if writers is not None:

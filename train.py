@@ -1,15 +1,48 @@
-"""Train MUTarget on ESM-2: python train.py --config CONFIG [--set KEY=VALUE ...] [--resume CKPT].
+"""Train MUTarget (and SupCon) on ESM-2, then test the best epoch.
 
-Top to bottom: the command line; the set-up (config, data, model, contrastive sampling, optimiser, resume);
-the loop (an epoch of steps, validation, checkpoints); the final test of the best checkpoint.
+  python train.py --config configs/demo.yaml                       the demo: synthetic data, CPU, 2 minutes
+  python train.py --config configs/supcon.yaml --set data.fold=1 run_dir=runs/supcon_fold1
+  python train.py --resume runs/supcon_fold1/checkpoints/last.pt   continue a run that stopped
+
+A run writes into run_dir: config.yaml (the resolved config), run.json (command, code and package versions,
+device, the weights' SHA-256), train.log, metrics.jsonl (one row per epoch), checkpoints/last.pt and best.pt,
+and at the end test_metrics.json. A run_dir holding a run is refused unless --resume or --overwrite.
+Every config key: docs/configuration.md; the outputs and resuming: docs/training.md.
 """
 from __future__ import annotations
 
 import argparse
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set train.epochs=3 encoder.tune=frozen (repeatable; applied "
+                        "in order)")
+    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (its config is used; --set still applies)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in a run_dir that holds a run: its files (checkpoints, metrics, logs) are deleted")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="end the process once N epochs of the run are trained (epochs 0 to N-1, counted from the "
+                        "run's start, resumed epochs included); continue with --resume")
+    args = p.parse_args(argv)
+    if not args.config and not args.resume:
+        p.error("--config is required (or --resume CHECKPOINT)")
+    if args.overwrite and args.resume:
+        p.error("--overwrite starts a new run: it cannot go with --resume")
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for run.json
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before torch and the project load (several seconds)
+
 import json
 import logging
 import math
-import sys
+import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -17,57 +50,50 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import provenance
 import tblog
 from adapters import is_peft_parameter
 from backbone import backbone_arch
-from batching import Collate, EpochShuffleSampler, LengthBucketSampler, RankSlice
+from batching import make_loader
 from cache import make_cache
-from checkpoints import apply_resume, check_resume, commit_epoch
+from checkpoints import check_resume, commit_epoch
 from config import ConfigError, check_paths, load_config, resolve_config
-from contrast import anchor_cosines, remine, setup_supcon, uses_mutations
+from contrast import anchor_cosines, phase_of, remine, setup_supcon, uses_mutations
 from data import DataError, build_datasets
 from evaluate import evaluate, final_test
 from loss import ClassLoss, MotifLoss, class_weights, contrastive_loss, motif_pos_weights
 from memory import Planner
 from metrics import score
 from model import Encoder, load_model_state
-from packing import fused_varlen_supported
-from runtime import (amp_dtype, autocast, check_compiler, full_state, init_distributed, load_optimizer_state,
-                     loader_workers, shard_model, to_device, warn_thread_oversubscription)
+from packing import warn_if_unfused
+from rundir import (NO_SIGNALS, StopSignals, Stopped, check_new_run, finished_and_tested, log_results, open_run,
+                    saved_state, write_run_json)
+from runtime import (amp_dtype, autocast, average_over_ranks, check_compiler, full_state, init_distributed,
+                     load_optimizer_state, shard_model, to_device, warn_thread_oversubscription)
 from throughput import epoch_speed, speed_text
-from utils import (load_checkpoint, log_to_file, remove_stale_temps, rng_state, seed_everything, set_rng_state,
+from utils import (duration_text, load_checkpoint, log_to_file, rng_state, seed_everything, set_rng_state,
                    setup_logging, write_text_atomic, write_yaml)
 from vocab import CLASSES
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", help="YAML config (see configs/)")
-    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. --set train.epochs=3 encoder.tune=frozen")
-    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (its config is used; --set still applies)")
-    p.add_argument("--stop-after", type=int, metavar="N",
-                   help="end the process after epoch N (for time-limited jobs; continue with --resume)")
-    args = p.parse_args(argv)
-    if not args.config and not args.resume:
-        p.error("--config is required (or --resume CHECKPOINT)")
-    return args
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (ConfigError, DataError, OSError) as err:  # OSError: WeightsError, CheckpointError, WriteError, ...
-        print(f"error: {err}", file=sys.stderr)
-        log_to_file(f"error: {err}")
-        return 2
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    with StopSignals() as signals:
+        try:
+            return run(args, signals)
+        except (ConfigError, DataError, OSError) as err:  # OSError: WeightsError, CheckpointError, WriteError, ...
+            print(f"error: {err}", file=sys.stderr)
+            log_to_file(f"error: {err}")
+            return 2
+        except Stopped as stop:  # before the first epoch (set-up)
+            logging.getLogger("mutarget").warning("stopped by %s before training began", stop)
+            return 128 + stop.signum
+        finally:
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- the state of a run
@@ -79,6 +105,10 @@ class Progress:
     best_metric: float = -math.inf  # best validation macro-MCC so far
     best_epoch: int | None = None
     bad_epochs: int = 0  # epochs since the last gain (early stopping)
+
+
+def progress_of(ckpt: dict) -> Progress:
+    return Progress(**{k: ckpt[k] for k in asdict(Progress())})
 
 
 @dataclass
@@ -123,6 +153,8 @@ class Trainer:
     sharded: bool = False  # train.parallel: fsdp: every process validates and gathers the checkpoint with rank 0
     tb: tblog.Off = tblog.OFF
     history: list = field(default_factory=list)  # metrics.jsonl records so far
+    provenance: dict = field(default_factory=dict)  # run.json's record without local paths; in every checkpoint
+    signals: StopSignals = NO_SIGNALS  # a stop signal waits while an epoch's files are written
 
     @property
     def run_dir(self) -> Path:
@@ -130,35 +162,44 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- set-up
-def run(args) -> int:
-    trainer, progress = set_up(args)
+def run(args, signals: StopSignals = NO_SIGNALS) -> int:
+    trainer, progress = set_up(args, signals)
+    if trainer is None:
+        return 0  # a finished run (logged)
     config, log = trainer.config, trainer.log
-    for epoch in range(progress.epoch, config.train.epochs):
-        if progress.bad_epochs >= config.train.patience:  # checked before the epoch: a resumed run stops too
-            log.info("early stop: no val macro-MCC gain for %d epochs", config.train.patience)
-            break
-        start, phase = time.time(), phase_of(config, epoch)
-        if trainer.distance_map is not None and config.supcon.remine_every and epoch and \
-                epoch % config.supcon.remine_every == 0:
-            trainer.distance_map = remine(trainer.model, trainer.datasets["train"], config, trainer.device,
-                                          trainer.distance_map, log)
-        trainer.sampler.set_epoch(epoch)
-        trainer.datasets["train"].set_epoch(epoch, contrastive=phase != "supervised")
-        stats = average_over_ranks(train_epoch(trainer, epoch))
+    try:
+        for epoch in range(progress.epoch, config.train.epochs):
+            if progress.bad_epochs >= config.train.patience:  # checked before the epoch: a resumed run stops too
+                log.info("early stop: no val macro-MCC gain for %d epochs", config.train.patience)
+                break
+            start, phase = time.time(), phase_of(config, epoch)
+            if trainer.distance_map is not None and config.supcon.remine_every and epoch and \
+                    epoch % config.supcon.remine_every == 0:
+                trainer.distance_map = remine(trainer.model, trainer.datasets["train"], config, trainer.device,
+                                              trainer.distance_map, log)
+            trainer.sampler.set_epoch(epoch)
+            trainer.datasets["train"].set_epoch(epoch, contrastive=phase != "supervised")
+            stats = average_over_ranks(train_epoch(trainer, epoch))
+            if trainer.main_process or trainer.sharded:
+                progress = end_epoch(trainer, progress, epoch, phase, stats, start)
+            if dist.is_available() and dist.is_initialized():  # everyone follows the main process's decisions
+                box = [progress]
+                dist.broadcast_object_list(box)
+                progress = box[0]
+            if args.stop_after is not None and epoch + 1 >= args.stop_after and epoch + 1 < config.train.epochs:
+                log.info("stopping after epoch %d as asked (%d of %d epochs trained); continue with --resume %s",
+                         epoch, epoch + 1, config.train.epochs, trainer.run_dir / "checkpoints" / "last.pt")
+                trainer.tb.close()
+                return 0
+        trainer.tb.close()
+        result = None
         if trainer.main_process or trainer.sharded:
-            progress = end_epoch(trainer, progress, epoch, phase, stats, start)
-        if dist.is_available() and dist.is_initialized():  # everyone follows the main process's decisions
-            box = [progress]
-            dist.broadcast_object_list(box)
-            progress = box[0]
-        if args.stop_after is not None and epoch + 1 >= args.stop_after and epoch + 1 < config.train.epochs:
-            log.info("stopping after epoch %d as asked; continue with --resume %s", epoch,
-                     trainer.run_dir / "checkpoints" / "last.pt")
-            trainer.tb.close()
-            return 0
-    trainer.tb.close()
-    if trainer.main_process or trainer.sharded:
-        final_test(trainer, progress.best_epoch, progress.best_metric)  # best.pt (checked), then test_metrics.json
+            result = final_test(trainer, progress.best_epoch, progress.best_metric)  # best.pt checked, test_metrics.json
+    except Stopped as stop:
+        log.warning("stopped by %s: %s", stop, saved_state(trainer.run_dir, trainer.history, config.train.epochs))
+        return 128 + stop.signum
+    if trainer.main_process:
+        log_results(log, trainer.run_dir, result, config.log.tensorboard)
     return 0
 
 
@@ -166,14 +207,19 @@ RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "best_metri
                "rng", "config", "arch")
 
 
-def set_up(args) -> tuple[Trainer, Progress]:
-    """Everything before the first epoch. Config, data and weights are checked before anything is written."""
+def set_up(args, signals: StopSignals = NO_SIGNALS) -> tuple[Trainer | None, Progress]:
+    """Everything before the first epoch. Config, data and weights are checked before anything is written; the
+    log is kept from the first line and written to train.log once run_dir may be written. (None, progress) for
+    a finished run whose final test is written (logged: nothing to do)."""
+    log = setup_logging(quiet=int(os.environ.get("RANK", "0")) != 0, hold=True, carry=False)
+    log_to_file(f"train.py {' '.join(args.argv)}", logging.INFO)  # train.log's first line: the command
     resume = load_checkpoint(args.resume, RESUME_KEYS) if args.resume else None
     if resume is not None:
         config = resolve_config(resume["config"], args.set, where=f"{args.resume} (stored config)")
     else:
         config = load_config(args.config, args.set)
     check_paths(config)  # run_dir and data.root: named errors before anything is written
+    check_new_run(config, args.resume, args.overwrite)  # a run_dir holding another run is refused
     tblog.require(config)
     rank, world, device = init_distributed(config)
     amp_dtype(config.train.amp, device)  # an impossible train.amp fails here, before anything is written
@@ -183,7 +229,7 @@ def set_up(args) -> tuple[Trainer, Progress]:
         raise ConfigError("train.parallel: fsdp shards the model over processes: start it with torchrun "
                           "--nproc_per_node=N (N >= 2), or use train.parallel: ddp in one process")
     main_process = rank == 0  # only the main process logs and writes files
-    log = setup_logging(quiet=not main_process)
+    log = setup_logging(quiet=not main_process, hold=True)
     seed_everything(config.seed)  # the same initial model on every rank
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -204,29 +250,30 @@ def set_up(args) -> tuple[Trainer, Progress]:
     if resume is not None:
         plan = check_resume(resume, args.resume, config, model, make_optimizer(model, config.train),
                             amp_dtype(config.train.amp, device) == torch.float16)
+    done = resume is not None and finished_and_tested(config, resume, args.resume, log)  # nothing to train or test
+    record = None
+    if main_process and not done:  # what this run uses: run.json (the weights are hashed here, before anything is written)
+        resumed = {"checkpoint": str(args.resume), "epoch": resume["epoch"]} if resume is not None else None
+        record = provenance.collect(args.argv, config, device, world, resumed)
 
     run_dir = Path(config.run_dir)  # from here on, files are written
+    if done and not plan.changes(run_dir):  # a finished, tested run whose files agree: nothing to write
+        return None, progress_of(resume)
+    if main_process:  # train.log (the lines held so far first); best.pt and metrics.jsonl made to agree on resume
+        log = open_run(run_dir, args.overwrite, plan)
+    if done:  # a finished, tested run: its files repaired, nothing else to do
+        return None, progress_of(resume)
     if main_process:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        log = setup_logging(run_dir)
-        for stale in remove_stale_temps(run_dir) + remove_stale_temps(run_dir / "checkpoints"):
-            log.info("removed %s, a temporary file left by a killed run", stale)
         write_yaml(run_dir / "config.yaml", config.to_dict())
+        record = write_run_json(run_dir, record, log)
         if distance_map is not None:
             write_text_atomic(run_dir / "distance_map.json", json.dumps(distance_map, indent=1))
-        if plan is not None:  # best.pt re-created if a kill left it behind last.pt; metrics.jsonl from the history
-            apply_resume(plan, run_dir, log)
         warn_thread_oversubscription(log)
     if caching:
         model.cache = make_cache(model, datasets, config, rank)
     if config.train.compile:
         model.compile_layers()
-    head_dim = model.backbone.embed_dim // model.backbone.attention_heads
-    if model.packed and device.type == "cuda" and not fused_varlen_supported(device, amp_dtype(config.train.amp,
-                                                                                                device), head_dim):
-        log.warning("encoder.packed: the fused variable-length attention kernel does not run here (it needs compute "
-                    "capability 8.0+, train.amp bf16 / fp16 and a head size that is a multiple of 8): attention runs "
-                    "once per group of windows, usually slower than encoder.packed: false on a GPU")
+    warn_if_unfused(model, device, amp_dtype(config.train.amp, device), log)
     if config.supcon.apply and config.encoder.tune == "frozen":
         log.warning("SupCon is on but the backbone is frozen: the contrastive loss can only train the "
                     "projection head, which no prediction uses (set encoder.tune: last_k or full)")
@@ -257,14 +304,15 @@ def set_up(args) -> tuple[Trainer, Progress]:
             find_unused_parameters=config.supcon.apply)  # warm start leaves the heads unused
     planner = Planner(model, config, device, amp_dtype(config.train.amp, device) or torch.float32, world)
     trainer = Trainer(config, device, model, net, datasets, sampler, loader, optimizer, scheduler, scaler, criteria,
-                      distance_map, log, planner, main_process, sharded)
+                      distance_map, log, planner, main_process, sharded,
+                      provenance=provenance.public(record) if record else {}, signals=signals)
 
     progress = Progress()
     if resume is not None:
         load_optimizer_state(model, optimizer, resume["optimizer"], args.resume)
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
-        progress = Progress(**{k: resume[k] for k in asdict(progress)})
+        progress = progress_of(resume)
         set_rng_state({**resume["rng"], "cuda": resume["rng"].get("cuda", [])[:torch.cuda.device_count()]})
         trainer.history = plan.history
         log.info("resumed from %s at epoch %d (best val macro-MCC %.4f)", args.resume, progress.epoch,
@@ -279,25 +327,6 @@ def build_datasets_once(config, main_process: bool, world: int) -> dict:
     if world > 1:
         dist.barrier()
     return datasets if main_process else build_datasets(config)
-
-
-def make_loader(train_set, config, rank: int = 0, world: int = 1, device=torch.device("cpu")):
-    """(epoch sampler, DataLoader) of the training split: global batches of train.batch_size,
-    shuffled per (seed, epoch), length-bucketed if train.length_buckets; each rank loads its part."""
-    if config.train.length_buckets:
-        sampler = LengthBucketSampler(train_set.item_lengths(), config.train.batch_size, config.seed)
-        batches = sampler
-    else:
-        sampler = EpochShuffleSampler(len(train_set), config.seed)
-        batches = BatchSampler(sampler, config.train.batch_size, drop_last=False)
-    if world > 1:
-        if config.train.batch_size < world:
-            raise ConfigError(f"train.batch_size ({config.train.batch_size}) is the global batch: it must be at "
-                              f"least the number of processes ({world})")
-        batches = RankSlice(batches, rank, world)
-    loader = DataLoader(train_set, batch_sampler=batches, collate_fn=Collate(config.data.max_len, config.data.overlap),
-                        num_workers=loader_workers(config.data.num_workers, device), pin_memory=device.type == "cuda")
-    return sampler, loader
 
 
 def make_optimizer(model: Encoder, train_cfg) -> torch.optim.AdamW:
@@ -329,14 +358,6 @@ def make_scheduler(optimizer, train_cfg, steps_per_epoch: int):
 
 
 # --------------------------------------------------------------------------- the loop
-def phase_of(config, epoch: int) -> str:
-    """'warm_start' (SupCon only), 'joint' (supervised + SupCon) or 'supervised'."""
-    sc = config.supcon
-    if sc.apply and epoch < sc.warm_start:
-        return "warm_start"
-    return "joint" if sc.apply and sc.apply_supcon_loss else "supervised"
-
-
 def train_epoch(trainer: Trainer, epoch: int) -> EpochStats:
     """One epoch. Zero grads after every optimiser step, clip after AMP unscale, accumulate
     `train.accumulate` batches per step; TensorBoard gets every batch.
@@ -357,13 +378,15 @@ def train_epoch(trainer: Trainer, epoch: int) -> EpochStats:
     if model.cache is not None:
         model.cache.hits = model.cache.misses = 0
     optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None)
+    bar = tqdm(loader, desc=f"epoch {epoch} ({epoch + 1} of {cfg.epochs})", leave=False, disable=None)
     start, every = time.time(), max(n_batches // 10, 1)
     last_line = start
     for step, batch in enumerate(bar):
         if bar.disable and step % every == 0 and time.time() - last_line >= 30:  # no bar (not a terminal)
             last_line = time.time()
-            trainer.log.info("epoch %d: %d/%d batches, %.0fs%s", epoch, step, n_batches, last_line - start,
+            left = f", about {duration_text((last_line - start) / step * (n_batches - step))} left in it" if step else ""
+            trainer.log.info("epoch %d (%d of %d): %d/%d batches, %s%s%s", epoch, epoch + 1, cfg.epochs, step,
+                             n_batches, duration_text(last_line - start), left,
                              f", loss {float(sums['loss']) / step:.4f}" if step else "")  # step 0: a slow first batch
         batch = to_device(batch, device)
         anchors += batch["labels"].shape[0]
@@ -432,25 +455,6 @@ def step_losses(model, batch: dict, criteria: dict, config, heads: bool = True, 
     return loss, losses, out
 
 
-def average_over_ranks(stats: EpochStats) -> EpochStats:
-    """An epoch's statistics over all processes: losses and the gradient norm averaged, counts and work
-    summed; unchanged in one process."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return stats
-    means = sorted(stats.losses) + (["grad_norm"] if stats.grad_norm is not None else [])
-    sums = sorted(stats.fallbacks) + sorted(stats.work) + ["seconds"]
-    values = torch.tensor([float(stats.losses.get(k, stats.grad_norm)) for k in means]
-                          + [float(stats.fallbacks.get(k, stats.work.get(k, stats.seconds))) for k in sums],
-                          dtype=torch.float64)
-    dist.all_reduce(values)
-    world = dist.get_world_size()
-    mean = dict(zip(means, (v / world for v in values[:len(means)].tolist())))
-    total = dict(zip(sums, values[len(means):].tolist()))
-    return EpochStats({k: mean[k] for k in stats.losses}, mean.get("grad_norm"),
-                      {k: int(total[k]) for k in stats.fallbacks}, {k: int(total[k]) for k in stats.work},
-                      total["seconds"] / world)
-
-
 def end_epoch(trainer: Trainer, progress: Progress, epoch: int, phase: str, stats: EpochStats,
               start: float) -> Progress:
     """Validate, select on val macro-MCC (after the warm start), write last.pt (holding the metrics rows so
@@ -477,15 +481,18 @@ def end_epoch(trainer: Trainer, progress: Progress, epoch: int, phase: str, stat
     checkpoint = {"model": model_state, "optimizer": optimizer_state, "scheduler": trainer.scheduler.state_dict(),
                   "scaler": trainer.scaler.state_dict(), **asdict(progress), "rng": rng_state(),
                   "config": config.to_dict(), "arch": backbone_arch(model.backbone), "classes": CLASSES,
-                  "distance_map": trainer.distance_map, "history": trainer.history + [record]}
-    commit_epoch(trainer.run_dir, checkpoint, improved)
-    trainer.history = checkpoint["history"]
+                  "distance_map": trainer.distance_map, "history": trainer.history + [record],
+                  "provenance": trainer.provenance}
+    with trainer.signals.writing():  # a stop signal waits until the epoch's files agree
+        commit_epoch(trainer.run_dir, checkpoint, improved)
+        trainer.history = checkpoint["history"]
     trainer.tb.epoch(record)
     losses = ", ".join(f"{k} {v:.4f}" for k, v in stats.losses.items() if k.endswith("_loss"))
-    rate = speed_text(speed)
-    trainer.log.info("epoch %d (%s): loss %.4f (%s) val macro-F1 %.4f macro-MCC %.4f%s (%.1fs; %s)", epoch, phase,
-                     stats.losses["loss"], losses, val["macro_f1"], val["macro_mcc"], " *" if improved else "",
-                     record["time_s"], rate)
+    epochs, times = config.train.epochs, [r["time_s"] for r in trainer.history if "time_s" in r]
+    left = f"; about {duration_text(sum(times) / len(times) * (epochs - epoch - 1))} left" if epoch + 1 < epochs else ""
+    trainer.log.info("epoch %d (%d of %d, %s): loss %.4f (%s) val macro-F1 %.4f macro-MCC %.4f%s (%.1fs; %s%s)",
+                     epoch, epoch + 1, epochs, phase, stats.losses["loss"], losses, val["macro_f1"], val["macro_mcc"],
+                     " *" if improved else "", record["time_s"], speed_text(speed), left)
     return progress
 
 

@@ -51,21 +51,57 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def setup_logging(run_dir=None, quiet: bool = False) -> logging.Logger:
-    """The 'mutarget' logger: stderr, plus run_dir/train.log; quiet (non-main processes): warnings only."""
+def duration_text(seconds: float) -> str:
+    """Seconds as a person reads them: '45s', '12m05s', '3h07m'."""
+    seconds = max(int(round(seconds)), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+LOG_DATE = "%Y-%m-%d %H:%M:%S%z"  # train.log and stderr: the date, the time and the UTC offset
+
+
+def setup_logging(run_dir=None, quiet: bool = False, hold: bool = False, carry: bool = True) -> logging.Logger:
+    """The 'mutarget' logger: stderr, plus run_dir/train.log; quiet (non-main processes): warnings only.
+    hold: also keep the records in memory until a later setup_logging(run_dir) writes them to train.log
+    first (a run's folder is written only once every check has passed, but its log starts at the start);
+    carry=False: a new run, the records held before (of a run that failed in-process) are dropped."""
     log = logging.getLogger("mutarget")
+    held = [r for h in log.handlers if isinstance(h, _Held) for r in h.records] if carry else []
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.handlers.clear()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    fmt = logging.Formatter(LOG_FORMAT, LOG_DATE)
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(fmt)
     log.addHandler(stream)
     if run_dir is not None:
         file = _LogFile(Path(run_dir) / "train.log")
         file.setFormatter(fmt)
+        for record in held:
+            file.handle(record)
         log.addHandler(file)
+    elif hold and not quiet:
+        keeper = _Held()
+        keeper.records = held
+        log.addHandler(keeper)
     log.propagate = False
     return log
+
+
+class _Held(logging.Handler):
+    """Records kept for train.log until its folder may be written (at most 10,000)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record) -> None:
+        if len(self.records) < 10_000:
+            self.records.append(record)
 
 
 class _LogFile(logging.FileHandler):
@@ -76,13 +112,15 @@ class _LogFile(logging.FileHandler):
         pass
 
 
-def log_to_file(message: str) -> None:
-    """An ERROR line in the run's train.log only (not on stderr, which the caller has written); nothing
-    when no train.log is open."""
+def log_to_file(message: str, level: int = logging.ERROR) -> None:
+    """A line in the run's train.log only (not on stderr, which has it already, or need not): written, or held
+    until train.log opens (setup_logging's hold); nothing when neither."""
     log = logging.getLogger("mutarget")
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    if not log.isEnabledFor(level):
+        return
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
     for handler in log.handlers:
-        if isinstance(handler, _LogFile):
+        if isinstance(handler, (_LogFile, _Held)):
             handler.handle(record)
 
 

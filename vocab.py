@@ -13,6 +13,26 @@ CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
 SITE_CLASSES = ["SIGNAL", "Mitochondrion", "chloroplast", "Thylakoid", "ER", "Peroxisome"]
 SEGMENT_CLASSES = ["Nucleus", "Nucleus_export"]
 NUM_CLASSES = len(CLASSES)
+NO_SIGNAL = "Other"  # upstream's class 0: a protein without any class, so named in every output
+
+# Where predict.py's outputs may place a signal, from the real MUTarget data (5283 proteins; recomputed by
+# tests/test_signals.py). Each window = the largest figure in the data + max(4, 20%) residues, rounded up to 5.
+# Site: the residue the class's track is trained to peak at (data.build_targets).
+ER_WINDOW = 10  # ER site within the last 10 residues: all 146 ER motifs end at the C-terminus, site <= 4th last
+PTS1_WINDOW = 15  # Peroxisome PTS1 site within the last 15 residues: the 46 annotations not from residue 1 that end
+# in the last tenth have their site (first residue) <= 11th last (ATM's SRL, 3046 of 3056); of the 62 Peroxisome
+# sites only PMP34's internal 190 of 307 (O43808, O70579) lies in neither window
+PTS2_WINDOW = 70  # Peroxisome PTS2 site within residues 1-70: <= 58 (PTS2 annotations from residue 1 end at 7-58)
+# Nucleus / Nucleus_export segments (runs of residue probability > 0.5): runs at most SEGMENT_MERGE_GAP residues
+# apart are merged (the smallest gap between two NES annotations of one protein is 4 residues; 4 of the 191 gaps
+# between NLS annotations are <= 3), then runs shorter than the class's shortest annotation are dropped.
+SEGMENT_MERGE_GAP = 3
+SEGMENT_MIN_LENGTH = {"Nucleus": 2, "Nucleus_export": 4}
+# Shortest training protein and shortest annotated signal of each class (1-based inclusive spans): a protein
+# shorter than these gets a warning in the outputs.
+MIN_TRAINING_LENGTH = 28
+MIN_SIGNAL_LENGTH = {"ER": 3, "Peroxisome": 3, "Mitochondrion": 6, "SIGNAL": 7, "Nucleus": 2, "Nucleus_export": 4,
+                     "chloroplast": 10, "Thylakoid": 16}
 
 # ESM-1b / ESM-2 alphabet, in token-id order: fair-esm's Alphabet "ESM-1b", the same as Hugging Face's vocab.txt.
 TOKENS = ["<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO", ".", "-", "<null_1>", "<mask>"]

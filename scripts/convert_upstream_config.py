@@ -467,7 +467,7 @@ def ordered(tree: dict, defaults: dict, prefix: str = "") -> list[tuple[str, obj
 def render(c: Conversion, source: str) -> str:
     """OUT.yaml: header, the untranslated keys as comments, then the keys with their sources."""
     lines = [f"# Converted from the upstream MUTarget config {source} by scripts/convert_upstream_config.py.",
-             "# Keys not set here take this project's defaults (README, Configuration reference).",
+             "# Keys not set here take this project's defaults (docs/configuration.md).",
              "# Upstream keys not translated:"]
     by_reason: dict = {}
     for key, reason in c.dropped.items():

@@ -4,7 +4,9 @@ python scripts/cv.py --config CONFIG --folds 0 1 2 3 4 [--seeds 0 1 2] --out DIR
 
 Each (fold, seed) trains with `data.fold`, `seed` and `run_dir = DIR/runs/fold{F}_seed{S}` set, and is
 evaluated on its own test partition (train.py's final test, best epoch by validation macro-MCC).
-A run directory that already holds test_metrics.json is reused, so an interrupted CV continues.
+A run directory that already holds test_metrics.json is reused, one holding checkpoints/last.pt is resumed
+(train.py --resume), and one stopped before its first epoch ended starts again (--overwrite), so an interrupted
+CV continues.
 Writes DIR/cv_summary.json:
   {"config", "overrides", "runs": [{"fold", "seed", "run_dir", "wall_s", "best_epoch", <metrics>}],
    "mean": {<metrics>}, "std": {<metrics>}}
@@ -162,8 +164,10 @@ def main(argv=None) -> int:
             wall_file = run_dir / "wall_s.txt"
             if not result.is_file():
                 start = time.time()
-                code = train.main(["--config", args.config, "--set", *args.set, f"data.fold={fold}", f"seed={seed}",
-                                   f"run_dir={run_dir}"])
+                last = run_dir / "checkpoints" / "last.pt"  # a fold that stopped: continued; one without an epoch: anew
+                code = train.main(["--resume", str(last)] if last.is_file() else
+                                  ["--config", args.config, "--set", *args.set, f"data.fold={fold}", f"seed={seed}",
+                                   f"run_dir={run_dir}", "--overwrite"])
                 if code != 0:
                     return code
                 write_text_atomic(wall_file, f"{time.time() - start:.1f}\n")

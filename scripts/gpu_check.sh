@@ -10,6 +10,7 @@
 #                            and the data folder (../shared/data/mutarget or $DATA_ROOT): the steps that lack them
 #                            are recorded as skipped; when nothing can run, exit 2
 #   test_packing, test_...   python -m pytest on tests/test_packing.py and on every test file that needs CUDA
+#                            (pytest comes with requirements-test.txt, the README's install command for the tests)
 #                            (the files that call cuda.is_available), one step per file
 #   bench_load               scripts/bench_real.py writes a random ESM-2 650M into $BENCH_DIR (once) and times
 #                            loading it in both formats

@@ -138,8 +138,8 @@ def test_checkpoint_without_the_fields_predicts_as_before(tmp_path, capsys):
     for r, row in zip(json.loads(out.read_text()), distances):
         cen = r["centroid"]
         assert [cen["distances"][c] for c in CLASSES] == pytest.approx(row, abs=2e-4)
-        assert cen["threshold"] == cen["predicted"] == [c for c, d, t in zip(CLASSES, row, fitted["thresholds"])
-                                                        if d <= t]
+        assert cen["threshold"] == cen["predicted"] == ([c for c, d, t in zip(CLASSES, row, fitted["thresholds"])
+                                                         if d <= t] or ["Other"])
         assert cen["maxsep"] == [c for c, h in zip(CLASSES, space.max_separation(row[None])[0]) if h]
         assert cen["pvalue"] is cen["p_value"] is cen["confidence"] is cen["p_values"] is None
     header, *rows = [line.split("\t") for line in tsv.read_text().splitlines()]
@@ -196,19 +196,20 @@ def test_predict_pvalue_rule_end_to_end(supcon_run, tmp_path, capsys):
         assert cen["rule"] == "pvalue" and cen["p_value"] == float(fitted["p_value"])
         assert [cen["p_values"][c] for c in CLASSES] == pytest.approx(p, rel=1e-3)
         assert [cen["confidence"][c] for c in CLASSES] == pytest.approx(conf, abs=2e-4)
-        assert cen["predicted"] == cen["pvalue"] == [c for c, v in zip(CLASSES, p) if v <= fitted["p_value"]]
+        assert cen["predicted"] == cen["pvalue"] == ([c for c, v in zip(CLASSES, p) if v <= fitted["p_value"]]
+                                                     or ["Other"])
         cells = dict(zip(header, row))
         assert cells["centroid_pvalue"] == ",".join(cen["pvalue"]) and cells["centroid_predicted"] == cells[
             "centroid_pvalue"]
         assert [float(cells[f"centroid_pvalue_{c}"]) for c in CLASSES] == pytest.approx(p, rel=1e-3)
         assert [float(cells[f"centroid_confidence_{c}"]) for c in CLASSES] == pytest.approx(conf, abs=2e-4)
-        called += len(cen["pvalue"])
+        called += cen["pvalue"] != ["Other"]
     assert called > 0 and gff3.read_text().count("\tMUTarget-centroid\t") > 0 and ";p_value=" in gff3.read_text()
     code, err = run(capsys, "--checkpoint", ckpt, "--fasta", fasta, "--out", out, "--method", "both",
                     "--space", "pooled", "--p-value", "0.5", "--device", "cpu")
     first = json.loads(out.read_text())[0]["centroid"]
     assert code == 0 and first["p_value"] == 0.5 and first["rule"] == "threshold", err
-    assert first["pvalue"] == [c for c in CLASSES if first["p_values"][c] <= 0.5]
+    assert first["pvalue"] == ([c for c in CLASSES if first["p_values"][c] <= 0.5] or ["Other"])
     for bad in ("1.5", "0", "nan"):
         code, err = run(capsys, "--checkpoint", ckpt, "--fasta", fasta, "--out", tmp_path / "bad.json", "--method",
                         "centroid", "--p-value", bad, "--device", "cpu")

@@ -385,10 +385,10 @@ def test_run_dir_and_data_root_at_files_name_the_key(tmp_path, capsys, monkeypat
         assert_clean_error(code, err, f"error: {source}: {key}: {value}", what)
         assert blocker.read_text() == "keep me" and not (tmp_path / "run").exists()
         assert not (tmp_path / "data").exists()
-    monkeypatch.chdir(tmp_path)  # a relative path: the message says from which folder
+    monkeypatch.chdir(tmp_path)  # a relative path: the message says so, and which absolute path it stands for
     code, err, _ = main_exit(tmp_path, capsys, sets=[f"{key}=blocker"])
     assert_clean_error(code, err, f"error: --set {key}=blocker: {key}: blocker is a file",
-                       f"a relative path: from the current folder, {tmp_path}")
+                       f"(relative to the current directory: {tmp_path / 'blocker'})")
 
 
 def test_data_root_at_a_file_is_named_by_the_data_reader(tmp_path):
@@ -428,8 +428,9 @@ def test_progress_line_before_the_first_step(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="test_progress"):
         stats = train.train_epoch(trainer, 0)
     assert [r.getMessage() for r in caplog.records] == [  # the clock is read twice a batch
-        "epoch 0: 0/3 batches, 200s", "epoch 0: 1/3 batches, 400s, loss 2.0000",
-        "epoch 0: 2/3 batches, 600s, loss 2.0000"]
+        "epoch 0 (1 of 2): 0/3 batches, 3m20s",
+        "epoch 0 (1 of 2): 1/3 batches, 6m40s, about 13m20s left in it, loss 2.0000",  # 400 s a batch, 2 to go
+        "epoch 0 (1 of 2): 2/3 batches, 10m00s, about 5m00s left in it, loss 2.0000"]
     assert stats.losses["loss"] == 2.0 and len(steps) == 3
 
 

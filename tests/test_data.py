@@ -1,5 +1,7 @@
 """Targets, windows, folds, datasets and bad input of data.py."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import REAL_DATA
@@ -200,6 +202,55 @@ def test_fasta_parsing(tmp_path):
         data.read_fasta(path)
 
 
+
+
+def test_every_bad_record_is_listed_with_its_file_and_line(tmp_path):
+    """One run names every bad record of every data file (CSV rows, FASTA records, partition rows), each with its
+    file, line and id, instead of stopping at the first; the good records around them are read as before."""
+    rows = [GOOD, "P2,1-5SIGNAL,x,MKTAYIAKQR", ",,x,MKTAYIAKQR", "P3,,x,MKTJY", GOOD.replace("P1", "P4"), GOOD]
+    root = write_dataset(tmp_path / "d", rows, partition=["P1", "P2", "P3", "P4", "P5"])
+    (root / "partition.csv").write_text("entry,type,group,partition\nP1,S,0,0\nP2,S,0,1\nP3,S,0,5\nP4,S,0,2\n"
+                                        "P4,S,0,3\nD1,S,0,4\n")
+    (root / "dual.fasta").write_text(">D1 1-3:dual\nMKTA\n>\nMKT\n>D2\nMK1\n")
+    with pytest.raises(DataError) as err:
+        data.load_proteins(root)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"the data under {root}: 8 problems (fix them all, then run again):"
+    csv, fasta, part = root / "X_uniprot.csv", root / "dual.fasta", root / "partition.csv"
+    expected = [f"{csv}: line 3, entry 'P2': MOTIF part '1-5SIGNAL' does not parse", f"{csv}: line 4: empty Entry",
+                f"{csv}: line 5, entry 'P3': invalid residue(s) 'J'", f"{csv}: line 7, entry 'P1': duplicate entry "
+                "(first at line 2)", f"{fasta}: line 3: header without an identifier",
+                f"{fasta}: line 5, record 'D2': invalid residue(s) '1'", f"{part}: line 4, entry 'P3': partition "
+                "'5' is not one of 0-4", f"{part}: line 6, entry 'P4': duplicate entry (first at line 5)"]
+    assert len(lines) == 1 + len(expected)
+    for line, start in zip(lines[1:], expected):
+        assert line.startswith("  " + start), (line, start)
+
+
+def test_bad_records_beyond_the_limit_are_counted(tmp_path):
+    """A file of thousands of bad records gives one message of MAX_LISTED lines and a count, not thousands."""
+    bad = [f"Q{i},,x,MK1" for i in range(data.MAX_LISTED + 7)]
+    path = tmp_path / "many.csv"
+    path.write_text("Entry,MOTIF,Sequence\n" + "".join(f"{r.replace(',x', '')}\n" for r in [GOOD] + bad))
+    with pytest.raises(DataError) as err:
+        data.read_csv_file(path)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{path}: {len(bad)} problems (fix them all, then run again):"
+    assert len(lines) == 1 + data.MAX_LISTED + 1 and lines[-1] == "  ... and 7 more"
+    assert lines[1].startswith(f"  {path}: line 3, entry 'Q0': invalid residue(s) '1'")
+
+
+def test_relative_paths_in_errors_name_the_absolute_path(tmp_path, monkeypatch):
+    """A relative data.root or input file that is not there: the message says the path is relative to the current
+    directory and which absolute path that made."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=rf"^data.root: nope is not a folder \(it does not exist; relative to the "
+                                        rf"current directory: {tmp_path / 'nope'}\)$"):
+        data.load_proteins("nope")
+    for read, name in ((data.read_fasta, "in.fa"), (data.read_csv_file, "in.csv")):
+        with pytest.raises(DataError) as err:
+            read(Path(name))
+        assert str(err.value) == f"{name}: file not found (relative to the current directory: {tmp_path / name})"
 
 
 # ---------------------------------------------------------------- hostile or damaged files

@@ -131,7 +131,8 @@ def test_torchrun_then_resume_in_one_process(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = tmp_path / "run"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "train.log"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "run.json",
+                                                         "train.log"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.pt"]  # warm start: no best yet
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0]  # written once, by the main process

@@ -2,7 +2,11 @@
 byte-order marks."""
 import os
 
+import pytest
 from helpers import check_failure, records_of, run, write_fasta
+
+import inputs
+from data import DataError
 
 
 def test_duplicate_ids(tmp_path, ckpts, capsys):
@@ -84,3 +88,34 @@ def test_an_over_long_id_is_refused_before_prediction(tmp_path, ckpts, capsys):
     fasta = write_fasta(tmp_path / "fine.fa", [("ok", "MKLV"), ("y" * 1000, "MKLV")])
     code, _ = run(capsys, "--checkpoint", ckpts["a"], "--fasta", fasta, "--out", tmp_path / "out.json")
     assert code == 0 and [r["id"] for r in records_of(tmp_path / "out.json")] == ["ok", "y" * 1000]
+
+
+def test_one_error_lists_every_bad_record(tmp_path):
+    """The checking pass reads to the end and names every bad record (id, sequence, label, duplicate) with its
+    line, in one error; with skip_invalid the invalid sequences are skipped and only the others are listed."""
+    fasta = tmp_path / "bad.fa"
+    fasta.write_text(">ok\nMKLV\n>\nMKV\n>broken\nMKJLV\n>hollow\n>ok\nMKW\n>fine\nMKV\n")
+    with pytest.raises(DataError) as err:
+        inputs.scan(inputs.Source(fasta, "fasta"))
+    assert str(err.value).splitlines() == [
+        f"{fasta}: 4 problems (fix them all, then run again):",
+        f"  {fasta}: line 3: header without an identifier",
+        f"  {fasta}: line 5, record 'broken': invalid residue(s) 'J' (first at position 3); allowed: "
+        "LAGVSERTIDPKQNFYMHWCXBUZO (lowercase and one trailing '*' are accepted)",
+        f"  {fasta}: line 7, record 'hollow': empty sequence",
+        f"  {fasta}: line 8, record 'ok': duplicate record id (first at line 1)"]
+    with pytest.raises(DataError) as err:
+        inputs.scan(inputs.Source(fasta, "fasta", skip_invalid=True))
+    assert [line.split(": ", 2)[-1] for line in str(err.value).splitlines()[1:]] == [
+        "header without an identifier", "duplicate record id (first at line 1)"]
+    csv = tmp_path / "bad.csv"
+    csv.write_text("Entry,MOTIF,Sequence\nQ1,,MKV\nQ2,1-9:SIGNAL,MKL\nQ3,,MK1\nQ1,,MKW\n")
+    with pytest.raises(DataError) as err:
+        inputs.scan(inputs.Source(csv, "csv", skip_invalid=True))
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{csv}: 2 problems (fix them all, then run again):"
+    assert lines[1].startswith(f"  {csv}: line 3, entry 'Q2': MOTIF part '1-9:SIGNAL' lies outside the sequence")
+    assert lines[2] == f"  {csv}: line 5, entry 'Q1': duplicate entry (first at line 2)"
+    fasta.write_text(">ok\nMKLV\n>broken\nMKJLV\n")
+    scan = inputs.scan(inputs.Source(fasta, "fasta", skip_invalid=True))
+    assert scan.n_valid == 1 and [(s.entry, s.line) for s in scan.skipped] == [("broken", 3)]

@@ -7,6 +7,8 @@ import numpy as np
 from helpers import proteome, random_seq, records_of, run, write_fasta
 
 import outputs
+import stream
+from vocab import NO_SIGNAL
 
 SO_TERMS = {"signal_peptide": "SO:0000418", "transit_peptide": "SO:0000725", "ER_retention_signal": "SO:0001806",
             "peptide_localization_signal": "SO:0001527", "nuclear_localization_signal": "SO:0001528",
@@ -19,10 +21,13 @@ SEQID = re.compile(r"^(?:[a-zA-Z0-9.:^*$@!+_?|-]|%[0-9A-Fa-f]{2})+$")  # spec: e
 VALUE = re.compile(r"^(?:[^;=&,%\t\n\r\x00-\x1f\x7f]|%[0-9A-Fa-f]{2})+$")  # column 9 tag / value
 
 
-def check_gff3(text: str, lengths: dict) -> list[tuple]:
+COMMENT = re.compile(r"^# (\S+): (?:Other \(no signal predicted by MUTarget(?:-centroid)?\)|warning: .+)$")
+
+
+def check_gff3(text: str, lengths: dict, comments: list | None = None) -> list[tuple]:
     """Check a GFF3 file against the specification (gff3.md of The-Sequence-Ontology/Specifications);
-    `lengths` maps sequence ids (unescaped) to lengths. Returns (id, source, type, start, end, score or None
-    for '.', attributes)."""
+    `lengths` maps sequence ids (unescaped) to lengths; the comment lines (gff3_comments) go to `comments`.
+    Returns (id, source, type, start, end, score or None for '.', attributes)."""
     assert text.endswith("\n")
     lines = text[:-1].split("\n")
     assert re.fullmatch(r"##gff-version 3(\.\d+){0,2}", lines[0]), lines[0]
@@ -35,7 +40,13 @@ def check_gff3(text: str, lengths: dict) -> list[tuple]:
                 assert SEQID.match(seqid) and seqid not in regions  # one per sequence
                 regions[seqid] = (int(start), int(end))
             continue
-        assert not line.startswith("#") and line.strip(), line
+        if line.startswith("#"):
+            match = COMMENT.match(line)
+            assert match and SEQID.match(match.group(1)), line
+            if comments is not None:
+                comments.append(line)
+            continue
+        assert line.strip(), line
         columns = line.split("\t")
         assert len(columns) == 9, line
         seqid, source, kind, start, end, score, strand, phase, attributes = columns
@@ -67,16 +78,21 @@ def test_gff3_follows_the_specification(tmp_path, ckpts, capsys):
     code, err = run(capsys, "--checkpoint", ckpts["a"], ckpts["b"], "--csv", csv, "--gff3", gff, "--out", out,
                     "--tsv", tsv, "--device", "cpu", "--chunk-size", 4)
     assert code == 0, err
-    lengths = {i: len(s) for i, s in pairs}
-    features = check_gff3(gff.read_text(encoding="utf-8"), lengths)
+    lengths, comments = {i: len(s) for i, s in pairs}, []
+    features = check_gff3(gff.read_text(encoding="utf-8"), lengths, comments)
     records = records_of(out)
     assert len(features) > 20 and {f[0] for f in features} >= {"we;ird=id,a&b%c", ">starts_with_gt", "tab\there"}
     expected = [(r["id"], src, kind, s, e, round(p, 4), a) for r in records
                 for src, kind, s, e, p, a in outputs.gff3_features(r)]
     assert [(n, src, k, s, e, round(p, 4), a) for n, src, k, s, e, p, a in features] == expected
+    assert comments == [line for r in records for line in outputs.gff3_comments(r)]
     for name, source, kind, start, end, score, attributes in features:
         record = records[[r["id"] for r in records].index(name)]
-        assert attributes["class"] in record["predicted"] and score == record["probabilities"][attributes["class"]]
+        c = attributes["class"]
+        assert c in record["predicted"] and float(attributes["class_probability"]) == record["probabilities"][c]
+        own = ([record["site_scores"][c]] if c in record["sites"]
+               else [p for (s, e), p in zip(record["segments"][c], record["segment_scores"][c]) if (s, e) == (start, end)])
+        assert own == [score]  # the feature's own residue probability
     assert tsv.read_text(encoding="utf-8").count("tab%09here") == 1  # TSV cells escape tabs too
 
 
@@ -84,24 +100,55 @@ def test_gff3_features_hand_worked():
     record = {"id": "X", "length": 100, "predicted": ["ER", "Peroxisome", "SIGNAL", "Nucleus", "Nucleus_export"],
               "probabilities": {"ER": 0.61, "Peroxisome": 0.7, "SIGNAL": 0.9876, "Nucleus": 0.55, "Nucleus_export": 0.5},
               "sites": {"ER": 97, "Peroxisome": 12, "SIGNAL": 23},
-              "segments": {"Nucleus": [[30, 35], [60, 60]], "Nucleus_export": []}}
+              "site_scores": {"ER": 0.4, "Peroxisome": 0.35, "SIGNAL": 0.81},
+              "segments": {"Nucleus": [[30, 35], [60, 61]], "Nucleus_export": []},
+              "segment_scores": {"Nucleus": [0.7, 0.52], "Nucleus_export": []}, "warnings": []}
+    p = {c: {"class_probability": f"{v:.4f}"} for c, v in record["probabilities"].items()}
     assert outputs.gff3_features(record) == [
-        ("MUTarget", "peptide_localization_signal", 1, 12, 0.7, {"class": "Peroxisome", "signal": "PTS2"}),
-        ("MUTarget", "signal_peptide", 1, 23, 0.9876, {"class": "SIGNAL"}),
-        ("MUTarget", "nuclear_localization_signal", 30, 35, 0.55, {"class": "Nucleus"}),
-        ("MUTarget", "nuclear_localization_signal", 60, 60, 0.55, {"class": "Nucleus"}),
-        ("MUTarget", "ER_retention_signal", 97, 100, 0.61, {"class": "ER"})]
-    record["sites"]["Peroxisome"] = 98  # C-terminal half: PTS1, from its first residue to the end
-    assert outputs.gff3_features(record)[-1] == ("MUTarget", "peptide_localization_signal", 98, 100, 0.7,
-                                                 {"class": "Peroxisome", "signal": "PTS1"})
-    # centroid prediction's features: their own source, no score, the distance in the attributes
+        ("MUTarget", "peptide_localization_signal", 1, 12, 0.35, {"class": "Peroxisome", "signal": "PTS2",
+                                                                  **p["Peroxisome"]}),
+        ("MUTarget", "signal_peptide", 1, 23, 0.81, {"class": "SIGNAL", **p["SIGNAL"]}),
+        ("MUTarget", "nuclear_localization_signal", 30, 35, 0.7, {"class": "Nucleus", **p["Nucleus"]}),
+        ("MUTarget", "nuclear_localization_signal", 60, 61, 0.52, {"class": "Nucleus", **p["Nucleus"]}),
+        ("MUTarget", "ER_retention_signal", 97, 100, 0.4, {"class": "ER", **p["ER"]})]
+    record["sites"]["Peroxisome"] = 98  # in the last 15 residues: PTS1, from its first residue to the end
+    assert outputs.gff3_features(record)[-1] == ("MUTarget", "peptide_localization_signal", 98, 100, 0.35,
+                                                 {"class": "Peroxisome", "signal": "PTS1", **p["Peroxisome"]})
+    # centroid prediction's features: their own source, the distance in the attributes
     record["centroid"] = {"space": "pooled", "rule": "maxsep", "distances": {"SIGNAL": 0.25}, "predicted": ["SIGNAL"],
-                          "sites": {"SIGNAL": 20}, "segments": {}}
-    assert ("MUTarget-centroid", "signal_peptide", 1, 20, None,
+                          "sites": {"SIGNAL": 20}, "site_scores": {"SIGNAL": 0.66}, "segments": {}, "segment_scores": {}}
+    assert ("MUTarget-centroid", "signal_peptide", 1, 20, 0.66,
             {"class": "SIGNAL", "distance": "0.2500", "rule": "maxsep", "space": "pooled"}) in outputs.gff3_features(record)
     assert outputs.gff3_seqid("sp|P1|A_B.1") == "sp|P1|A_B.1"
     assert outputs.gff3_seqid(">a b%é~") == "%3Ea%20b%25%C3%A9%7E"
     assert outputs.gff3_value("a;b=c&d,e%f\tg h") == "a%3Bb%3Dc%26d%2Ce%25f%09g h"
+
+
+def test_no_signal_reads_other_in_every_output(tmp_path, ckpts, capsys, monkeypatch):
+    """A protein without calls (thresholds above any probability): 'Other' in the TSV's predicted cell, the JSON's
+    predicted list, a GFF3 comment and the plot title, all from vocab.NO_SIGNAL; the 3-residue 'MKL' also gets its
+    warning in the JSON, the TSV's last column and a GFF3 comment."""
+    from matplotlib.figure import Figure
+    monkeypatch.setattr(stream, "ensemble_thresholds", lambda members, tuned: np.full(8, 2.0))
+    titles, real = [], Figure.suptitle
+    monkeypatch.setattr(Figure, "suptitle", lambda self, text, **kw: titles.append(text) or real(self, text, **kw))
+    fasta = write_fasta(tmp_path / "in.fa", [("none", "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEV"), ("MKL", "MKL")])
+    out, tsv, gff = tmp_path / "o.json", tmp_path / "o.tsv", tmp_path / "o.gff3"
+    code, err = run(capsys, "--checkpoint", ckpts["a"], "--fasta", fasta, "--out", out, "--tsv", tsv, "--gff3", gff,
+                    "--plot-dir", tmp_path / "plots", "--plot-ids", "none", "--device", "cpu")
+    assert code == 0, err
+    warning = "shorter than any training protein (28 residues)"
+    records = records_of(out)
+    assert [r["predicted"] for r in records] == [[NO_SIGNAL]] * 2 == [["Other"]] * 2
+    assert [(r["sites"], r["segments"], r["warnings"]) for r in records] == [({}, {}, []), ({}, {}, [warning])]
+    header, *rows = [line.split("\t") for line in tsv.read_text().splitlines()]
+    assert [row[header.index("predicted")] for row in rows] == ["Other", "Other"]
+    assert header[-1] == "warnings" and [row[-1] for row in rows] == ["", warning]
+    assert gff.read_text() == ("##gff-version 3\n# none: Other (no signal predicted by MUTarget)\n"
+                               f"# MKL: Other (no signal predicted by MUTarget)\n# MKL: warning: {warning}\n")
+    assert titles == ["none  (32 residues; predicted: Other)"]
+    assert err.splitlines()[-4:] == [f"wrote {out}: per-protein records (JSON)", f"wrote {tsv}: one line per protein (TSV)",
+                                     f"wrote {gff}: signal features (GFF3)", f"wrote {tmp_path / 'plots'}: 1 plot(s) (PNG)"]
 
 
 def test_plot_names():

@@ -61,6 +61,14 @@ def test_exported_ensemble_predicts_byte_for_byte_as_its_checkpoints(two_checkpo
     null = first["centroids"]["pooled"]["null_distances"]  # the confidence fields travel too; the null as base64
     assert set(null) == {"shape", "float32_base64"} and null["shape"][0] == 8 and len(first["centroids"]["pooled"][
         "mixture_means"][0]) == 2 and 0 < first["centroids"]["pooled"]["p_value"] < 1
+    text = (folder / "model.json").read_text()  # provenance and test figures, no local path of the exporter
+    assert str(two_checkpoints[0].parents[2]) not in text and str(tmp_path) not in text
+    test_metrics = json.loads((two_checkpoints[0].parents[1] / "test_metrics.json").read_text())
+    assert first["source"] == "run/checkpoints/best.pt" and first["config"]["run_dir"] == "run"
+    assert first["test"]["threshold_0.5"]["macro_f1"] == test_metrics["macro_f1"]
+    assert first["test"]["tuned"]["macro_mcc"] == test_metrics["tuned"]["macro_mcc"]
+    run = json.loads((two_checkpoints[0].parents[1] / "run.json").read_text())
+    assert first["provenance"]["code"] == run["code"] and first["provenance"]["versions"] == run["versions"]
     from safetensors.torch import load_file
     exported, trained = load_file(folder / "member1.safetensors"), torch.load(two_checkpoints[1], weights_only=True)
     assert exported.keys() == trained["model"].keys()
