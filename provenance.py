@@ -45,8 +45,9 @@ def code_version() -> dict:
         def git(*args):
             return subprocess.run(["git", "-C", str(PROJECT), *args], capture_output=True, text=True, timeout=10,
                                   check=True).stdout.strip()
-        version = {"git_commit": git("rev-parse", "HEAD"),
-                   "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")), **version}
+        if Path(git("rev-parse", "--show-toplevel")).resolve() == PROJECT:  # not a copy inside another repository
+            version = {"git_commit": git("rev-parse", "HEAD"),
+                       "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")), **version}
     except (OSError, subprocess.SubprocessError):
         pass  # no git, or not a checkout
     return version
@@ -102,12 +103,12 @@ def weights_info(encoder_cfg) -> dict:
             "files": {f: {"bytes": (path / f).stat().st_size, "sha256": sha256_of(path / f)} for f in files}}
 
 
-def distance_map_info(config, resumed: bool) -> dict | None:
+def distance_map_info(config, from_checkpoint: bool) -> dict | None:
     """Where supcon's hard-negative distance map came from (contrast.setup_supcon's order), or None without one."""
     sc = config.supcon
     if not (sc.apply and sc.loss == "hard" and sc.hard_neg):
         return None
-    if resumed:
+    if from_checkpoint:
         return {"origin": "checkpoint", "note": "the map stored in the resumed checkpoint"}
     if sc.distance_map is not None:
         path = Path(sc.distance_map)
@@ -115,35 +116,47 @@ def distance_map_info(config, resumed: bool) -> dict | None:
     return {"origin": "built", "note": "from the initial model's pooled embeddings of the training split"}
 
 
-def collect(argv: list, config, device: torch.device, processes: int, resumed_from=None,
-            program: str = "train.py") -> dict:
-    """run.json's record of this start of the run: `program` and its arguments `argv` as typed (resumed_from:
-    {'checkpoint': path, 'epoch': the next epoch})."""
-    weights = {"source": "checkpoint", "path": str(Path(resumed_from["checkpoint"]).resolve())} if resumed_from \
-        else weights_info(config.encoder)
-    return {"command": [program, *argv], "cwd": str(Path.cwd()), "started": now(),
-            "host": socket.gethostname(), "code": code_version(), "versions": versions(),
-            "device": device_info(device, processes), "weights": weights,
-            "distance_map": distance_map_info(config, resumed_from is not None), "resumed_from": resumed_from}
-
-
-def public(record: dict) -> dict:
-    """A run.json record without local paths or the host: what a checkpoint and a model folder carry."""
-    weights = {k: v for k, v in (record.get("initial_weights") or record["weights"]).items() if k != "path"}
-    if "checkpoint" in weights.get("asked", {}):
-        weights["asked"] = {**weights["asked"], "checkpoint": Path(weights["asked"]["checkpoint"]).name}
-    distance_map = record["distance_map"] and {k: v for k, v in record["distance_map"].items() if k != "path"}
-    return {"started": record["started"], "code": record["code"], "versions": record["versions"],
-            "device": record["device"], "weights": weights, "distance_map": distance_map}
+def collect(argv: list, config, device: torch.device, processes: int, resume: dict | None = None,
+            resume_path=None, program: str = "train.py") -> dict:
+    """run.json's record of this start of the run: `program` and its arguments `argv` as typed; resume: the
+    checkpoint resumed from (read at resume_path), whose own provenance (if any) says how the run began."""
+    record = {"command": [program, *argv], "cwd": str(Path.cwd()), "started": now(), "host": socket.gethostname(),
+              "code": code_version(), "versions": versions(), "device": device_info(device, processes)}
+    if resume is None:
+        return {**record, "weights": weights_info(config.encoder), "distance_map": distance_map_info(config, False),
+                "resumed_from": None}
+    return {**record, "weights": {"source": "checkpoint", "path": str(Path(resume_path).resolve())},
+            "distance_map": distance_map_info(config, resume.get("distance_map") is not None),
+            "resumed_from": {"checkpoint": str(resume_path), "epoch": resume["epoch"]},
+            "initial": (resume.get("provenance") or {}).get("initial")}
 
 
 def merge(earlier: dict | None, record: dict) -> dict:
     """run.json after this start: the newest start at the top level, the earlier ones (oldest first) in
-    'earlier_starts'; a resumed run keeps the first start's weights record (what the model began from)."""
-    if not earlier:
-        return record
-    starts = earlier.pop("earlier_starts", []) + [earlier]
-    merged = {**record, "earlier_starts": starts}
-    if record["weights"].get("source") == "checkpoint" and starts and starts[0].get("weights"):
-        merged["initial_weights"] = starts[0]["weights"]
-    return merged
+    'earlier_starts', and 'initial': the first start's weights and distance map (what the model began from; on a
+    resume without run.json, as the checkpoint's provenance records them)."""
+    starts = []
+    if earlier:
+        starts = earlier.pop("earlier_starts", []) + [earlier]
+    first = starts[0] if starts else record
+    initial = record.get("initial") if record.get("resumed_from") else None
+    if first.get("resumed_from") is None:
+        initial = {"weights": first["weights"], "distance_map": first["distance_map"]}
+    merged = {**record, "initial": initial}
+    return {**merged, "earlier_starts": starts} if starts else merged
+
+
+def public(record: dict) -> dict:
+    """A run.json record without local paths or the host: what a checkpoint and a model folder carry. Its
+    'initial' weights and distance map are those the run began from."""
+    def strip(tree):
+        if not isinstance(tree, dict):
+            return tree
+        out = {k: v for k, v in tree.items() if k != "path"}
+        if isinstance(out.get("asked"), dict) and out["asked"].get("checkpoint"):
+            out["asked"] = {**out["asked"], "checkpoint": Path(out["asked"]["checkpoint"]).name}
+        return out
+    initial = record.get("initial") or {}
+    return {"started": record["started"], "code": record["code"], "versions": record["versions"],
+            "device": record["device"], "initial": {"weights": strip(initial.get("weights")),
+                                                    "distance_map": strip(initial.get("distance_map"))}}

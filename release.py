@@ -292,9 +292,10 @@ def public_config(config: dict) -> dict:
 
 
 def public_source(name: str) -> str:
-    """The checkpoint a member came from, as a model folder names it: its last three path components
-    (run folder / checkpoints / file), never the exporter's absolute path."""
-    return "/".join(Path(name).parts[-3:])
+    """The checkpoint a member came from, as a model folder names it, never with the exporter's folders:
+    'RUN/checkpoints/FILE' for a checkpoint in a run folder, else the file name alone."""
+    path = Path(name)
+    return "/".join(path.parts[-3:]) if path.parent.name == "checkpoints" and len(path.parts) >= 3 else path.name
 
 
 def write_release(models: Iterable[Trained], out) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -78,11 +79,12 @@ def open_run(run_dir, overwrite: bool, plan=None):
 
 
 def finished(ckpt: dict, epochs: int, patience: int) -> str | None:
-    """Why the run of a checkpoint has nothing left to train (all train.epochs done, or stopped early), or None."""
-    if ckpt["epoch"] >= epochs:
-        return f"train.epochs: {epochs}, all trained"
+    """Why the run of a checkpoint has nothing left to train, with what would let it go on; or None."""
     if ckpt["bad_epochs"] >= patience:
-        return f"it stopped early: no val macro-MCC gain for {patience} epochs (train.patience)"
+        return (f"it stopped early, no val macro-MCC gain for {patience} epochs; to train on raise train.patience "
+                f"(--set train.patience=N)")
+    if ckpt["epoch"] >= epochs:
+        return f"train.epochs: {epochs}, all trained; to train longer raise it (--set train.epochs=N)"
     return None
 
 
@@ -94,8 +96,8 @@ def finished_and_tested(config, ckpt: dict, path, log) -> bool:
         return False
     test = Path(config.run_dir) / "test_metrics.json"
     if test.is_file() and read_json(test, "test metrics", ConfigError).get("best_epoch") == ckpt["best_epoch"]:
-        log.info("%s: the run is finished (%s) and tested: %s. Nothing to do; to train longer raise train.epochs "
-                 "(--set train.epochs=N); to test again delete test_metrics.json", path, why, test)
+        log.info("%s: the run is finished and tested (%s): nothing to do; its results: %s (delete it to test "
+                 "again)", path, why, test)
         return True
     log.info("%s: the run is finished (%s); its final test is not written yet: testing", path, why)
     return False
@@ -113,7 +115,7 @@ def write_run_json(run_dir, record: dict, log) -> dict:
             log.warning("%s is not readable (%s): written anew", path, err)
     merged = provenance.merge(earlier, record)
     write_text_atomic(path, json.dumps(merged, indent=1) + "\n")
-    weights = merged.get("initial_weights") or merged["weights"]
+    weights = (merged.get("initial") or {}).get("weights") or merged["weights"]
     files = ", ".join(f"{n} sha256 {f['sha256'][:12]}..." for n, f in weights.get("files", {}).items())
     log.info("run.json: code %s, torch %s, fair-esm %s on %s; weights %s", merged["code"].get(
         "git_commit", merged["code"]["sources_sha256"])[:12], merged["versions"]["torch"],
@@ -133,7 +135,7 @@ def saved_state(run_dir, history: list, epochs: int) -> str:
     return f"{state}; continue with --resume {last}"
 
 
-def log_results(log, run_dir, result: dict | None, tensorboard: bool) -> None:
+def log_results(log, run_dir, result: dict | None) -> None:
     """The run's last lines: the test figures at threshold 0.5 and at the tuned thresholds (result:
     evaluate.final_test's), and where every output is."""
     run_dir = Path(run_dir)
@@ -143,13 +145,14 @@ def log_results(log, run_dir, result: dict | None, tensorboard: bool) -> None:
         log.info("test at tuned thresholds: macro-F1 %.4f, macro-MCC %.4f (thresholds tuned on validation)",
                  result["tuned"]["macro_f1"], result["tuned"]["macro_mcc"])
     names = ["test_metrics.json", "metrics.jsonl", "checkpoints/best.pt", "checkpoints/last.pt", "config.yaml",
-             "run.json", "train.log"] + (["tensorboard/"] if tensorboard else [])
-    log.info("outputs in %s: %s", run_dir, ", ".join(n for n in names if (run_dir / n.rstrip("/")).exists()))
+             "run.json", "train.log", "distance_map.json", "tensorboard"]
+    log.info("outputs in %s: %s", run_dir, ", ".join(n for n in names if (run_dir / n).exists()))
 
 
 # --------------------------------------------------------------------------- stop signals
-class Stopped(Exception):
-    """A stop signal (SIGTERM from a scheduler or kill, SIGINT from Ctrl-C) arrived; exit status 128 + signal."""
+class Stopped(BaseException):
+    """A stop signal (SIGTERM from a scheduler or kill, SIGINT from Ctrl-C) arrived; exit status 128 + signal.
+    A BaseException, as KeyboardInterrupt: no `except Exception` (a file reader's, say) takes it for an error."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -161,15 +164,20 @@ class StopSignals:
     the end of a `writing()` block that was running when they arrived."""
 
     def __init__(self):
-        self.depth, self.pending, self.previous = 0, None, {}
+        self.depth, self.pending, self.previous, self.pid = 0, None, {}, None
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:  # a forked child (a DataLoader worker): the signal acts as it would by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self.depth:
             self.pending = signum
             return
         raise Stopped(signum)
 
     def __enter__(self):
+        self.pid = os.getpid()
         for signum in (signal.SIGTERM, signal.SIGINT):
             try:
                 self.previous[signum] = signal.signal(signum, self._handle)
@@ -183,15 +191,16 @@ class StopSignals:
 
     @contextlib.contextmanager
     def writing(self):
-        """Files that must be written together: a stop signal waits for the block's end."""
+        """Files that must be written together: a stop signal waits for the block's end (when the block fails,
+        its error goes on, and the process ends with it)."""
         self.depth += 1
         try:
             yield
         finally:
             self.depth -= 1
-            if not self.depth and self.pending is not None:
-                signum, self.pending = self.pending, None
-                raise Stopped(signum)
+        if not self.depth and self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise Stopped(signum)
 
 
 NO_SIGNALS = StopSignals()  # writing() without handlers installed: signals act as always

@@ -190,3 +190,12 @@ def average_over_ranks(stats):
     return dataclasses.replace(stats, losses={k: mean[k] for k in stats.losses}, grad_norm=mean.get("grad_norm"),
                                fallbacks={k: int(total[k]) for k in stats.fallbacks},
                                work={k: int(total[k]) for k in stats.work}, seconds=total["seconds"] / world)
+
+
+def build_datasets_once(config, main_process: bool, world: int) -> dict:
+    """build_datasets; under torchrun the main process goes first (it may write synthetic data)."""
+    from data import build_datasets
+    datasets = build_datasets(config) if main_process else None
+    if world > 1:
+        dist.barrier()
+    return datasets if main_process else build_datasets(config)

@@ -6,7 +6,8 @@ positions are 1-based and inclusive, as in every output.
 - Sites (SIGNAL, Mitochondrion, chloroplast, Thylakoid, ER, Peroxisome): the argmax of the class's track
   within the residues the class allows (window_mask): ER the last ER_WINDOW residues; Peroxisome residues
   1-PTS2_WINDOW (PTS2) or the last PTS1_WINDOW (PTS1); the N-terminal peptides anywhere. When the whole
-  track peaks outside the window, a note says where (the site stays in the window).
+  track peaks outside the window, a note says where; the site stays in the window, and there is none when no
+  residue inside it reaches SITE_MIN_PROBABILITY (0.5, the cut of segments too).
 - Segments (Nucleus, Nucleus_export): runs of residue probability > 0.5; runs at most SEGMENT_MERGE_GAP
   residues apart are merged, then runs shorter than SEGMENT_MIN_LENGTH[class] are dropped.
 - Scores (the GFF3 score): a site's track value; a segment's mean track value over its residues.
@@ -28,6 +29,7 @@ from vocab import (
     SEGMENT_MERGE_GAP,
     SEGMENT_MIN_LENGTH,
     SITE_CLASSES,
+    SITE_MIN_PROBABILITY,
 )
 
 DECIMALS = 4  # scores as the probabilities are written
@@ -75,8 +77,10 @@ def peroxisome_signal(site: int, length: int) -> str:
     return "PTS1" if site > length // 2 else "PTS2"
 
 
-def find_site(cls: str, track: np.ndarray) -> tuple[int, str | None]:
-    """The site of `cls` (1-based) on its track [L] and a note when the whole track peaks outside the window."""
+def find_site(cls: str, track: np.ndarray) -> tuple[int | None, str | None]:
+    """The site of `cls` (1-based) on its track [L] and a note when the whole track peaks outside the class's
+    window: the site is then the highest residue inside it when that one reaches SITE_MIN_PROBABILITY, else there
+    is no site (None; the class stays called)."""
     if track.ndim != 1 or track.size == 0:
         raise ValueError(f"{cls}: a residue track must be one non-empty row, got shape {track.shape}")
     peak = int(np.argmax(track))
@@ -84,8 +88,11 @@ def find_site(cls: str, track: np.ndarray) -> tuple[int, str | None]:
     if mask is None or mask[peak]:
         return peak + 1, None
     site = int(np.flatnonzero(mask)[np.argmax(track[mask])])
-    return site + 1, (f"{cls}: the residue track peaks at {peak + 1}, outside {window_text(cls)}: "
-                      f"site {site + 1} is the highest inside them")
+    where = f"{cls}: the residue track peaks at {peak + 1}, outside {window_text(cls)}"
+    if track[site] < SITE_MIN_PROBABILITY:
+        return None, (f"{where}; no site given (the highest inside them, {site + 1}, has residue probability "
+                      f"{track[site]:.2f} < {SITE_MIN_PROBABILITY})")
+    return site + 1, f"{where}: site {site + 1} is the highest inside them"
 
 
 def runs(mask: np.ndarray) -> list[list[int]]:
@@ -126,8 +133,9 @@ def locate(predicted, motif: np.ndarray) -> tuple[dict, list[str]]:
         track = motif[CLASS_INDEX[c]]
         if c in SITE_CLASSES:
             site, note = find_site(c, track)
-            fields["sites"][c] = site
-            fields["site_scores"][c] = round(float(track[site - 1]), DECIMALS)
+            if site is not None:
+                fields["sites"][c] = site
+                fields["site_scores"][c] = round(float(track[site - 1]), DECIMALS)
             notes += [note] if note else []
         elif c in SEGMENT_CLASSES:
             spans = find_segments(c, track)

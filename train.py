@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -62,7 +63,7 @@ from cache import make_cache
 from checkpoints import check_resume, commit_epoch
 from config import ConfigError, check_paths, load_config, resolve_config
 from contrast import anchor_cosines, phase_of, remine, setup_supcon, uses_mutations
-from data import DataError, build_datasets
+from data import DataError
 from evaluate import evaluate, final_test
 from loss import ClassLoss, MotifLoss, class_weights, contrastive_loss, motif_pos_weights
 from memory import Planner
@@ -71,8 +72,8 @@ from model import Encoder, load_model_state
 from packing import warn_if_unfused
 from rundir import (NO_SIGNALS, StopSignals, Stopped, check_new_run, finished_and_tested, log_results, open_run,
                     saved_state, write_run_json)
-from runtime import (amp_dtype, autocast, average_over_ranks, check_compiler, full_state, init_distributed,
-                     load_optimizer_state, shard_model, to_device, warn_thread_oversubscription)
+from runtime import (amp_dtype, autocast, average_over_ranks, build_datasets_once, check_compiler, full_state,
+                     init_distributed, load_optimizer_state, shard_model, to_device, warn_thread_oversubscription)
 from throughput import epoch_speed, speed_text
 from utils import (duration_text, load_checkpoint, log_to_file, rng_state, seed_everything, set_rng_state,
                    setup_logging, write_text_atomic, write_yaml)
@@ -172,6 +173,11 @@ def run(args, signals: StopSignals = NO_SIGNALS) -> int:
             if progress.bad_epochs >= config.train.patience:  # checked before the epoch: a resumed run stops too
                 log.info("early stop: no val macro-MCC gain for %d epochs", config.train.patience)
                 break
+            if args.stop_after is not None and epoch >= args.stop_after:  # resumed ones included
+                log.info("stopping as asked: %d of %d epochs trained (--stop-after %d); continue with --resume %s",
+                         epoch, config.train.epochs, args.stop_after, trainer.run_dir / "checkpoints" / "last.pt")
+                trainer.tb.close()
+                return 0
             start, phase = time.time(), phase_of(config, epoch)
             if trainer.distance_map is not None and config.supcon.remine_every and epoch and \
                     epoch % config.supcon.remine_every == 0:
@@ -186,20 +192,17 @@ def run(args, signals: StopSignals = NO_SIGNALS) -> int:
                 box = [progress]
                 dist.broadcast_object_list(box)
                 progress = box[0]
-            if args.stop_after is not None and epoch + 1 >= args.stop_after and epoch + 1 < config.train.epochs:
-                log.info("stopping after epoch %d as asked (%d of %d epochs trained); continue with --resume %s",
-                         epoch, epoch + 1, config.train.epochs, trainer.run_dir / "checkpoints" / "last.pt")
-                trainer.tb.close()
-                return 0
         trainer.tb.close()
         result = None
         if trainer.main_process or trainer.sharded:
             result = final_test(trainer, progress.best_epoch, progress.best_metric)  # best.pt checked, test_metrics.json
     except Stopped as stop:
-        log.warning("stopped by %s: %s", stop, saved_state(trainer.run_dir, trainer.history, config.train.epochs))
+        trainer.tb.close()
+        if trainer.main_process:  # the only process that knows the files
+            log.warning("stopped by %s: %s", stop, saved_state(trainer.run_dir, trainer.history, config.train.epochs))
         return 128 + stop.signum
     if trainer.main_process:
-        log_results(log, trainer.run_dir, result, config.log.tensorboard)
+        log_results(log, trainer.run_dir, result)
     return 0
 
 
@@ -212,7 +215,7 @@ def set_up(args, signals: StopSignals = NO_SIGNALS) -> tuple[Trainer | None, Pro
     log is kept from the first line and written to train.log once run_dir may be written. (None, progress) for
     a finished run whose final test is written (logged: nothing to do)."""
     log = setup_logging(quiet=int(os.environ.get("RANK", "0")) != 0, hold=True, carry=False)
-    log_to_file(f"train.py {' '.join(args.argv)}", logging.INFO)  # train.log's first line: the command
+    log_to_file(f"train.py {shlex.join(args.argv)}", logging.INFO)  # train.log's first line: the command
     resume = load_checkpoint(args.resume, RESUME_KEYS) if args.resume else None
     if resume is not None:
         config = resolve_config(resume["config"], args.set, where=f"{args.resume} (stored config)")
@@ -253,8 +256,7 @@ def set_up(args, signals: StopSignals = NO_SIGNALS) -> tuple[Trainer | None, Pro
     done = resume is not None and finished_and_tested(config, resume, args.resume, log)  # nothing to train or test
     record = None
     if main_process and not done:  # what this run uses: run.json (the weights are hashed here, before anything is written)
-        resumed = {"checkpoint": str(args.resume), "epoch": resume["epoch"]} if resume is not None else None
-        record = provenance.collect(args.argv, config, device, world, resumed)
+        record = provenance.collect(args.argv, config, device, world, resume, args.resume)
 
     run_dir = Path(config.run_dir)  # from here on, files are written
     if done and not plan.changes(run_dir):  # a finished, tested run whose files agree: nothing to write
@@ -269,6 +271,8 @@ def set_up(args, signals: StopSignals = NO_SIGNALS) -> tuple[Trainer | None, Pro
         if distance_map is not None:
             write_text_atomic(run_dir / "distance_map.json", json.dumps(distance_map, indent=1))
         warn_thread_oversubscription(log)
+    if world > 1:
+        dist.barrier()  # the other processes write (frozen caches) only once run_dir is set up
     if caching:
         model.cache = make_cache(model, datasets, config, rank)
     if config.train.compile:
@@ -319,14 +323,6 @@ def set_up(args, signals: StopSignals = NO_SIGNALS) -> tuple[Trainer | None, Pro
                  progress.best_metric)
     trainer.tb = tblog.open_log(config, main_process, progress.epoch, len(loader))
     return trainer, progress
-
-
-def build_datasets_once(config, main_process: bool, world: int) -> dict:
-    """build_datasets; under torchrun the main process goes first (it may write synthetic data)."""
-    datasets = build_datasets(config) if main_process else None
-    if world > 1:
-        dist.barrier()
-    return datasets if main_process else build_datasets(config)
 
 
 def make_optimizer(model: Encoder, train_cfg) -> torch.optim.AdamW:

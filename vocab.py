@@ -27,6 +27,9 @@ PTS2_WINDOW = 70  # Peroxisome PTS2 site within residues 1-70: <= 58 (PTS2 annot
 # apart are merged (the smallest gap between two NES annotations of one protein is 4 residues; 4 of the 191 gaps
 # between NLS annotations are <= 3), then runs shorter than the class's shortest annotation are dropped.
 SEGMENT_MERGE_GAP = 3
+# A windowed site (ER, Peroxisome) whose track peaks outside the window is the highest residue inside it only when
+# that residue's probability reaches this (the segments' cut); otherwise the called class gets no site.
+SITE_MIN_PROBABILITY = 0.5
 SEGMENT_MIN_LENGTH = {"Nucleus": 2, "Nucleus_export": 4}
 # Shortest training protein and shortest annotated signal of each class (1-based inclusive spans): a protein
 # shorter than these gets a warning in the outputs.

@@ -33,7 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import yaml  # noqa: E402
+
 import train  # noqa: E402
+from config import ConfigError, load_config  # noqa: E402
 from utils import write_text_atomic  # noqa: E402
 from vocab import CLASSES, SEGMENT_CLASSES, SITE_CLASSES  # noqa: E402
 
@@ -146,6 +149,14 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_same_config(run_dir: Path, tree: dict) -> None:
+    """A fold to resume must have been started with the config asked for now (its run_dir/config.yaml)."""
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else None
+    if stored != tree:
+        raise ConfigError(f"{run_dir} holds a fold started with another config (or none: {run_dir / 'config.yaml'}); "
+                          f"use a new --out, or the --config and --set of that run")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -164,10 +175,16 @@ def main(argv=None) -> int:
             wall_file = run_dir / "wall_s.txt"
             if not result.is_file():
                 start = time.time()
+                sets = [*args.set, f"data.fold={fold}", f"seed={seed}", f"run_dir={run_dir}"]
                 last = run_dir / "checkpoints" / "last.pt"  # a fold that stopped: continued; one without an epoch: anew
+                if last.is_file():
+                    try:
+                        check_same_config(run_dir, load_config(args.config, sets).to_dict())
+                    except ConfigError as err:
+                        print(f"error: {err}", file=sys.stderr)
+                        return 2
                 code = train.main(["--resume", str(last)] if last.is_file() else
-                                  ["--config", args.config, "--set", *args.set, f"data.fold={fold}", f"seed={seed}",
-                                   f"run_dir={run_dir}", "--overwrite"])
+                                  ["--config", args.config, "--set", *sets, "--overwrite"])
                 if code != 0:
                     return code
                 write_text_atomic(wall_file, f"{time.time() - start:.1f}\n")

@@ -37,6 +37,14 @@ def test_cv_two_folds_on_demo(tmp_path):
     assert cv.main(["--config", str(ROOT / "configs" / "demo.yaml"), "--folds", "0", "1", "--out", str(out),
                     "--set", *small]) == 0
     assert (out / "cv_summary.json").read_text() == first
+    # a fold stopped before its final test is resumed (train.py --resume): the same figures; with another config,
+    # refused
+    (out / "runs" / "fold1_seed0" / "test_metrics.json").unlink()
+    assert cv.main(["--config", str(ROOT / "configs" / "demo.yaml"), "--folds", "1", "--out", str(out),
+                    "--set", *small, "train.lr=0.001"]) == 2
+    assert cv.main(["--config", str(ROOT / "configs" / "demo.yaml"), "--folds", "0", "1", "--out", str(out),
+                    "--set", *small]) == 0
+    assert json.loads((out / "cv_summary.json").read_text())["runs"][1]["macro_f1"] == tests[1]["macro_f1"]
 
 
 def test_plot_run_and_embeddings(tmp_path, tiny_run, capsys):

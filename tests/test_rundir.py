@@ -48,6 +48,14 @@ def test_overwrite_deletes_the_earlier_run_only(tmp_path, capsys):
     assert "the earlier run's log" not in log and "--overwrite: deleted the earlier run's metrics.jsonl, train.log" in log
     with pytest.raises(SystemExit):
         train.parse_args(["--resume", str(run / "checkpoints" / "last.pt"), "--overwrite"])
+    # resumed: run.json keeps the first start, and what the run began from
+    assert train.main(["--resume", str(run / "checkpoints" / "last.pt")]) == 0
+    record = json.loads((run / "run.json").read_text())
+    assert record["command"][:2] == ["train.py", "--resume"] and record["resumed_from"]["epoch"] == 1
+    assert [s["command"][-1] for s in record["earlier_starts"]] == ["--overwrite"]
+    assert record["weights"]["source"] == "checkpoint" and record["initial"]["weights"]["source"] == "scratch"
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert best["provenance"]["initial"]["weights"]["source"] == "scratch"
 
 
 def test_log_starts_with_the_command_and_dates_every_line(tiny_run):
@@ -58,7 +66,7 @@ def test_log_starts_with_the_command_and_dates_every_line(tiny_run):
     assert len(entries) > 5 and all(stamp.match(line) for line in lines if " INFO " in line[:40])
 
 
-def test_run_json_records_the_start_and_the_resume(tmp_path, tiny_run):
+def test_run_json_records_the_start(tmp_path, tiny_run):
     record = json.loads((tiny_run / "run.json").read_text())
     assert record["command"][:2] == ["train.py", "--config"] and record["weights"]["source"] == "scratch"
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d$", record["started"]["time"])
@@ -75,7 +83,8 @@ def test_finished_run_resume_says_so_and_writes_nothing(tiny_run, capsys):
     before = snapshot(tiny_run)
     assert train.main(["--resume", str(tiny_run / "checkpoints" / "last.pt")]) == 0
     err = capsys.readouterr().err
-    assert "the run is finished (train.epochs: 2, all trained) and tested" in err and "Nothing to do" in err
+    assert "the run is finished and tested (train.epochs: 2, all trained; to train longer raise it" in err, err
+    assert "nothing to do" in err
     assert snapshot(tiny_run) == before
 
 
@@ -102,17 +111,22 @@ def test_sigterm_is_logged_with_the_checkpoints_state(tmp_path, monkeypatch):
 
 
 def test_sigterm_while_an_epoch_is_written_waits_for_its_files(tmp_path, monkeypatch):
-    """The signal arrives as end_epoch starts: validation and all three files are done before the run stops."""
+    """SIGTERM arrives as epoch 1's files start to be written: all three are written before the run stops."""
     config = write_config(tmp_path, **{"train.epochs": 3})
-    stop_during(monkeypatch, "end_epoch", 1)
-    original = train.commit_epoch
-    monkeypatch.setattr(train, "commit_epoch", lambda *a: (os.kill(os.getpid(), signal.SIGTERM), original(*a)))
+    original, calls = train.commit_epoch, []
+
+    def commit(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args)
+    monkeypatch.setattr(train, "commit_epoch", commit)
     assert train.main(["--config", str(config)]) == 128 + signal.SIGTERM
     run = tmp_path / "run"
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert last["epoch"] == 1 and [r["epoch"] for r in rows] == [0] or last["epoch"] == 2 and len(rows) == 2
-    assert "holds epochs 0-%d" % (last["epoch"] - 1) in (run / "train.log").read_text()
+    assert last["epoch"] == 2 and [r["epoch"] for r in rows] == [0, 1] and len(calls) == 2
+    assert "holds epochs 0-1 (2 of 3 trained" in (run / "train.log").read_text()
 
 
 def test_last_lines_are_the_figures_the_readme_quotes(tiny_run):

@@ -98,27 +98,33 @@ def test_windows_and_lengths_cover_the_real_data():
 # --------------------------------------------------------------------------- sites inside their windows
 def test_pts1_far_from_the_c_terminus_is_not_called():
     """A 5400-residue protein called Peroxisome whose track peaks at 3096 (far from both termini): no PTS1 from
-    3096 to 5400; the site is the highest residue inside the windows (here 5390, in the last 15: PTS1 from 5390),
-    and a warning says where the track peaked."""
+    3096 to 5400. Inside the windows nothing reaches 0.5: no site and no feature, a warning says why; with a
+    residue of 0.6 in the last 15, that one is the site (PTS1 from 5390), and the warning says where the track
+    peaked."""
     motif = tracks(5400, Peroxisome={3096: 0.9, 5390: 0.3, 40: 0.2})
     record = outputs.protein_record("P", probs_of("Peroxisome"), motif, THRESHOLDS)
-    assert record["predicted"] == ["Peroxisome"] and record["sites"] == {"Peroxisome": 5390}
-    assert record["site_scores"] == {"Peroxisome": 0.3}
+    assert record["predicted"] == ["Peroxisome"] and record["sites"] == {} and outputs.gff3_features(record) == []
+    assert record["warnings"] == ["Peroxisome: the residue track peaks at 3096, outside residues 1-70 (PTS2) and "
+                                  "the last 15 (PTS1); no site given (the highest inside them, 5390, has residue "
+                                  "probability 0.30 < 0.5)"]
+    motif[CLASSES.index("Peroxisome"), 5389] = 0.6
+    record = outputs.protein_record("P", probs_of("Peroxisome"), motif, THRESHOLDS)
+    assert record["sites"] == {"Peroxisome": 5390} and record["site_scores"] == {"Peroxisome": 0.6}
     assert record["warnings"] == ["Peroxisome: the residue track peaks at 3096, outside residues 1-70 (PTS2) and "
                                   "the last 15 (PTS1): site 5390 is the highest inside them"]
     features = outputs.gff3_features(record)
-    assert features == [("MUTarget", "peptide_localization_signal", 5390, 5400, 0.3,
+    assert features == [("MUTarget", "peptide_localization_signal", 5390, 5400, 0.6,
                          {"class": "Peroxisome", "signal": "PTS1", "class_probability": "0.9000"})]
     # the same track with its N-terminal value higher: PTS2, residues 1-40
-    motif[CLASSES.index("Peroxisome"), 39] = 0.5
+    motif[CLASSES.index("Peroxisome"), 39] = 0.7
     record = outputs.protein_record("P", probs_of("Peroxisome"), motif, THRESHOLDS)
     assert record["sites"] == {"Peroxisome": 40}
     assert [f[2:4] + (f[5]["signal"],) for f in outputs.gff3_features(record)] == [(1, 40, "PTS2")]
     # ER: the last 10 residues only
-    motif = tracks(300, ER={150: 0.8, 295: 0.4})
+    motif = tracks(300, ER={150: 0.8, 295: 0.55})
     record = outputs.protein_record("E", probs_of("ER"), motif, THRESHOLDS)
     assert record["sites"] == {"ER": 295} and "ER: the residue track peaks at 150" in record["warnings"][0]
-    assert outputs.gff3_features(record)[0][2:5] == (295, 300, 0.4)
+    assert outputs.gff3_features(record)[0][2:5] == (295, 300, 0.55)
     # inside the windows: the plain argmax, no warning; N-terminal peptides are not windowed
     motif = tracks(300, ER={297: 0.8}, SIGNAL={250: 0.7})
     record = outputs.protein_record("E", probs_of("ER", "SIGNAL"), motif, THRESHOLDS)
