@@ -129,20 +129,36 @@ def test_sigterm_while_an_epoch_is_written_waits_for_its_files(tmp_path, monkeyp
     assert "holds epochs 0-1 (2 of 3 trained" in (run / "train.log").read_text()
 
 
-def test_last_lines_are_the_figures_the_readme_quotes(tiny_run):
-    """The console's (and train.log's) last lines: the test figures, labelled as README and docs quote them,
-    and where the outputs are."""
-    lines = (tiny_run / "train.log").read_text().splitlines()[-3:]
-    labels = [re.sub(r"^\S+ \S+ INFO ", "", line).split(":")[0] for line in lines]
-    assert labels == ["test at threshold 0.5", "test at tuned thresholds", f"outputs in {tiny_run}"]
-    assert re.search(r"macro-F1 \d\.\d{4}, macro-MCC \d\.\d{4} \(best epoch \d+, \d+ test proteins\)$", lines[0])
-    assert "test_metrics.json, metrics.jsonl, checkpoints/best.pt" in lines[2]
-    readme = (ROOT / "README.md").read_text()
-    demo = readme[readme.index("## Quick start"):readme.index("## Tests")]
-    training = (ROOT / "docs" / "training.md").read_text()
-    for label in labels[:2]:
-        assert f"{label}: macro-F1" in demo and f"{label}: macro-F1" in training, label
-    assert "outputs in runs/demo:" in demo
+def quoted_lines(text: str, heading: str) -> list[str]:
+    """The first code block after `heading` whose lines start 'test at' (the demo's last lines as quoted)."""
+    block = text[text.index(heading):].split("```\ntest at", 1)[1].split("```", 1)[0]
+    return ("test at" + block).strip().splitlines()
+
+
+def as_pattern(line: str, run_dir: str) -> re.Pattern:
+    """A quoted line as a pattern: its figures (4 decimals), best epoch and protein count any such numbers,
+    runs/demo the run folder."""
+    parts = re.split(r"(\d\.\d{4}|(?<=epoch )\d+|\d+(?= test proteins)|runs/demo)", line)
+    return re.compile("".join(re.escape(p) if i % 2 == 0 else re.escape(run_dir) if p == "runs/demo" else
+                              r"\d\.\d{4}" if "." in p else r"\d+" for i, p in enumerate(parts)) + "$")
+
+
+def test_demo_console_ends_as_the_readme_and_docs_quote(tmp_path, capsys):
+    """The demo's console (configs/demo.yaml, made small): its last three lines have the form, labels and outputs
+    the README's demo section and docs/training.md quote, numbers aside."""
+    run = tmp_path / "run"
+    small = [f"run_dir={run}", f"data.root={tmp_path / 'data'}", "data.synthetic.n_proteins=120", "train.epochs=1",
+             "encoder.scratch.num_layers=1", "encoder.scratch.embed_dim=32"]
+    assert train.main(["--config", str(ROOT / "configs" / "demo.yaml"), "--set", *small]) == 0
+    console = [re.sub(r"^\S+ \S+ INFO ", "", line) for line in capsys.readouterr().err.strip().splitlines()[-3:]]
+    for doc, heading in ((ROOT / "README.md", "## Quick start"), (ROOT / "docs" / "training.md", "Progress:")):
+        quoted = quoted_lines(doc.read_text(), heading)
+        assert len(quoted) == 3 and [line.split(":")[0] for line in quoted] == [
+            "test at threshold 0.5", "test at tuned thresholds", "outputs in runs/demo"], (doc, quoted)
+        for line, pattern in zip(console, (as_pattern(q, str(run)) for q in quoted)):
+            assert pattern.match(line), (doc, line, pattern.pattern)
+    metrics = json.loads((run / "test_metrics.json").read_text())  # the first line's figures are test_metrics.json's
+    assert f"macro-F1 {metrics['macro_f1']:.4f}, macro-MCC {metrics['macro_mcc']:.4f}" in console[0]
 
 
 @pytest.mark.parametrize("script,flag", [("train.py", "--overwrite"), ("predict.py", "--coverage LEVEL")])
