@@ -46,10 +46,6 @@ SEQID_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789
 
 
 # --------------------------------------------------------------------------- records
-segments = signals.runs  # runs of True in a mask [L] as 1-based [start, end] pairs
-called, merge_warnings = signals.called, signals.merge_warnings
-
-
 def protein_record(entry: str, probs: np.ndarray, motif: np.ndarray, thresholds, calibrated=None, sets=None) -> dict:
     """The heads' record of one protein from its class probabilities [8] and motif tracks [8, L]. With calibrated
     probabilities [8] (calibration.py) those are 'probabilities' and the uncalibrated ones
@@ -58,7 +54,7 @@ def protein_record(entry: str, probs: np.ndarray, motif: np.ndarray, thresholds,
     if np.shape(probs) != (len(CLASSES),) or np.ndim(motif) != 2 or np.shape(motif)[0] != len(CLASSES):
         raise ValueError(f"{entry}: probabilities must be [{len(CLASSES)}] and motif tracks [{len(CLASSES)}, L], got "
                          f"{np.shape(probs)} and {np.shape(motif)}")
-    predicted = called([c for i, c in enumerate(CLASSES) if probs[i] >= thresholds[i]])
+    predicted = signals.called([c for i, c in enumerate(CLASSES) if probs[i] >= thresholds[i]])
     shown = probs if calibrated is None else calibrated
     record = {"id": entry, "length": int(motif.shape[1]),
               "probabilities": {c: round(float(shown[i]), 4) for i, c in enumerate(CLASSES)}}
@@ -68,7 +64,7 @@ def protein_record(entry: str, probs: np.ndarray, motif: np.ndarray, thresholds,
     record.update(predicted=predicted, **fields)
     if sets is not None:
         record["prediction_set"] = sets.fields(calibrated)
-    record["warnings"] = merge_warnings(signals.length_warnings(record["length"], predicted), notes)
+    record["warnings"] = signals.merge_warnings(signals.length_warnings(record["length"], predicted), notes)
     return record
 
 
@@ -96,7 +92,7 @@ def centroid_fields(distances: np.ndarray, motif: np.ndarray, centroid: Centroid
     scored = p_values is not None and centroid.p_value is not None
     if scored:
         by_rule["pvalue"] = p_values <= centroid.p_value
-    chosen = {rule: called([c for i, c in enumerate(CLASSES) if hit[i]]) for rule, hit in by_rule.items()}
+    chosen = {rule: signals.called([c for i, c in enumerate(CLASSES) if hit[i]]) for rule, hit in by_rule.items()}
     fields, found = signals.locate(chosen[centroid.rule], motif)
     if notes is not None:
         notes += found
@@ -119,7 +115,7 @@ def make_record(entry: str, result, method: str, thresholds, centroid: Centroid 
     if method != "head":
         notes = []
         cen = centroid_fields(result.distances, result.motif, centroid, result.confidence, result.p_values, notes)
-        record["warnings"] = merge_warnings(record["warnings"], signals.length_warnings(record["length"],
+        record["warnings"] = signals.merge_warnings(record["warnings"], signals.length_warnings(record["length"],
                                                                                         cen["predicted"]), notes)
         record["centroid"] = cen
     return record

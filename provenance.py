@@ -139,9 +139,8 @@ def merge(earlier: dict | None, record: dict) -> dict:
     if earlier:
         starts = earlier.pop("earlier_starts", []) + [earlier]
     first = starts[0] if starts else record
-    initial = record.get("initial") if record.get("resumed_from") else None
-    if first.get("resumed_from") is None:
-        initial = {"weights": first["weights"], "distance_map": first["distance_map"]}
+    initial = ({"weights": first["weights"], "distance_map": first["distance_map"]}
+               if first.get("resumed_from") is None else record.get("initial"))
     merged = {**record, "initial": initial}
     return {**merged, "earlier_starts": starts} if starts else merged
 

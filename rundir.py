@@ -19,8 +19,9 @@ from utils import read_json, remove_stale_temps, setup_logging, write_text_atomi
 
 # What train.py writes into run_dir (frozen caches: cache.py; tensorboard/: tblog.py). A checkpoints/ folder
 # holding no checkpoint (a run killed before its first epoch ended) is no run.
-RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "test_metrics.json", "train.log", "distance_map.json",
-             "checkpoints/last.pt", "checkpoints/best.pt", "tensorboard", "frozen_cache.npy")
+# In the order the run's last line lists them: results first.
+RUN_FILES = ("test_metrics.json", "metrics.jsonl", "checkpoints/best.pt", "checkpoints/last.pt", "config.yaml",
+             "run.json", "train.log", "distance_map.json", "tensorboard", "frozen_cache.npy")
 RUN_GLOBS = ("frozen_cache.rank*.npy",)
 
 
@@ -144,9 +145,7 @@ def log_results(log, run_dir, result: dict | None) -> None:
                  result["macro_f1"], result["macro_mcc"], result["best_epoch"], result["n_test"])
         log.info("test at tuned thresholds: macro-F1 %.4f, macro-MCC %.4f (thresholds tuned on validation)",
                  result["tuned"]["macro_f1"], result["tuned"]["macro_mcc"])
-    names = ["test_metrics.json", "metrics.jsonl", "checkpoints/best.pt", "checkpoints/last.pt", "config.yaml",
-             "run.json", "train.log", "distance_map.json", "tensorboard"]
-    log.info("outputs in %s: %s", run_dir, ", ".join(n for n in names if (run_dir / n).exists()))
+    log.info("outputs in %s: %s", run_dir, _names(run_dir, run_files(run_dir)))
 
 
 # --------------------------------------------------------------------------- stop signals

@@ -9,7 +9,7 @@ from helpers import probs_of, records_of, run
 
 import data
 import inference
-import outputs
+import signals
 import vocab
 from metrics import classification_metrics
 
@@ -88,8 +88,8 @@ def test_fasta_json_and_tsv(tmp_path, ckpt, capsys):
 
 def test_segments_runs():
     mask = np.array([0, 1, 1, 0, 1, 0, 0, 1], bool)
-    assert outputs.segments(mask) == [[2, 3], [5, 5], [8, 8]]
-    assert outputs.segments(np.zeros(4, bool)) == []
+    assert signals.runs(mask) == [[2, 3], [5, 5], [8, 8]]
+    assert signals.runs(np.zeros(4, bool)) == []
 
 
 def test_ensemble_is_mean(tmp_path, ckpt, capsys):
